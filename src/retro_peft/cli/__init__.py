@@ -1,0 +1,47 @@
+"""`retro-peft` command line: a thin layer over the Python API.
+
+Each stage of the pipeline registers its own subcommands (`cli/index.py`, ...);
+every `RetroPeftError` becomes a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from retro_peft import __version__
+from retro_peft.errors import RetroPeftError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from retro_peft.cli import index as index_cli
+
+    parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    index_cli.register(sub)
+    for module_name in ("train", "evaluate"):  # registered by the adapters/training stage
+        try:
+            module = __import__(f"retro_peft.cli.{module_name}", fromlist=["register"])
+        except ModuleNotFoundError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RetroPeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Where retro-peft keeps its state: `$RETRO_PEFT_HOME` (default `~/.retro-peft`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("RETRO_PEFT_HOME") or Path.home() / ".retro-peft").expanduser()
+
+
+def resolve_index_path(name: str | os.PathLike) -> Path:
+    """A bare name lives under `$RETRO_PEFT_HOME/indexes`; anything that looks like a path is a path."""
+    text = os.fspath(name)
+    if not text or not text.strip():
+        raise ValueError("index name is empty")
+    if os.sep in text or text.startswith(".") or (os.altsep and os.altsep in text):
+        return Path(text).expanduser().resolve()
+    return home() / "indexes" / text
+
+
+def cache_dir(kind: str) -> Path:
+    return home() / "cache" / kind

@@ -1,0 +1,105 @@
+"""Question-answer files, shared by retrieval evaluation, training and answer evaluation.
+
+Two formats:
+- JSONL, one object a line: `question`, `answers` (list of strings; empty or
+  absent with `"is_impossible": true` for an unanswerable question), optional
+  `gold_doc_ids` and `id`.
+- SQuAD 1.1/2.0 JSON: every question's gold document is its paragraph, whose
+  document id is `squad_doc_id(title, paragraph_index)` (the same id the SQuAD
+  document loader gives that paragraph).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retro_peft.errors import InputError
+
+
+@dataclass(frozen=True)
+class QAItem:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_doc_ids: tuple[str, ...] = ()
+    is_impossible: bool = False
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def squad_doc_id(title: str, paragraph_index: int) -> str:
+    return f"{title}/p{paragraph_index}"
+
+
+def is_squad(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("data"), list)
+
+
+def load_qa(path: str | Path, *, articles: slice | None = None, require_answers: bool = False) -> list[QAItem]:
+    """Read a QA file; `articles` selects SQuAD articles (e.g. `slice(0, 3)` for the training split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"QA file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    items = _load_squad(json.loads(text), path, articles) if path.suffix == ".json" else _load_jsonl(text, path)
+    if not items:
+        raise InputError(f"QA file {path} holds no questions")
+    if require_answers and not any(item.answers for item in items):
+        raise InputError(f"QA file {path} holds no question with an answer")
+    return items
+
+
+def _load_squad(obj, path: Path, articles: slice | None) -> list[QAItem]:
+    if not is_squad(obj):
+        raise InputError(f"{path} is JSON but not SQuAD format (expected a top-level 'data' list)")
+    items = []
+    for article in obj["data"][articles or slice(None)]:
+        title = article.get("title", "")
+        for pi, paragraph in enumerate(article.get("paragraphs", [])):
+            for qa in paragraph.get("qas", []):
+                answers = tuple(dict.fromkeys(a["text"] for a in qa.get("answers", []) if a.get("text")))
+                impossible = bool(qa.get("is_impossible", False)) or not answers
+                items.append(QAItem(
+                    id=str(qa.get("id", f"{title}/{pi}/{len(items)}")),
+                    question=qa["question"],
+                    answers=() if impossible else answers,
+                    gold_doc_ids=(squad_doc_id(title, pi),),
+                    is_impossible=impossible,
+                    metadata={"title": title},
+                ))
+    return items
+
+
+def _load_jsonl(text: str, path: Path) -> list[QAItem]:
+    items = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise InputError(f"{path}:{lineno}: each line needs a non-empty 'question' string")
+        answers = obj.get("answers", [])
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise InputError(f"{path}:{lineno}: 'answers' must be a list of strings")
+        answers = tuple(a for a in answers if a.strip())
+        impossible = bool(obj.get("is_impossible", False))
+        if not answers and not impossible:
+            raise InputError(f"{path}:{lineno}: question has no answers (set \"is_impossible\": true for an unanswerable one)")
+        gold = obj.get("gold_doc_ids", [])
+        if isinstance(gold, str):
+            gold = [gold]
+        items.append(QAItem(
+            id=str(obj.get("id", f"{path.stem}:{lineno}")),
+            question=obj["question"].strip(),
+            answers=() if impossible else answers,
+            gold_doc_ids=tuple(str(g) for g in gold),
+            is_impossible=impossible,
+            metadata={k: v for k, v in obj.items() if k not in {"id", "question", "answers", "gold_doc_ids", "is_impossible"}},
+        ))
+    return items
