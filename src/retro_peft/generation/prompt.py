@@ -1,0 +1,142 @@
+"""The one prompt builder, shared by training and generation.
+
+A prompt is the model's chat template (or a plain fallback) around one user
+turn: numbered passages `[1] (title) text`, the question, and the instruction to
+answer briefly from the passages or say the abstention phrase. A token budget
+covers the whole prompt: passages are dropped or truncated to fit, the question
+and instruction never are (and the answer comes after the prompt, outside it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from retro_peft.adapters.config import RetrievalConfig
+
+# Shortest passage tail worth keeping when truncating to the budget.
+MIN_PASSAGE_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved chunk as it appears in a prompt (and in an answer's citations)."""
+
+    chunk_id: str
+    doc_id: str
+    text: str
+    title: str = ""
+    score: float = 0.0
+
+    @classmethod
+    def from_hit(cls, hit) -> "Passage":
+        meta = getattr(hit, "metadata", None) or {}
+        return cls(chunk_id=str(hit.chunk_id), doc_id=str(hit.doc_id), text=hit.text,
+                   title=str(meta.get("title") or ""), score=float(hit.score))
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    text: str
+    passages: list[Passage]  # those that made it into the prompt, in prompt order (possibly truncated)
+
+
+def instruction(abstention: str) -> str:
+    return f'Answer the question in a few words, using only the passages. If they do not contain the answer, reply "{abstention}"'
+
+
+def format_passage(number: int, passage: Passage) -> str:
+    title = f"({passage.title}) " if passage.title else ""
+    return f"[{number}] {title}{passage.text.strip()}"
+
+
+def _user_message(question: str, passage_lines: list[str], abstention: str) -> str:
+    parts = []
+    if passage_lines:
+        parts.append("Passages:\n" + "\n".join(passage_lines))
+    parts.append(f"Question: {question.strip()}")
+    parts.append(instruction(abstention))
+    return "\n\n".join(parts)
+
+
+def uses_chat_template(tokenizer, template: str) -> bool:
+    return template == "chat" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig) -> str:
+    """Prompt text up to where the answer starts."""
+    user = _user_message(question, [format_passage(i, p) for i, p in enumerate(passages, 1)], retrieval.abstention)
+    if uses_chat_template(tokenizer, retrieval.template):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{user}\n\nAnswer: "
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The template already holds every special token the model needs.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_ids(tokenizer, retrieval: RetrievalConfig) -> list[int]:
+    """Tokens that close the answer: the chat turn's end (`<|im_end|>` for SmolLM2) or EOS."""
+    if uses_chat_template(tokenizer, retrieval.template):
+        im_end = tokenizer.get_vocab().get("<|im_end|>")
+        if im_end is not None:
+            return [im_end]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _truncate(tokenizer, passage: Passage, max_tokens: int) -> Passage:
+    ids = encode(tokenizer, passage.text)[:max_tokens]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    # Cut at a word boundary so no half word reaches the model.
+    if " " in text.strip():
+        text = text[: text.rstrip().rfind(" ")]
+    return replace(passage, text=text.rstrip() + " ...")
+
+
+def fit_passages(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig) -> list[Passage]:
+    """Keep passages in the given (priority) order while the whole prompt fits the budget.
+
+    The first passage that does not fit is truncated if a useful tail of it
+    fits, and everything after it is dropped. The question is never cut: if the
+    question alone exceeds the budget, the prompt holds no passages.
+    """
+    budget = retrieval.context_tokens
+    used = len(encode(tokenizer, render(tokenizer, question, [], retrieval)))
+    kept: list[Passage] = []
+    for passage in passages:
+        # "\n[n] (title) text" per passage; +2 covers the newline and the "Passages:" header on the first.
+        cost = len(encode(tokenizer, format_passage(len(kept) + 1, passage))) + 2 + (3 if not kept else 0)
+        if used + cost <= budget:
+            kept.append(passage)
+            used += cost
+            continue
+        room = budget - used - (cost - len(encode(tokenizer, passage.text))) - 2
+        if room >= MIN_PASSAGE_TOKENS:
+            kept.append(_truncate(tokenizer, passage, room))
+        break
+    # Per-piece token counts can differ from the joined text's by a token or two:
+    # check the real length and shorten from the end until it fits.
+    while kept and len(encode(tokenizer, render(tokenizer, question, kept, retrieval))) > budget:
+        last = kept[-1]
+        n = len(encode(tokenizer, last.text))
+        if n - 8 >= MIN_PASSAGE_TOKENS:
+            kept[-1] = _truncate(tokenizer, last, n - 8)
+        else:
+            kept.pop()
+    return kept
+
+
+def build_prompt(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig, *,
+                 fitted: bool = False) -> Prompt:
+    """Prompt for `question` with `passages` (highest priority first) fitted into the budget.
+
+    `fitted=True` skips the fitting (the caller already fitted and maybe reordered them).
+    """
+    if not question or not question.strip():
+        from retro_peft.errors import InputError
+        raise InputError("the question is empty")
+    kept = list(passages) if fitted else fit_passages(tokenizer, question, passages, retrieval)
+    text = render(tokenizer, question, kept, retrieval)
+    return Prompt(input_ids=encode(tokenizer, text), text=text, passages=kept)

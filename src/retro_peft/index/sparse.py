@@ -1,0 +1,65 @@
+"""BM25 through bm25s: English stop words and Snowball stemming (PyStemmer)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    import Stemmer
+
+    return Stemmer.Stemmer("english").stemWords
+
+
+def tokenize(texts: list[str], return_ids: bool):
+    import bm25s
+
+    return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), return_ids=return_ids, show_progress=False)
+
+
+class SparseIndex:
+    def __init__(self, retriever, n_docs: int):
+        self.retriever = retriever
+        self.n_docs = n_docs
+
+    @classmethod
+    def build(cls, texts: list[str]) -> "SparseIndex":
+        import bm25s
+
+        retriever = bm25s.BM25()
+        retriever.index(tokenize(texts, return_ids=True), show_progress=False)
+        return cls(retriever, len(texts))
+
+    def save(self, folder: Path) -> None:
+        self.retriever.save(str(folder), show_progress=False)
+
+    @classmethod
+    def load(cls, folder: Path, n_docs: int) -> "SparseIndex":
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(folder), show_progress=False, verbosity=0), n_docs)
+
+    def search_tokens(self, query_tokens: list[list[str]], k: int, allowed: np.ndarray | None = None):
+        """Top-k BM25 over pre-tokenised queries: (scores, rows), rows -1 where fewer matched."""
+        n = len(query_tokens)
+        k = min(k, self.n_docs)
+        if k <= 0 or (allowed is not None and not len(allowed)):
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        mask = None
+        if allowed is not None:
+            mask = np.zeros(self.n_docs, dtype=np.float32)
+            mask[allowed] = 1.0
+        # bm25s drops tokens outside its vocabulary; a query left with none gets an
+        # empty list, which bm25s handles as "no match" only if non-empty, so pad.
+        tokens = [[t for t in q if t in self.retriever.vocab_dict] or [""] for q in query_tokens]
+        rows, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, weight_mask=mask, n_threads=0)
+        rows = rows.astype(np.int64)
+        rows[scores <= 0] = -1  # BM25 score 0 means no query term matched
+        return scores.astype(np.float32), rows
+
+    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None):
+        return self.search_tokens(tokenize(queries, return_ids=False), k, allowed)
