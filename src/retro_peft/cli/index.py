@@ -31,6 +31,7 @@ def register(sub) -> None:
     p = cmds.add_parser("add", help="add or update documents")
     p.add_argument("name")
     p.add_argument("inputs", nargs="+")
+    p.add_argument("--encoder", help="fail unless the index was built with this encoder")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("delete", help="delete documents by id")
@@ -46,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--fusion", choices=("rrf", "weighted"), default="rrf")
     p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata filter (repeatable)")
     p.add_argument("--rerank", action="store_true", help="re-score candidates with the MaxSim reranker")
+    p.add_argument("--encoder", help="fail unless the index was built with this encoder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_query)
 
@@ -71,7 +73,7 @@ def _build(args) -> int:
 
 
 def _add(args) -> int:
-    stats = open_index(args.name).add(args.inputs, progress=True)
+    stats = open_index(args.name, encoder=args.encoder).add(args.inputs, progress=True)
     print(f"added {stats['added']}, replaced {stats['replaced']}, unchanged {stats['unchanged']} documents")
     return 0
 
@@ -93,7 +95,7 @@ def _parse_filters(items: list[str]) -> dict[str, str]:
 
 
 def _query(args) -> int:
-    index = open_index(args.name)
+    index = open_index(args.name, encoder=args.encoder)
     rerank = MaxSimReranker(index.encoder) if args.rerank else None
     hits = index.search(args.text, k=args.k, mode=args.mode, filters=_parse_filters(args.filter),
                         fusion=args.fusion, rerank=rerank)

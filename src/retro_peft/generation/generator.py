@@ -8,6 +8,7 @@ states or a static, compiled decode step can replace pieces of it later.
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
 from dataclasses import dataclass, field
@@ -64,6 +65,12 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5.x names the KV cache argument `cache`; older versions `past_key_values`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: set[int], pad_id: int, do_sample: bool = False, temperature: float = 1.0,
@@ -75,8 +82,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     past = DynamicCache()
+    cache_kw = _cache_kwarg(model)
+    # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=past, use_cache=True).logits[:, -1, :]
+                   use_cache=True, logits_to_keep=1, **{cache_kw: past}).logits[:, -1, :]
     stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     out = []
@@ -95,7 +104,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                       past_key_values=past, use_cache=True).logits[:, -1, :]
+                       use_cache=True, **{cache_kw: past}).logits[:, -1, :]
         next_pos = next_pos + 1
     tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     result = []

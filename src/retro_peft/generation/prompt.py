@@ -41,7 +41,9 @@ class Prompt:
     passages: list[Passage]  # those that made it into the prompt, in prompt order (possibly truncated)
 
 
-def instruction(abstention: str) -> str:
+def instruction(abstention: str, closed_book: bool = False) -> str:
+    if closed_book:
+        return f'Answer the question in a few words. If you do not know the answer, reply "{abstention}"'
     return f'Answer the question in a few words, using only the passages. If they do not contain the answer, reply "{abstention}"'
 
 
@@ -55,7 +57,7 @@ def _user_message(question: str, passage_lines: list[str], abstention: str) -> s
     if passage_lines:
         parts.append("Passages:\n" + "\n".join(passage_lines))
     parts.append(f"Question: {question.strip()}")
-    parts.append(instruction(abstention))
+    parts.append(instruction(abstention, closed_book=not passage_lines))
     return "\n\n".join(parts)
 
 

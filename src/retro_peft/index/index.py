@@ -46,6 +46,9 @@ FORMAT = "retro-peft-index"
 FORMAT_VERSION = 1
 MODES = ("dense", "sparse", "hybrid")
 FUSIONS = ("rrf", "weighted")
+# Filtered dense search scans the allowed rows exactly up to this many: ANN graphs
+# and IVF lists can miss matches when a filter leaves few candidates.
+EXACT_FILTERED_SEARCH = 20_000
 _GENERATION_FILES = ("chunks-", "vectors-", "sparse-", "dense-", ".sparse-")
 
 
@@ -174,7 +177,11 @@ class Index:
         if mode in ("dense", "hybrid"):
             if query_vectors is None:
                 query_vectors = self.encoder.encode(list(queries))
-            dense = self._dense.search(np.ascontiguousarray(query_vectors, dtype=np.float32), n, allowed)
+            query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
+            if allowed is not None and len(allowed) <= EXACT_FILTERED_SEARCH:
+                dense = _exact_search(self._vectors, query_vectors, n, allowed)
+            else:
+                dense = self._dense.search(query_vectors, n, allowed)
         if mode in ("sparse", "hybrid"):
             sparse = self._sparse.search(list(queries), n, allowed)
 
@@ -284,7 +291,7 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     old = _read_manifest(path) if (path / "manifest.json").exists() else None
     if old and not overwrite:
         raise InputError(f"index {path} already exists: use overwrite (--overwrite) to rebuild it, or add to it")
-    if not old and path.exists() and any(not _is_generation_file(p.name) for p in path.iterdir()):
+    if not old and path.exists() and any(not _is_index_file(p.name) for p in path.iterdir()):
         raise InputError(f"{path} exists and is not a retro-peft index; choose another name")
     docs = load_documents(inputs)
     encoder = Encoder(config.encoder, batch_size=config.embed_batch_size)
@@ -414,14 +421,18 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
         "created_at": previous.get("created_at") or _now(), "updated_at": _now(),
     }
     atomic_write_json(path / "manifest.json", manifest)  # the commit point
-    for entry in path.iterdir():
+    for entry in path.iterdir():  # the old generation, and leftovers of crashed writes
         if _is_generation_file(entry.name) and entry.name not in manifest["files"]:
             remove(entry)
     return manifest, sparse, dense
 
 
 def _is_generation_file(name: str) -> bool:
-    return name.startswith(_GENERATION_FILES) or name in (".lock", "qdrant") or (name.startswith(".") and name.endswith(".tmp"))
+    return name.startswith(_GENERATION_FILES) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _is_index_file(name: str) -> bool:
+    return _is_generation_file(name) or name in ("manifest.json", ".lock", "qdrant")
 
 
 @contextlib.contextmanager
@@ -434,6 +445,16 @@ def _write_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray):
+    """Brute-force top-k over the allowed rows: exact whatever the ANN structure."""
+    k = min(k, len(allowed))
+    scores = queries @ vectors[allowed].T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(allowed) else np.tile(np.arange(k), (len(queries), 1))
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top_scores, order, axis=1), allowed[np.take_along_axis(top, order, axis=1)]
 
 
 def _valid(rows: np.ndarray, scores: np.ndarray):

@@ -1,0 +1,235 @@
+"""A Hugging Face causal LM wrapped with a PEFT adapter, saved as a standard PEFT folder.
+
+Folder layout (plain `peft.PeftModel.from_pretrained` loads it as is):
+    adapter_config.json         peft's own config
+    adapter_model.safetensors   the adapter weights
+    retro_config.json           the retrieval settings, the index and encoder it was
+                                trained with, the base model (name + fingerprints)
+                                and the training data's sha256
+Every file is replaced atomically, `retro_config.json` last: it records the
+weights' sha256, so a folder whose save was cut short is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
+from retro_peft.errors import InputError, RetroPeftError
+from retro_peft.storage import fsync_dir, fsync_tree, sha256_file
+
+log = logging.getLogger(__name__)
+
+RETRO_CONFIG = "retro_config.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMAT_VERSION = 1
+# Keys of a model config that do not change what the weights compute.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
+                         "_commit_hash", "use_cache", "architectures", "_model_name_or_path", "output_attentions",
+                         "output_hidden_states", "return_dict", "attn_implementation", "_attn_implementation"}
+
+
+class AdapterMismatchError(RetroPeftError):
+    """An adapter is loaded onto a base model other than the one it was trained on."""
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies a base model: its config (minus bookkeeping keys) and a sample of its embedding."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    emb = model.get_input_embeddings().weight.detach()
+    # Rounded to bf16 so the fingerprint does not depend on the dtype the model was loaded in.
+    sample = emb.reshape(-1)[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes()
+    return {"config_sha256": config_sha, "weights_sha256": hashlib.sha256(sample).hexdigest()}
+
+
+def check_target_modules(model, config: RetroAdapterConfig) -> None:
+    """Fail before training if the adapter targets a module name the model does not have."""
+    targets = config.target_modules()
+    if targets is None or isinstance(targets, str):  # regex / "all-linear": peft resolves it
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise InputError(f"the {config.method} adapter targets module(s) {', '.join(missing)} that "
+                         f"{type(model).__name__} does not have; its linear layers are: {', '.join(leaves)}")
+
+
+def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer, resolved path) for a packaged short name, a local folder or a Hugging Face id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retro_peft.models import resolve_generator
+
+    path = resolve_generator(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load base model {name!r} ({path}): {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, path
+
+
+class RetroPeftModel:
+    """A PEFT model plus what retro-peft needs around it: tokenizer, retrieval config, provenance."""
+
+    def __init__(self, model, tokenizer, config: RetroAdapterConfig, base_model_name: str, info: dict | None = None):
+        self.model = model  # a peft.PeftModel
+        self.tokenizer = tokenizer
+        self.config = config
+        self.base_model_name = base_model_name
+        self.info = dict(info or {})
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, base_model, config: RetroAdapterConfig, *, tokenizer=None, dtype=None, device=None,
+               seed: int | None = 0) -> "RetroPeftModel":
+        """Wrap `base_model` (a name, or a loaded model with `tokenizer`) with a fresh adapter."""
+        from peft import get_peft_model
+
+        base, tokenizer, name = cls._base(base_model, tokenizer, dtype, device)
+        check_target_modules(base, config)
+        if seed is not None:  # adapter initialisation is random: make it repeatable
+            torch.manual_seed(seed)
+        try:
+            peft_model = get_peft_model(base, config.peft)
+        except ValueError as e:  # peft's own checks (e.g. a regex that matches nothing)
+            raise InputError(f"cannot attach the {config.method} adapter: {e}") from None
+        return cls(peft_model, tokenizer, config, name, {"base_model": {"name": name, **base_fingerprint(base)}})
+
+    @staticmethod
+    def _base(base_model, tokenizer, dtype, device):
+        if isinstance(base_model, (str, os.PathLike)):
+            model, tok, _path = load_base_model(os.fspath(base_model), dtype=dtype, device=device)
+            return model, tokenizer or tok, os.fspath(base_model)
+        if tokenizer is None:
+            raise InputError("a loaded base model needs its tokenizer")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if device is not None:
+            base_model.to(device)
+        return base_model, tokenizer, str(getattr(base_model.config, "_name_or_path", "") or "<in-memory model>")
+
+    @classmethod
+    def load(cls, adapter_dir, *, base_model=None, tokenizer=None, dtype=None, device=None,
+             is_trainable: bool = False) -> "RetroPeftModel":
+        """Load a saved adapter onto its base model (by default the one named in retro_config.json)."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        info = read_retro_config(adapter_dir)
+        config = RetroAdapterConfig.from_dict(info["adapter"])
+        recorded = info["base_model"]
+        base, tokenizer, name = cls._base(base_model if base_model is not None else recorded["name"],
+                                          tokenizer, dtype, device)
+        found = base_fingerprint(base)
+        if found["config_sha256"] != recorded["config_sha256"]:
+            raise AdapterMismatchError(
+                f"adapter {adapter_dir} was trained on base model {recorded['name']!r}, whose architecture "
+                f"differs from {name!r} (config sha256 {recorded['config_sha256'][:12]} vs {found['config_sha256'][:12]})")
+        if found["weights_sha256"] != recorded["weights_sha256"]:
+            raise AdapterMismatchError(
+                f"adapter {adapter_dir} was trained on base model {recorded['name']!r}; {name!r} has the same "
+                f"architecture but different weights")
+        try:
+            peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise AdapterMismatchError(f"adapter {adapter_dir} does not fit base model {name!r}: {e}") from None
+        return cls(peft_model, tokenizer, config, name, info)
+
+    # -- saving -------------------------------------------------------------------------
+    def save(self, out_dir, *, index=None, training_data_sha256: str | None = None, extra: dict | None = None) -> Path:
+        """Write the adapter folder; each file atomically, retro_config.json last."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            weights_sha = sha256_file(tmp / "adapter_model.safetensors")
+            info = {
+                "format_version": FORMAT_VERSION,
+                "method": self.config.method,
+                "adapter": self.config.to_dict(),
+                "base_model": self.info.get("base_model") or {"name": self.base_model_name,
+                                                              **base_fingerprint(self.model.get_base_model())},
+                "index": _index_info(index) if index is not None else self.info.get("index"),
+                "template": self.config.retrieval.template,
+                "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
+                "adapter_model_sha256": weights_sha,
+                "final_ranks": self.final_ranks(),
+                **(extra or {}),
+            }
+            (tmp / RETRO_CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            fsync_tree(tmp)
+            for name in (*ADAPTER_FILES, RETRO_CONFIG):
+                os.replace(tmp / name, out_dir / name)
+            fsync_dir(out_dir)
+            self.info = info
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    # -- introspection ------------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def final_ranks(self) -> dict[str, int] | None:
+        """AdaLoRA: the rank each adapted module kept after pruning (None for other methods)."""
+        if not isinstance(self.config, RetroAdaLoraConfig):
+            return None
+        pattern = self.model.peft_config[self.model.active_adapter].rank_pattern
+        if not pattern:
+            return None
+        return {name: int(sum(bool(x) for x in mask)) for name, mask in sorted(pattern.items())}
+
+    @property
+    def retrieval(self):
+        return self.config.retrieval
+
+    def generator(self, index=None, **kwargs):
+        from retro_peft.generation import Generator
+
+        return Generator(self.model, self.tokenizer, index=index, retrieval=self.config.retrieval, **kwargs)
+
+
+def _index_info(index) -> dict:
+    return {"name": str(getattr(index, "path", "")), "encoder": getattr(index, "encoder_name", None),
+            "chunks": len(index) if hasattr(index, "__len__") else None}
+
+
+def read_retro_config(adapter_dir) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"adapter folder not found: {adapter_dir}")
+    path = adapter_dir / RETRO_CONFIG
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            raise InputError(f"{adapter_dir} is not an adapter folder: {name} is missing")
+    if not path.is_file():
+        raise InputError(f"{adapter_dir} is a PEFT adapter without {RETRO_CONFIG} (not saved by retro-peft)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg})") from None
+    if not isinstance(info, dict) or "adapter" not in info or "base_model" not in info:
+        raise InputError(f"{path} lacks the 'adapter' or 'base_model' section")
+    recorded = info.get("adapter_model_sha256")
+    if recorded and sha256_file(adapter_dir / "adapter_model.safetensors") != recorded:
+        raise InputError(f"{adapter_dir}/adapter_model.safetensors does not match {RETRO_CONFIG} "
+                         "(a save was interrupted or the files were mixed up)")
+    return info

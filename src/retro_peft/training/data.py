@@ -1,0 +1,154 @@
+"""Retrieval-augmented training examples (RAFT-style) from QA pairs and an index.
+
+For each question the prompt holds the top-k retrieved chunks plus `distractors`
+random chunks from other documents. With probability P (the oracle fraction) an
+answerable question keeps its gold chunk (inserted if retrieval missed it) and
+the target is the answer; otherwise every chunk holding the answer is removed
+and the target is the abstention phrase, so the model learns both to read the
+context and to notice when it lacks the answer. Unanswerable questions always
+target the abstention phrase. Labels are -100 except on the answer tokens and
+the end-of-turn token. Everything is deterministic given the seed: each
+question draws from its own RNG seeded by (seed, question id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from retro_peft.adapters.config import RetrievalConfig
+from retro_peft.errors import InputError
+from retro_peft.generation.generator import normalize_answer
+from retro_peft.generation.prompt import Passage, build_prompt, encode, end_of_turn_ids, fit_passages
+from retro_peft.qa import QAItem
+
+IGNORE = -100
+# Retrieved hits beyond k, to backfill when gold chunks are taken out.
+BACKFILL = 4
+
+
+@dataclass
+class TrainingExample:
+    item_id: str
+    input_ids: list[int]
+    labels: list[int]
+    target: str
+    has_gold: bool  # the prompt holds a chunk with the answer (target = answer)
+    chunk_ids: list[str]  # the prompt's passages, in prompt order
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _passage_from_chunk(chunk) -> Passage:
+    meta = chunk.metadata or {}
+    return Passage(chunk_id=str(chunk.id), doc_id=str(chunk.doc_id), text=chunk.text, title=str(meta.get("title") or ""))
+
+
+def _contains(passage: Passage, answers: tuple[str, ...]) -> bool:
+    text = normalize_answer(passage.text)
+    return any(a and a in text for a in (normalize_answer(x) for x in answers))
+
+
+def _holds_answer(passage: Passage, item: QAItem) -> bool:
+    """A chunk answers the question: it comes from a gold document (when known) and contains an answer."""
+    if item.gold_doc_ids and passage.doc_id not in item.gold_doc_ids:
+        return False
+    return _contains(passage, item.answers)
+
+
+def check_items(items: list[QAItem]) -> None:
+    if not items:
+        raise InputError("no training questions")
+    if not any(item.answers and not item.is_impossible for item in items):
+        raise InputError("none of the training questions has an answer; the model would only learn to abstain")
+
+
+def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalConfig, *, seed: int = 0) -> list[TrainingExample]:
+    """One training example per question. Retrieval for all questions is one batched `search_many` call."""
+    check_items(items)
+    closed_book = retrieval.k == 0 and retrieval.distractors == 0
+    if not closed_book and index is None:
+        raise InputError("retrieval-augmented examples need an index (or k=0 and distractors=0 for closed book)")
+    if closed_book:
+        hits = [[] for _ in items]
+        chunks = []
+    else:
+        hits = index.search_many([it.question for it in items], k=retrieval.k + BACKFILL, mode=retrieval.mode) \
+            if retrieval.k else [[] for _ in items]
+        chunks = [_passage_from_chunk(c) for c in index.chunks()]
+    by_doc: dict[str, list[Passage]] = {}
+    for p in chunks:
+        by_doc.setdefault(p.doc_id, []).append(p)
+    examples = []
+    for item, row in zip(items, hits):
+        rng = random.Random(f"{seed}:{item.id}")
+        retrieved = [Passage.from_hit(h) for h in row]
+        examples.append(_example(item, retrieved, chunks, by_doc, tokenizer, retrieval, rng, closed_book))
+    return examples
+
+
+def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_doc: dict[str, list[Passage]],
+             tokenizer, retrieval: RetrievalConfig, rng: random.Random, closed_book: bool) -> TrainingExample:
+    answerable = bool(item.answers) and not item.is_impossible
+    keep_gold = answerable and rng.random() < retrieval.oracle_fraction
+    gold = None
+    if keep_gold and not closed_book:
+        gold = next((p for p in retrieved if _holds_answer(p, item)), None)
+        if gold is None:  # retrieval missed it: insert a gold chunk from the index
+            candidates = [p for d in item.gold_doc_ids for p in by_doc.get(d, []) if _contains(p, item.answers)]
+            gold = candidates[0] if candidates else None
+    if gold is not None:
+        others = [p for p in retrieved if p.chunk_id != gold.chunk_id][: max(retrieval.k - 1, 0)]
+        chosen = [gold] + others
+    elif answerable:
+        # RAFT's (1 - P) share: no gold chunk, and no chunk that even mentions the answer, may remain.
+        chosen = [p for p in retrieved if p.doc_id not in item.gold_doc_ids and not _contains(p, item.answers)]
+        chosen = chosen[: retrieval.k]
+    else:
+        # Unanswerable (SQuAD 2.0): the related paragraph stays; the model must see it lacks the answer.
+        chosen = retrieved[: retrieval.k]
+    chosen += _distractors(item, chosen, chunks, retrieval.distractors, rng, answerable)
+    kept = fit_passages(tokenizer, item.question, chosen, retrieval)  # priority: gold, retrieved, distractors
+    has_gold = any(_holds_answer(p, item) for p in kept) if not closed_book else answerable
+    rng.shuffle(kept)  # the gold chunk's position must not give it away
+    target = item.answers[0].strip() if has_gold else retrieval.abstention
+    prompt = build_prompt(tokenizer, item.question, kept, retrieval, fitted=True)
+    answer_ids = encode(tokenizer, target) + end_of_turn_ids(tokenizer, retrieval)
+    return TrainingExample(
+        item_id=item.id,
+        input_ids=prompt.input_ids + answer_ids,
+        labels=[IGNORE] * len(prompt.input_ids) + answer_ids,
+        target=target,
+        has_gold=has_gold,
+        chunk_ids=[p.chunk_id for p in kept],
+    )
+
+
+def _distractors(item: QAItem, chosen: list[Passage], chunks: list[Passage], n: int, rng: random.Random,
+                 answerable: bool) -> list[Passage]:
+    """`n` random chunks from documents other than the gold ones and not already in the prompt."""
+    if n <= 0 or not chunks:
+        return []
+    taken = {p.chunk_id for p in chosen}
+    picked: list[Passage] = []
+    for _ in range(50 * n):  # rejection sampling: the pool is usually large, the exclusions few
+        p = chunks[rng.randrange(len(chunks))]
+        if p.chunk_id in taken or p.doc_id in item.gold_doc_ids or (answerable and _contains(p, item.answers)):
+            continue
+        picked.append(p)
+        taken.add(p.chunk_id)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def examples_sha256(examples: list[TrainingExample]) -> str:
+    """Identity of the exact token sequences trained on (what a resume must see again)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.item_id.encode())
+        h.update(bytes(str(ex.input_ids), "ascii"))
+        h.update(bytes(str(ex.labels), "ascii"))
+    return h.hexdigest()

@@ -1,0 +1,358 @@
+"""A compact training loop for retro-peft adapters.
+
+`train()` is the whole loop on one screen: AdamW, linear warm-up then cosine
+decay, gradient accumulation, bf16 autocast on CUDA (fp32 on CPU), batches
+grouped by length (little padding), evaluation and atomic checkpoints every N
+steps, and `resume` that continues with the same data order. The loss stays on
+the device between log intervals, so the loop does not wait on the GPU each step.
+
+A checkpoint is a folder `checkpoints/step-NNNNNN/` written as a temporary
+folder, fsynced and renamed (so it is complete or absent):
+    trainable.safetensors   every trainable parameter, exactly
+    optimizer.safetensors   AdamW moments and step counts
+    extra.safetensors       RNG states (+ AdaLoRA's importance scores)
+    state.json              step, data position, scheduler, losses, run identity
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
+from retro_peft.errors import InputError
+from retro_peft.storage import fsync_dir, fsync_tree
+from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None  # None: 10% of steps
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: never during training
+    checkpoint_every: int = 0  # 0: only the final adapter
+    log_every: int = 10
+    device: str | None = None  # None: cuda if available, else cpu
+    length_window: int = 32  # batches whose examples are sorted by length together
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+        for name in ("eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0  # real (non-padding) tokens processed in this process
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    trainable_params: int = 0
+    resumed_from: int | None = None
+    final_ranks: dict | None = None  # AdaLoRA
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- data order ------------------------------------------------------------------------------------
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 32) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort each window of `window` batches by length, shuffle the batches.
+
+    Similar lengths share a batch (little padding) while the order stays random.
+    A pure function of (seed, epoch): resuming recomputes the same order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths)).tolist()
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(perm), span):
+        group = sorted(perm[start:start + span], key=lambda i: -lengths[i])
+        batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+def batch_stream(lengths: list[int], batch_size: int, seed: int, start: int = 0, window: int = 32):
+    """Endless (position, batch) stream over epochs, starting at micro-batch `start`."""
+    position, epoch = 0, 0
+    while True:
+        batches = epoch_batches(lengths, batch_size, seed, epoch, window)
+        if position + len(batches) <= start:  # skip whole epochs when resuming
+            position += len(batches)
+            epoch += 1
+            continue
+        for batch in batches:
+            if position >= start:
+                yield position, batch
+            position += 1
+        epoch += 1
+
+
+def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(ex) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        input_ids[row, :len(ex)] = torch.tensor(ex.input_ids)
+        labels[row, :len(ex)] = torch.tensor(ex.labels)
+        mask[row, :len(ex)] = 1
+    return {k: v.to(device, non_blocking=True) for k, v in
+            (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels))}
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_dir=None,
+          eval_examples: list[TrainingExample] | None = None, resume: bool = False, index=None,
+          data_sha256: str | None = None, on_step: Callable[[int, float | None], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` (a `RetroPeftModel`) on `examples`; save checkpoints and the final adapter under `out_dir`."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    if not examples:
+        raise InputError("no training examples")
+    if resume and out_dir is None:
+        raise InputError("resume needs the output folder that holds the checkpoints")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
+    adalora = isinstance(model.config, RetroAdaLoraConfig)
+    if adalora:
+        _fit_adalora_schedule(peft_model, config.steps)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, config.steps))
+    identity = {"data_sha256": examples_sha256(examples), "batch_size": config.batch_size,
+                "grad_accum": config.grad_accum, "seed": config.seed, "steps": config.steps,
+                "method": model.config.method, "base_model": model.info.get("base_model")}
+    start_step, position, result = 0, 0, TrainResult(steps=0, final_loss=None)
+    torch.manual_seed(config.seed)
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is not None:
+            start_step, position, result = load_checkpoint(ckpt, peft_model, optimizer, scheduler, identity, adalora)
+            result.resumed_from = start_step
+    result.trainable_params = sum(p.numel() for p in params)
+    stream = batch_stream([len(ex) for ex in examples], config.batch_size, config.seed, position, config.length_window)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    loss_sum, loss_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {model.config.method}")
+    peft_model.train()
+    for step in range(start_step, config.steps):
+        for _ in range(config.grad_accum):
+            position, batch_ids = next(stream)
+            batch = [examples[i] for i in batch_ids]
+            tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
+            with autocast:
+                loss = peft_model(**collate(batch, pad_id, device)).loss / config.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if adalora:  # after the update, before zero_grad: it scores weights by |w * grad| and prunes ranks
+            peft_model.base_model.update_and_allocate(step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss_count += 1
+        done = step + 1
+        logged = None
+        if done % max(config.log_every, 1) == 0 or done == config.steps:
+            logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
+            result.losses.append((done, logged))
+            loss_sum.zero_(); loss_count = 0
+            bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.update(1)
+        if config.eval_every and eval_examples and done % config.eval_every == 0:
+            result.eval_losses.append((done, evaluate_loss(peft_model, eval_examples, config.batch_size, pad_id, device)))
+            peft_model.train()
+        result.steps = done
+        if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora)
+        if on_step is not None:
+            on_step(done, logged)
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    result.tokens = tokens
+    result.tokens_per_s = tokens / result.seconds if result.seconds > 0 else 0.0
+    result.final_loss = result.losses[-1][1] if result.losses else None
+    result.final_ranks = model.final_ranks()
+    if out_dir is not None:
+        model.save(out_dir, index=index, training_data_sha256=data_sha256,
+                   extra={"training": {"config": asdict(config), "result": result.to_dict()}})
+    return result
+
+
+@torch.inference_mode()
+def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_id: int, device) -> float:
+    """Mean answer-token loss over `examples`."""
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start:start + batch_size]]
+        n = sum(sum(1 for x in ex.labels[1:] if x != IGNORE) for ex in batch)  # shifted labels
+        with autocast:
+            total += model(**collate(batch, pad_id, device)).loss.float().item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def _fit_adalora_schedule(peft_model, steps: int) -> None:
+    """AdaLoRA's budget schedule must match the run's length, or ranks are never (or too early) pruned."""
+    cfg = peft_model.peft_config[peft_model.active_adapter]
+    if cfg.total_step != steps:
+        log.info("AdaLoRA schedule fitted to %d steps (was %s)", steps, cfg.total_step)
+        for key, value in adalora_schedule(steps).items():
+            setattr(cfg, key, value)  # the rank allocator holds this same config object
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def latest_checkpoint(out_dir) -> Path | None:
+    folder = Path(out_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out_dir, step: int, position: int, model, optimizer, scheduler, identity: dict,
+                    result: TrainResult, adalora: bool) -> Path:
+    folder = Path(out_dir) / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
+    try:
+        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                  tmp / "trainable.safetensors")
+        opt = optimizer.state_dict()
+        save_file({f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()},
+                  tmp / "optimizer.safetensors")
+        extra = {"rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            extra.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        rank_pattern = None
+        if adalora:
+            alloc = model.base_model.rankallocator
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                extra.update({f"{kind}.{n}": t.contiguous().cpu() for n, t in getattr(alloc, kind).items()})
+            rank_pattern = model.peft_config[model.active_adapter].rank_pattern
+        save_file(extra, tmp / "extra.safetensors")
+        state = {"step": step, "position": position, "identity": identity,
+                 "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+                 "result": result.to_dict(), "rank_pattern": _bools(rank_pattern)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        fsync_tree(tmp)
+        final = folder / f"step-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(p for p in folder.iterdir() if p.name.startswith("step-"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool):
+    state = json.loads((path / "state.json").read_text())
+    saved = state["identity"]
+    for key in identity:
+        if saved.get(key) != identity[key]:
+            what = {"data_sha256": "training data", "base_model": "base model"}.get(key, key)
+            raise InputError(f"cannot resume from {path}: the {what} differs from that run "
+                             f"(saved {str(saved.get(key))[:60]!r}, now {str(identity[key])[:60]!r})")
+    weights = load_file(path / "trainable.safetensors")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(named):
+        raise InputError(f"cannot resume from {path}: its adapter parameters do not match this model's")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(weights[n])
+    flat = load_file(path / "optimizer.safetensors", device=str(next(iter(named.values())).device))
+    opt_state: dict[int, dict] = {}
+    for key, tensor in flat.items():
+        i, name = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = tensor if name != "step" else tensor.cpu()
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    extra = load_file(path / "extra.safetensors")
+    torch.set_rng_state(extra["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda = [extra[k] for k in sorted(k for k in extra if k.startswith("rng.cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    if adalora:
+        alloc = model.base_model.rankallocator
+        device = next(iter(named.values())).device
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, kind, {k[len(kind) + 1:]: v.to(device) for k, v in extra.items() if k.startswith(kind + ".")})
+        if state.get("rank_pattern"):
+            model.peft_config[model.active_adapter].rank_pattern = state["rank_pattern"]
+    r = state["result"]
+    result = TrainResult(steps=state["step"], final_loss=r.get("final_loss"),
+                         losses=[tuple(x) for x in r.get("losses", [])],
+                         eval_losses=[tuple(x) for x in r.get("eval_losses", [])],
+                         trainable_params=r.get("trainable_params", 0))
+    return state["step"], state["position"], result
+
+
+def _bools(pattern):
+    if not pattern:
+        return None
+    return {k: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in pattern.items()}
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+
+from retro_peft.errors import EncoderMismatchError, IndexFormatError, InputError
+from retro_peft.index import Document, IndexConfig, MaxSimReranker, build_index, evaluate_retrieval, open_index
+from retro_peft.index.embedding import EmbeddingCache, embed_with_cache
+from retro_peft.qa import QAItem
+
+
+@pytest.fixture
+def index(corpus, tmp_path):
+    return build_index(tmp_path / "idx", [corpus / "docs", corpus / "more.jsonl"])
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+def test_search_finds_the_right_document(index, mode):
+    hits = index.search("which language has a borrow checker for memory safety?", k=3, mode=mode)
+    assert hits[0].doc_id == "rust.txt"
+    assert hits[0].metadata["title"] == "rust" and "borrow" in hits[0].text
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_filters_apply_before_the_top_k_cut(index):
+    # "opera" is the least similar document to this query; with the filter it must still come back.
+    query = "molten lava erupts"
+    assert index.search(query, k=1, mode="dense")[0].doc_id == "volcano"
+    for mode in ("dense", "sparse", "hybrid"):
+        hits = index.search(query, k=1, mode=mode, filters={"topic": "arts"})
+        if mode == "sparse":
+            assert hits == []  # no query term occurs in the only allowed document
+        else:
+            assert [h.doc_id for h in hits] == ["opera"]
+        assert all(h.metadata["topic"] == "geo" for h in index.search(query, k=5, mode=mode, filters={"topic": "geo"}))
+    assert index.search(query, k=5, filters={"topic": "nothing"}) == []
+    assert [h.doc_id for h in index.search(query, k=5, filters={"doc_id": "glacier"})] == ["glacier"]
+
+
+def test_bad_search_arguments(index):
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="k must be a positive integer"):
+            index.search("cats", k=k)
+    with pytest.raises(InputError, match="unknown search mode"):
+        index.search("cats", mode="fuzzy")
+    with pytest.raises(InputError, match="query is empty"):
+        index.search("   ")
+
+
+def test_weighted_fusion_and_reranker(index):
+    hits = index.search("cats sleep sixteen hours", k=2, fusion="weighted", weights=(0.5, 0.5))
+    assert hits[0].doc_id == "cats.md" and hits[0].score <= 1.0
+    reranked = index.search("cats sleep sixteen hours", k=2, rerank=MaxSimReranker(index.encoder))
+    assert reranked[0].doc_id == "cats.md"
+    assert reranked[0].score > reranked[1].score
+
+
+def test_persistence_add_is_idempotent_and_updates(index, corpus, tmp_path):
+    gen = index.manifest["generation"]
+    assert index.add([corpus / "more.jsonl"]) == {"added": 0, "replaced": 0, "unchanged": 3}
+    assert index.manifest["generation"] == gen  # nothing written
+
+    stats = index.add([Document("volcano", "Volcanoes are vents where magma escapes.", {"title": "Volcano", "topic": "geo"}),
+                       Document("tea", "Tea is brewed from the leaves of Camellia sinensis.", {"title": "Tea"})])
+    assert stats == {"added": 1, "replaced": 1, "unchanged": 0}
+    reopened = open_index(tmp_path / "idx")
+    assert sorted(reopened.doc_ids()) == ["cats.md", "glacier", "opera", "rust.txt", "tea", "volcano"]
+    assert "magma" in reopened.search("magma vent", k=1)[0].text
+    assert reopened.search("Camellia sinensis leaves", k=1, mode="sparse")[0].doc_id == "tea"
+    assert reopened.manifest["counts"] == {"documents": 6, "chunks": 6}
+
+    assert reopened.delete(["tea"]) == 1
+    again = open_index(tmp_path / "idx")
+    assert "tea" not in again.doc_ids()
+    with pytest.raises(InputError, match="no document with id 'nope'"):
+        again.delete(["nope"])
+    # only the current generation's files remain
+    files = sorted(p.name for p in (tmp_path / "idx").iterdir() if not p.name.startswith("."))
+    assert files == sorted(["manifest.json", *again.manifest["files"]])
+
+
+def test_build_refuses_to_clobber(index, corpus, tmp_path):
+    with pytest.raises(InputError, match="already exists"):
+        build_index(tmp_path / "idx", [corpus / "docs"])
+    rebuilt = build_index(tmp_path / "idx", [corpus / "docs"], overwrite=True)
+    assert rebuilt.manifest["counts"]["documents"] == 2
+    assert open_index(tmp_path / "idx").manifest["generation"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a retro-peft index"):
+        build_index(tmp_path / "other", [corpus / "docs"])
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_build_rejects_bad_config_before_writing(corpus, tmp_path):
+    with pytest.raises(InputError, match="unknown backend 'milvus'"):
+        build_index(tmp_path / "a", [corpus / "docs"], IndexConfig(backend="milvus"))
+    with pytest.raises(InputError, match="exceed the encoder's limit"):
+        build_index(tmp_path / "b", [corpus / "docs"], IndexConfig(chunk_tokens=4096, overlap=0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_open_rejects_other_encoders_newer_formats_and_corruption(index, tmp_path, small_encoder_dir):
+    path = tmp_path / "idx"
+    assert open_index(path, encoder="minilm").encoder_name == "minilm"
+    with pytest.raises(EncoderMismatchError, match="built with encoder 'minilm'"):
+        open_index(path, encoder=str(small_encoder_dir))
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(IndexFormatError, match="format version 99"):
+        open_index(path)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": "something-else"}))
+    with pytest.raises(IndexFormatError, match="not a retro-peft index"):
+        open_index(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    chunks = next(name for name in manifest["files"] if name.startswith("chunks-"))
+    (path / chunks).write_text((path / chunks).read_text().replace("Cats", "Dogs"))
+    with pytest.raises(IndexFormatError, match="checksum mismatch"):
+        open_index(path)
+    with pytest.raises(IndexFormatError, match="no index at"):
+        open_index(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("ann_kind", ["hnsw", "ivf"])
+def test_ann_kinds_above_threshold(corpus, tmp_path, ann_kind):
+    index = build_index(tmp_path / ann_kind, [corpus / "docs", corpus / "more.jsonl"],
+                        IndexConfig(ann_threshold=2, ann_kind=ann_kind))
+    assert index.manifest["dense"]["kind"] == ann_kind
+    reopened = open_index(tmp_path / ann_kind)
+    assert reopened.search("lava from the mantle", k=1, mode="dense")[0].doc_id == "volcano"
+    assert [h.doc_id for h in reopened.search("lava", k=1, mode="dense", filters={"topic": "arts"})] == ["opera"]
+
+
+def test_qdrant_embedded_backend_matches_faiss(corpus, tmp_path):
+    pytest.importorskip("qdrant_client")
+    inputs = [corpus / "docs", corpus / "more.jsonl"]
+    faiss_index = build_index(tmp_path / "f", inputs)
+    qdrant_index = build_index(tmp_path / "q", inputs, IndexConfig(backend="qdrant"))
+    queries = ["lava", "ice valleys", "memory safety", "purring"]
+    for a, b in zip(faiss_index.search_many(queries, k=3, mode="dense"), qdrant_index.search_many(queries, k=3, mode="dense")):
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-4)
+    assert [h.doc_id for h in qdrant_index.search("lava", k=1, mode="dense", filters={"topic": "arts"})] == ["opera"]
+    qdrant_index.add([Document("tea", "Tea is brewed from leaves.", {})])
+    qdrant_index.delete(["opera"])
+    reopened = open_index(tmp_path / "q")
+    assert reopened.manifest["dense"]["collection"].endswith("-g000003")
+    assert reopened.search("brewed leaves", k=1, mode="dense")[0].doc_id == "tea"
+    assert "opera" not in {h.doc_id for h in reopened.search("music theatre", k=10, mode="dense")}
+
+
+def test_embedding_cache_skips_known_chunks(encoder, tmp_path):
+    cache = EmbeddingCache(encoder, tmp_path)
+    texts = ["alpha beta", "gamma delta"]
+    first, embedded = embed_with_cache(encoder, texts, ["h1", "h2"], cache)
+    assert embedded == 2
+    again, embedded = embed_with_cache(encoder, texts + ["epsilon"], ["h1", "h2", "h3"], cache)
+    assert embedded == 1
+    np.testing.assert_array_equal(first, again[:2])
+    np.testing.assert_allclose(np.linalg.norm(again, axis=1), 1.0, rtol=1e-5)
+
+
+def test_retrieval_metrics(index):
+    items = [QAItem("1", "Which animal purrs and sleeps sixteen hours?", ("cat",), ("cats.md",)),
+             QAItem("2", "What slow rivers of ice carve valleys?", ("glaciers",), ()),  # judged by answer string
+             QAItem("3", "Unanswerable?", (), ("x",), is_impossible=True)]
+    report = evaluate_retrieval(index, items)
+    assert report["n"] == 2
+    for mode in ("dense", "sparse", "hybrid"):
+        m = report[mode]
+        assert set(m) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
+        assert m["recall@1"] == 1.0 and m["mrr@10"] == 1.0 and m["ndcg@10"] == 1.0
