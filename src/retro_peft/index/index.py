@@ -297,8 +297,7 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     encoder = Encoder(config.encoder, batch_size=config.embed_batch_size)
     config.chunking.validate(encoder.max_tokens)
     chunks = chunk_documents(docs, encoder.tokenizer, config.chunking)
-    if progress:
-        log.warning("%d documents -> %d chunks", len(docs), len(chunks))
+    log.info("%d documents -> %d chunks", len(docs), len(chunks))
     vectors = _embed(encoder, chunks, progress)
     base = {
         "encoder": encoder.describe(),
