@@ -57,13 +57,17 @@ class SparseIndex:
         if allowed is not None:
             mask = np.zeros(self.n_docs, dtype=np.float32)
             mask[allowed] = 1.0
-        # bm25s drops tokens outside its vocabulary; a query left with none gets an
-        # empty list, which bm25s handles as "no match" only if non-empty, so pad.
-        tokens = [[t for t in q if t in self.retriever.vocab_dict] or [""] for q in query_tokens]
-        rows, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, weight_mask=mask, n_threads=0)
-        rows = rows.astype(np.int64)
+        # A query with no token in the vocabulary matches nothing; bm25s cannot take it.
+        tokens = [[t for t in q if t in self.retriever.vocab_dict] for q in query_tokens]
+        live = [i for i, q in enumerate(tokens) if q]
+        scores = np.zeros((n, k), dtype=np.float32)
+        rows = np.full((n, k), -1, dtype=np.int64)
+        if live:
+            found, found_scores = self.retriever.retrieve([tokens[i] for i in live], k=k, show_progress=False,
+                                                          weight_mask=mask, n_threads=0)
+            rows[live], scores[live] = found, found_scores
         rows[scores <= 0] = -1  # BM25 score 0 means no query term matched
-        return scores.astype(np.float32), rows
+        return scores, rows
 
     def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None):
         return self.search_tokens(tokenize(queries, return_ids=False), k, allowed)

@@ -1,0 +1,251 @@
+"""The adapter bank: several domains on one base model, loaded once.
+
+A domain is an index + an optional adapter (+ later its frozen KV cache). The
+bank keeps every loaded domain's index open and at most `max_adapters` adapters
+in memory, evicting the least recently used (its weights are reloaded from disk
+when it is asked for again). A domain whose adapter is missing or broken fails
+alone: the error names it and the other domains keep serving.
+
+Batches may mix domains: each row is prompted with its own domain's passages
+and template, and decoded in one pass with its own adapter (`MixedLoRA`, for
+LoRA adapters; other methods are decoded one domain group at a time). A bank
+holds adapters of one PEFT method: PEFT cannot combine, say, LoRA and IA3
+layers in one model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
+from retro_peft.adapters.model import AdapterMismatchError, base_fingerprint, load_base_model, read_retro_config
+from retro_peft.domains.mixed_lora import MixedLoRA
+from retro_peft.errors import InputError, RetroPeftError
+from retro_peft.generation.generator import Answer, Generator, decode, left_pad
+from retro_peft.index import open_index
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(RetroPeftError):
+    """A domain could not be loaded or used; the others are unaffected."""
+
+
+@dataclass
+class Domain:
+    name: str
+    generator: Generator  # its index and retrieval settings (the model is the bank's)
+    adapter_dir: Path | None = None
+    method: str | None = None
+
+    @property
+    def index(self):
+        return self.generator.index
+
+
+class AdapterBank:
+    def __init__(self, base_model: str = "smollm2-135m", *, max_adapters: int = 8, device: str | None = None,
+                 dtype: torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32):
+        if max_adapters < 1:
+            raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
+        self.base_model_name = base_model
+        self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)
+        self.model.eval()
+        self.fingerprint = base_fingerprint(self.model)
+        self.max_adapters = max_adapters
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.domains: dict[str, Domain] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()  # adapters in memory, least recent first
+        self._mixed: MixedLoRA | None = None
+        self._encoder = None  # one query encoder shared by every index with the same encoder
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self, name: str, index, adapter: str | Path | None = None) -> Domain:
+        """Open a domain's index (a name, path or open Index) and load its adapter, if any."""
+        try:
+            if isinstance(index, (str, Path)):
+                index = open_index(index, encoder=self._shared_encoder(index))
+            retrieval, method = RetrievalConfig(), None
+            if adapter is not None:
+                info = read_retro_config(adapter)
+                config = RetroAdapterConfig.from_dict(info["adapter"])
+                retrieval, method = config.retrieval, config.method
+                if info["base_model"].get("config_sha256") != self.fingerprint["config_sha256"] or \
+                        info["base_model"].get("weights_sha256") != self.fingerprint["weights_sha256"]:
+                    raise AdapterMismatchError(f"adapter {adapter} was trained on base model "
+                                               f"{info['base_model'].get('name')!r}, not {self.base_model_name!r}")
+        except RetroPeftError as e:
+            raise DomainError(f"domain {name!r}: {e}") from None
+        if name in self.domains:  # reloading a domain replaces it
+            self.unload(name)
+        generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
+                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method)
+        if adapter is not None:
+            try:
+                self._ensure_resident(name)
+            except DomainError:
+                del self.domains[name]
+                raise
+        return self.domains[name]
+
+    def _shared_encoder(self, index_name):
+        from retro_peft.index import Encoder
+        from retro_peft.index.index import _read_manifest
+        from retro_peft.paths import resolve_index_path
+
+        manifest = _read_manifest(resolve_index_path(index_name))
+        if self._encoder is None or self._encoder.fingerprint != manifest["encoder"]["fingerprint"]:
+            self._encoder = Encoder(manifest["encoder"]["name"])
+        return self._encoder
+
+    def _ensure_resident(self, name: str) -> None:
+        """Bring a domain's adapter into memory, evicting the least recently used beyond the bound."""
+        domain = self.domains[name]
+        if domain.adapter_dir is None:
+            return
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return
+        while len(self._resident) >= self.max_adapters:
+            self._drop_adapter(next(iter(self._resident)))
+        from peft import PeftModel
+
+        methods = {self.domains[n].method for n in self._resident}
+        if methods and domain.method not in methods:
+            # PEFT holds adapters of one type per model (it cannot mix LoRA and IA3 layers).
+            raise DomainError(f"domain {name!r}: its {domain.method} adapter cannot share the base model with "
+                              f"the {', '.join(sorted(methods))} adapters already loaded; use one bank per method")
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, domain.adapter_dir, adapter_name=name)
+            else:
+                self.model.load_adapter(domain.adapter_dir, adapter_name=name)
+        except Exception as e:  # a broken file must not take the bank down
+            if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            raise DomainError(f"domain {name!r}: cannot load adapter {domain.adapter_dir}: {e}") from None
+        self.model.eval()
+        self._resident[name] = None
+        self._mixed = None
+        for d in self.domains.values():
+            d.generator.model = self.model
+
+    def _drop_adapter(self, name: str) -> None:
+        self._resident.pop(name, None)
+        if name in getattr(self.model, "peft_config", {}):
+            if self.model.active_adapter == name and len(self.model.peft_config) > 1:
+                self.model.set_adapter(next(n for n in self.model.peft_config if n != name))
+            self.model.delete_adapter(name)
+        self._mixed = None
+
+    def unload(self, name: str) -> None:
+        self._get(name)
+        self._drop_adapter(name)
+        del self.domains[name]
+
+    def activate(self, name: str) -> float:
+        """Make `name` the active adapter (for single-domain batches); returns the seconds it took."""
+        start = time.perf_counter()
+        domain = self._get(name)
+        self._ensure_resident(name)
+        if domain.adapter_dir is not None:
+            self.model.set_adapter(name)
+        return time.perf_counter() - start
+
+    def _get(self, name: str) -> Domain:
+        if name not in self.domains:
+            known = ", ".join(sorted(self.domains)) or "none"
+            raise InputError(f"unknown domain {name!r} (loaded domains: {known})")
+        return self.domains[name]
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def answer(self, question: str, domain: str, **options) -> Answer:
+        return self.answer_many([question], [domain], **options)[0]
+
+    def answer_many(self, questions: list[str], domains: list[str | None], *, do_sample: bool = False,
+                    seed: int = 0) -> list[Answer]:
+        """Answer a batch whose rows may belong to different domains (None: base model, no retrieval)."""
+        if len(questions) != len(domains):
+            raise InputError("answer_many needs one domain per question")
+        for q in questions:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError("the question is empty")
+        prompts: list = [None] * len(questions)
+        groups: dict[str | None, list[int]] = {}
+        for row, name in enumerate(domains):
+            groups.setdefault(name, []).append(row)
+        base = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0))
+        for name, rows in groups.items():
+            generator = base if name is None else self._get(name).generator
+            for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows])):
+                prompts[row] = prompt
+            if name is not None:
+                self._ensure_resident(name)
+        answers: list = [None] * len(questions)
+        for start in range(0, len(questions), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(questions))))
+            for group in self._decode_groups(rows, domains):
+                tokens = self._decode([prompts[r] for r in group], [domains[r] for r in group], do_sample, seed)
+                for r, t in zip(group, tokens):
+                    gen = base if domains[r] is None else self.domains[domains[r]].generator
+                    answers[r] = gen._answer(prompts[r], t)
+        return answers
+
+    def _adapter_of(self, name: str | None) -> str | None:
+        return None if name is None or self.domains[name].adapter_dir is None else name
+
+    def _decode_groups(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
+        """One group if every adapter involved can share a mixed pass, else one group per adapter."""
+        adapters = {self._adapter_of(domains[r]) for r in rows}
+        if len(adapters) <= 1 or all(a is None or self._mixed_lora().supports(a) for a in adapters):
+            return [rows]
+        by: dict = {}
+        for r in rows:
+            by.setdefault(self._adapter_of(domains[r]), []).append(r)
+        return list(by.values())
+
+    def _mixed_lora(self) -> MixedLoRA:
+        if self._mixed is None:
+            self._mixed = MixedLoRA(self.model)
+        return self._mixed
+
+    def _decode(self, prompts, domains, do_sample: bool, seed: int) -> list[list[int]]:
+        adapters = [self._adapter_of(d) for d in domains]
+        input_ids, mask = left_pad([p.input_ids for p in prompts], self._pad_id, self.model.device)
+        rng = torch.Generator(device=self.model.device).manual_seed(seed) if do_sample else None
+        kwargs = dict(max_new_tokens=self.max_new_tokens, stop_ids=self._stop_ids, pad_id=self._pad_id,
+                      do_sample=do_sample, rng=rng)
+        distinct = set(adapters)
+        if distinct == {None}:
+            with _base_only(self.model):
+                return decode(self.model, input_ids, mask, **kwargs)
+        if len(distinct) == 1:
+            self.model.set_adapter(adapters[0])
+            return decode(self.model, input_ids, mask, **kwargs)
+        with self._mixed_lora().batch(adapters):
+            return decode(self.model, input_ids, mask, **kwargs)
+
+    @property
+    def _stop_ids(self):
+        return next(iter(self.domains.values())).generator.stop_ids if self.domains else \
+            Generator(self.model, self.tokenizer).stop_ids
+
+    @property
+    def _pad_id(self):
+        return self.tokenizer.pad_token_id
+
+
+def _base_only(model):
+    import contextlib
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

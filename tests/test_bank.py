@@ -1,0 +1,100 @@
+"""The adapter bank: mixed-domain batches, LRU eviction, failure isolation. Tiny random Llama, real indexes."""
+
+import pytest
+from peft import LoraConfig
+
+from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroIA3Config, RetroLoraConfig
+from retro_peft.adapters.model import RetroPeftModel
+from retro_peft.domains.bank import AdapterBank, DomainError
+from retro_peft.errors import InputError
+
+from helpers_adapters import DOCS, smollm2_tokenizer, tiny_index, tiny_llama_folder
+
+QUESTIONS = ["Who invented the piano?", "Into which sea does the Rhine flow?", "What is the atomic number of oxygen?",
+             "Which shrub are tea leaves taken from?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bank")
+    base = tiny_llama_folder(root / "base", smollm2_tokenizer(), initializer_range=0.2)
+    index_a = tiny_index(root / "idx-a", DOCS[:3])
+    index_b = tiny_index(root / "idx-b", DOCS[3:])
+    adapters = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        # init_lora_weights=False: random, non-zero adapters, so each domain really decodes differently
+        peft = LoraConfig(task_type="CAUSAL_LM", r=4 + 2 * i, lora_alpha=16, target_modules=list(LLAMA_LINEAR),
+                          init_lora_weights=False)
+        model = RetroPeftModel.create(str(base), RetroLoraConfig(peft=peft, retrieval=RetrievalConfig(k=2)), seed=i)
+        adapters[name] = model.save(root / f"adapter-{name}", index=index_a)
+    ia3 = RetroPeftModel.create(str(base), RetroIA3Config(retrieval=RetrievalConfig(k=1)), seed=5)
+    adapters["ia3"] = ia3.save(root / "adapter-ia3", index=index_b)
+    return root, base, index_a.path, index_b.path, adapters
+
+
+def _bank(setup, **kw):
+    root, base, idx_a, idx_b, adapters = setup
+    bank = AdapterBank(str(base), max_new_tokens=6, **kw)
+    bank.load("a", idx_a, adapters["a"])
+    bank.load("b", idx_b, adapters["b"])
+    bank.load("c", idx_a, adapters["c"])
+    bank.load("plain", idx_b)  # index, no adapter: base model + retrieval
+    return bank
+
+
+def test_mixed_domain_batch_equals_single_requests(setup):
+    bank = _bank(setup)
+    domains = ["a", "b", None, "c", "plain", "a", "b", "c"]
+    questions = (QUESTIONS * 2)[: len(domains)]
+    batched = bank.answer_many(questions, domains)
+    singles = [bank.answer(q, d) if d else bank.answer_many([q], [None])[0] for q, d in zip(questions, domains)]
+    assert [a.text for a in batched] == [a.text for a in singles]
+    assert len({a.text for a in batched}) > 2  # the adapters really differ
+    assert batched[2].citations == [] and batched[2].passages == []  # base row: no retrieval
+    assert all(len(a.passages) == 2 for a in batched if a is not batched[2] and a is not batched[4])
+
+
+def test_non_lora_adapters_decode_per_group_and_methods_do_not_mix(setup):
+    root, base, idx_a, idx_b, adapters = setup
+    bank = AdapterBank(str(base), max_new_tokens=6)
+    bank.load("x", idx_b, adapters["ia3"])
+    bank.load("y", idx_a, adapters["ia3"])
+    bank.load("plain", idx_a)
+    domains = ["x", "plain", "y", "x"]
+    batched = bank.answer_many(QUESTIONS, domains)
+    assert [a.text for a in batched] == [bank.answer(q, d).text for q, d in zip(QUESTIONS, domains)]
+    with pytest.raises(DomainError, match="lora adapter cannot share the base model with the ia3 adapters"):
+        bank.load("a", idx_a, adapters["a"])
+    assert "a" not in bank.domains and bank.answer(QUESTIONS[0], "x").text == batched[0].text
+
+
+def test_lru_eviction_keeps_at_most_max_adapters(setup):
+    bank = _bank(setup, max_adapters=2)
+    assert list(bank._resident) == ["b", "c"]
+    assert set(bank.model.peft_config) == {"b", "c"}
+    before = bank.answer(QUESTIONS[0], "a").text  # reloads "a", evicting "b"
+    assert list(bank._resident) == ["c", "a"] and set(bank.model.peft_config) == {"c", "a"}
+    fresh = _bank(setup)
+    assert fresh.answer(QUESTIONS[0], "a").text == before
+    assert bank.activate("c") < 0.05  # resident: a pointer switch
+
+
+def test_broken_or_unknown_domain_fails_alone(setup, tmp_path):
+    root, base, idx_a, idx_b, adapters = setup
+    bank = _bank(setup)
+    expected = bank.answer(QUESTIONS[1], "b").text
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in adapters["a"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DomainError, match="domain 'bad'"):
+        bank.load("bad", idx_a, broken)
+    with pytest.raises(DomainError, match="domain 'gone'.*adapter folder not found"):
+        bank.load("gone", idx_a, tmp_path / "nowhere")
+    assert "bad" not in bank.domains and "gone" not in bank.domains
+    with pytest.raises(InputError, match="unknown domain 'nope'"):
+        bank.answer("hi", "nope")
+    with pytest.raises(InputError, match="question is empty"):
+        bank.answer("  ", "a")
+    assert bank.answer(QUESTIONS[1], "b").text == expected
