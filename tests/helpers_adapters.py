@@ -61,3 +61,10 @@ def tiny_index(path: Path, docs: list[dict] | None = None, encoder: str = "minil
 
     corpus = write_jsonl(path.parent / f"{path.name}-docs.jsonl", docs or DOCS)
     return build_index(path, [corpus], IndexConfig(encoder=encoder, chunk_tokens=64, overlap=8))
+
+
+def single_thread() -> None:
+    """One intra-op thread: the CI machine's 2 cores are shared, and oversubscribed
+    OpenMP threads spin-wait (measured 50x slower on a tiny model); results also
+    stay bit-identical between processes."""
+    torch.set_num_threads(1)

@@ -208,8 +208,22 @@ class RetroPeftModel:
 
 
 def _index_info(index) -> dict:
-    return {"name": str(getattr(index, "path", "")), "encoder": getattr(index, "encoder_name", None),
-            "chunks": len(index) if hasattr(index, "__len__") else None}
+    encoder = (getattr(index, "manifest", None) or {}).get("encoder") or {}
+    return {"path": str(getattr(index, "path", "")), "encoder": getattr(index, "encoder_name", None),
+            "encoder_fingerprint": encoder.get("fingerprint"), "chunks": len(index)}
+
+
+def check_index(info: dict, index) -> None:
+    """The index must be embedded by the encoder the adapter was trained with (dense scores differ otherwise)."""
+    from retro_peft.errors import EncoderMismatchError
+
+    recorded = (info.get("index") or {}).get("encoder_fingerprint")
+    found = ((getattr(index, "manifest", None) or {}).get("encoder") or {}).get("fingerprint")
+    if recorded and found and recorded != found:
+        raise EncoderMismatchError(
+            f"the adapter was trained with an index built by encoder {info['index'].get('encoder')!r} "
+            f"(fingerprint {recorded}), but index {index.path} was built by {index.encoder_name!r} "
+            f"(fingerprint {found}); rebuild the index with --encoder {info['index'].get('encoder')}")
 
 
 def read_retro_config(adapter_dir) -> dict:

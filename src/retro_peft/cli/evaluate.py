@@ -1,0 +1,74 @@
+"""`retro-peft eval`: answer questions with a base model or an adapter, and score them."""
+
+from __future__ import annotations
+
+import json
+
+from retro_peft.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate answers: SQuAD EM/F1, abstention, retrieval recall")
+    p.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a local folder or a HF id")
+    p.add_argument("--adapter", help="adapter folder written by `retro-peft train`")
+    p.add_argument("--index", help="index name or path (required unless --no-retrieval)")
+    p.add_argument("--qa", required=True, help="questions: JSONL or SQuAD JSON")
+    p.add_argument("--articles", help="SQuAD articles to evaluate on, e.g. 3:5")
+    p.add_argument("--no-retrieval", action="store_true", help="closed book: no passages in the prompt")
+    p.add_argument("--limit", type=int, help="evaluate the first N questions")
+    p.add_argument("--k", type=int, help="passages per prompt (default: the adapter's, else 3)")
+    p.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: the adapter's, else 700)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--predictions", help="also write every prediction to this JSONL file")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from retro_peft.adapters import RetrievalConfig, RetroPeftModel
+    from retro_peft.adapters.model import check_index, load_base_model, read_retro_config
+    from retro_peft.cli.train import parse_articles
+    from retro_peft.generation import Generator
+    from retro_peft.index import open_index
+    from retro_peft.qa import load_qa
+    from retro_peft.storage import atomic_write_bytes
+    from retro_peft.training import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be positive, got {args.limit}")
+    if not args.no_retrieval and not args.index:
+        raise InputError("--index is required (or pass --no-retrieval for closed-book answers)")
+    items = load_qa(args.qa, articles=parse_articles(args.articles))
+    info = read_retro_config(args.adapter) if args.adapter else None
+    index = open_index(args.index) if args.index and not args.no_retrieval else None
+    if info and index is not None:
+        check_index(info, index)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.adapter:
+        model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device)
+        lm, tokenizer, retrieval = model.model, model.tokenizer, model.retrieval
+    else:
+        lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device)
+        retrieval = RetrievalConfig()
+    overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
+    retrieval = dataclasses.replace(retrieval, **overrides)
+    generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size)
+    result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)
+    if args.predictions:
+        atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())
+    scores = {"n": result.n, "em": result.em, "f1": result.f1, "abstain_unanswerable": result.abstain_unanswerable,
+              "answer_answerable": result.answer_answerable, "retrieval_recall": result.retrieval_recall}
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key:22s} {value if value is None or isinstance(value, int) else f'{value:.4f}'}")
+    return 0

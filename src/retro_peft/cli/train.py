@@ -1,0 +1,93 @@
+"""`retro-peft train`: train a retrieval-augmented adapter (RetroLoRA, RetroAdaLoRA, RetroIA3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from retro_peft.errors import InputError
+
+
+def parse_articles(text: str | None) -> slice | None:
+    """`0:3` -> slice(0, 3); `4` -> slice(4, 5); None -> every article."""
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            start, stop = text.split(":", 1)
+            return slice(int(start) if start else None, int(stop) if stop else None)
+        return slice(int(text), int(text) + 1)
+    except ValueError:
+        raise InputError(f"--articles must look like 0:3 or 4, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a retrieval-augmented PEFT adapter")
+    p.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a local folder or a HF id")
+    p.add_argument("--index", required=True, help="index name or path (see `retro-peft index build`)")
+    p.add_argument("--qa", required=True, help="training questions: JSONL or SQuAD JSON")
+    p.add_argument("--articles", help="SQuAD articles to train on, e.g. 0:3")
+    p.add_argument("--method", choices=("lora", "adalora", "ia3"), default="lora")
+    p.add_argument("--out", required=True, help="output folder: the adapter, and checkpoints/ while training")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--k", type=int, default=3, help="retrieved passages per prompt")
+    p.add_argument("--distractors", type=int, default=1, help="random passages from other documents per prompt")
+    p.add_argument("--oracle-fraction", type=float, default=0.8, help="P: share of answerable examples that keep the gold passage")
+    p.add_argument("--context-tokens", type=int, default=700, help="prompt budget in tokens")
+    p.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid", help="search mode")
+    p.add_argument("--encoder", help="fail unless the index was built with this encoder")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluation-loss runs on --eval-qa")
+    p.add_argument("--eval-qa", help="held-out questions for --eval-every")
+    p.add_argument("--eval-articles", help="SQuAD articles of --eval-qa, e.g. 3:5")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    # Imported here so `retro-peft --help` stays fast.
+    from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
+    from retro_peft.index import open_index
+    from retro_peft.qa import load_qa
+    from retro_peft.storage import sha256_file
+    from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
+
+    out = Path(args.out)
+    # Every check that can fail runs before the model is loaded or a step is taken.
+    if (out / "retro_config.json").exists() and not args.resume:
+        raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
+    retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
+                                context_tokens=args.context_tokens, mode=args.mode)
+    config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                               seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                               device=args.device)
+    train_config.validate()
+    items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True)
+    eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
+    index = open_index(args.index, encoder=args.encoder)
+    data_sha = hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest()
+    model = RetroPeftModel.create(args.model, config, seed=args.seed)
+    examples = build_examples(items, index, model.tokenizer, retrieval, seed=args.seed)
+    eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=args.seed) if eval_items else None
+    if args.resume and latest_checkpoint(out) is None:
+        print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+    result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,
+                   index=index, data_sha256=data_sha, progress=not args.no_progress)
+    trainable, total = model.trainable_parameters()
+    summary = {"out": str(out), "method": args.method, "steps": result.steps, "final_loss": result.final_loss,
+               "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 1),
+               "trainable_params": trainable, "total_params": total, "examples": len(examples),
+               "resumed_from": result.resumed_from, "eval_losses": result.eval_losses}
+    if result.final_ranks is not None:
+        summary["final_ranks"] = result.final_ranks
+    print(json.dumps(summary, indent=2))
+    return 0
