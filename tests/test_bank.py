@@ -98,3 +98,32 @@ def test_broken_or_unknown_domain_fails_alone(setup, tmp_path):
     with pytest.raises(InputError, match="question is empty"):
         bank.answer("  ", "a")
     assert bank.answer(QUESTIONS[1], "b").text == expected
+
+
+def test_streaming_sampling_stop_strings_and_cancellation(setup):
+    from retro_peft.generation import SamplingConfig
+
+    bank = _bank(setup)
+    greedy = bank.answer(QUESTIONS[0], "a")
+    pieces = list(bank.stream(QUESTIONS[0], "a"))
+    final = pieces.pop()
+    assert final.text == greedy.text and "".join(pieces).strip() == greedy.text
+    assert len(pieces) > 1  # really incremental
+
+    # a stop string taken from the greedy text cuts the answer right before it
+    stop = greedy.text.split()[1] if len(greedy.text.split()) > 1 else greedy.text[1:3]
+    cut = bank.answer(QUESTIONS[0], "a", sampling=SamplingConfig(max_new_tokens=6, stop=(stop,)))
+    assert stop not in cut.text and greedy.text.startswith(cut.text) and cut.finish_reason == "stop"
+
+    sampled = [bank.answer(QUESTIONS[0], "a", sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9,
+                                                                        seed=s)).text for s in (1, 1, 2, 3)]
+    assert sampled[0] == sampled[1]  # same seed, same text
+    assert len(set(sampled)) > 1
+
+    calls = []
+    answers = bank.answer_many(QUESTIONS[:3], ["a", "b", "c"], cancelled=lambda row: calls.append(row) or row == 1)
+    assert answers[1].finish_reason == "cancelled" and answers[1].completion_tokens == 0
+    assert answers[0].text == greedy.text and answers[0].finish_reason in ("length", "stop")
+    assert set(calls) >= {0, 1, 2}
+    with pytest.raises(InputError, match="temperature"):
+        SamplingConfig(temperature=-1)

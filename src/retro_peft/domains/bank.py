@@ -15,6 +15,7 @@ layers in one model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
 from retro_peft.adapters.model import AdapterMismatchError, base_fingerprint, load_base_model, read_retro_config
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.generation.generator import Answer, Generator, decode, left_pad
+from retro_peft.generation.generator import Answer, Generator, SamplingConfig, generate_batch, stream_answer
 from retro_peft.index import open_index
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class AdapterBank:
         self._resident: OrderedDict[str, None] = OrderedDict()  # adapters in memory, least recent first
         self._mixed: MixedLoRA | None = None
         self._encoder = None  # one query encoder shared by every index with the same encoder
+        # Rows routed to no domain: the base model, no retrieval.
+        self._base_generator = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0),
+                                         max_new_tokens=max_new_tokens)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -136,8 +140,8 @@ class AdapterBank:
         self.model.eval()
         self._resident[name] = None
         self._mixed = None
-        for d in self.domains.values():
-            d.generator.model = self.model
+        for generator in [self._base_generator, *(d.generator for d in self.domains.values())]:
+            generator.model = self.model
 
     def _drop_adapter(self, name: str) -> None:
         self._resident.pop(name, None)
@@ -169,37 +173,59 @@ class AdapterBank:
 
     # -- answering ---------------------------------------------------------------------------
 
-    def answer(self, question: str, domain: str, **options) -> Answer:
-        return self.answer_many([question], [domain], **options)[0]
+    def answer(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None,
+               on_text=None) -> Answer:
+        stream = None if on_text is None else (lambda _row, delta: on_text(delta))
+        return self.answer_many([question], [domain], sampling=sampling, on_text=stream)[0]
 
-    def answer_many(self, questions: list[str], domains: list[str | None], *, do_sample: bool = False,
-                    seed: int = 0) -> list[Answer]:
-        """Answer a batch whose rows may belong to different domains (None: base model, no retrieval)."""
+    def stream(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None):
+        """Yield text pieces as they are generated, then the final `Answer`."""
+        return stream_answer(lambda on_text: self.answer(question, domain, sampling=sampling, on_text=on_text))
+
+    def answer_many(self, questions: list[str], domains: list[str | None], *, sampling: SamplingConfig | None = None,
+                    on_text=None, cancelled=None) -> list[Answer]:
+        """Answer a batch whose rows may belong to different domains (None: base model, no retrieval).
+
+        on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
+        """
         if len(questions) != len(domains):
             raise InputError("answer_many needs one domain per question")
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
+        sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
+        generators = {name: self._base_generator if name is None else self._get(name).generator for name in set(domains)}
         prompts: list = [None] * len(questions)
-        groups: dict[str | None, list[int]] = {}
-        for row, name in enumerate(domains):
-            groups.setdefault(name, []).append(row)
-        base = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0))
-        for name, rows in groups.items():
-            generator = base if name is None else self._get(name).generator
+        for name, generator in generators.items():
+            rows = [r for r, d in enumerate(domains) if d == name]
             for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows])):
                 prompts[row] = prompt
             if name is not None:
                 self._ensure_resident(name)
         answers: list = [None] * len(questions)
         for start in range(0, len(questions), self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, len(questions))))
-            for group in self._decode_groups(rows, domains):
-                tokens = self._decode([prompts[r] for r in group], [domains[r] for r in group], do_sample, seed)
-                for r, t in zip(group, tokens):
-                    gen = base if domains[r] is None else self.domains[domains[r]].generator
-                    answers[r] = gen._answer(prompts[r], t)
+            for group in self._decode_groups(list(range(start, min(start + self.batch_size, len(questions)))), domains):
+                shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
+                with self._adapters_for([domains[r] for r in group]):
+                    done = generate_batch(self.model, self.tokenizer, [prompts[r].input_ids for r in group],
+                                          stop_ids=self._base_generator.stop_ids, pad_id=self.tokenizer.pad_token_id,
+                                          sampling=sampling, on_text=shift(on_text), cancelled=shift(cancelled))
+                for r, g in zip(group, done):
+                    answers[r] = generators[domains[r]].make_answer(prompts[r], g)
         return answers
+
+    def route(self, question: str) -> str | None:
+        """The domain for `domain="auto"`: see `retro_peft.domains.routing`; None = base model, no retrieval."""
+        return self.router().route(question).domain
+
+    def router(self):
+        from retro_peft.domains.routing import Router
+
+        key = tuple(sorted(self.domains))
+        if getattr(self, "_router_key", None) != key:
+            self._router = Router({name: d.index for name, d in self.domains.items()})
+            self._router_key = key
+        return self._router
 
     def _adapter_of(self, name: str | None) -> str | None:
         return None if name is None or self.domains[name].adapter_dir is None else name
@@ -219,33 +245,17 @@ class AdapterBank:
             self._mixed = MixedLoRA(self.model)
         return self._mixed
 
-    def _decode(self, prompts, domains, do_sample: bool, seed: int) -> list[list[int]]:
+    def _adapters_for(self, domains: list[str | None]):
+        """The adapter context for one decode pass over rows of these domains."""
         adapters = [self._adapter_of(d) for d in domains]
-        input_ids, mask = left_pad([p.input_ids for p in prompts], self._pad_id, self.model.device)
-        rng = torch.Generator(device=self.model.device).manual_seed(seed) if do_sample else None
-        kwargs = dict(max_new_tokens=self.max_new_tokens, stop_ids=self._stop_ids, pad_id=self._pad_id,
-                      do_sample=do_sample, rng=rng)
         distinct = set(adapters)
         if distinct == {None}:
-            with _base_only(self.model):
-                return decode(self.model, input_ids, mask, **kwargs)
+            return _base_only(self.model)
         if len(distinct) == 1:
             self.model.set_adapter(adapters[0])
-            return decode(self.model, input_ids, mask, **kwargs)
-        with self._mixed_lora().batch(adapters):
-            return decode(self.model, input_ids, mask, **kwargs)
-
-    @property
-    def _stop_ids(self):
-        return next(iter(self.domains.values())).generator.stop_ids if self.domains else \
-            Generator(self.model, self.tokenizer).stop_ids
-
-    @property
-    def _pad_id(self):
-        return self.tokenizer.pad_token_id
+            return contextlib.nullcontext()
+        return self._mixed_lora().batch(adapters)
 
 
 def _base_only(model):
-    import contextlib
-
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

@@ -9,8 +9,10 @@ states or a static, compiled decode step can replace pieces of it later.
 from __future__ import annotations
 
 import inspect
+import queue
 import re
 import string
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     passages: list[Passage] = field(default_factory=list, repr=False)  # what the prompt held
+    finish_reason: str = "stop"  # "stop", "length" or "cancelled"
 
 
 def normalize_answer(text: str) -> str:
@@ -71,13 +74,57 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen. temperature 0 is greedy decoding (deterministic)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= float(self.temperature) <= 5.0:
+            raise InputError(f"temperature must be between 0 and 5, got {self.temperature!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise InputError("stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None) -> torch.Tensor:
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
 @torch.inference_mode()
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-           stop_ids: set[int], pad_id: int, do_sample: bool = False, temperature: float = 1.0,
-           rng: torch.Generator | None = None) -> list[list[int]]:
-    """Greedy (or sampled) decoding of a left-padded batch with a KV cache; returns the new tokens per row."""
+def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
+                 rng: torch.Generator | None = None, finished: torch.Tensor | None = None):
+    """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
+
+    Rows already finished (a stop token, or marked by the caller in `finished`,
+    e.g. a cancelled request) get `pad_id`; the loop ends when every row is done.
+    The caller may set `finished[row] = True` between steps.
+    """
     from transformers import DynamicCache
 
+    sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
     batch = input_ids.shape[0]
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -87,35 +134,91 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, logits_to_keep=1, **{cache_kw: past}).logits[:, -1, :]
     stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    out = []
+    if finished is None:
+        finished = torch.zeros(batch, dtype=torch.bool)
     next_pos = position_ids[:, -1:] + 1
-    for _ in range(max_new_tokens):
-        if do_sample:
-            probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
-            token = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-        else:
-            token = logits.argmax(dim=-1)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        out.append(token)
-        finished |= torch.isin(token, stop)
-        # One host sync per token to stop early; cheap next to a forward pass.
-        if bool(finished.all()):
-            break
+    for step in range(max_new_tokens):
+        token = choose_tokens(logits, sampling, rng)
+        done = finished.to(token.device)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        yield token
+        finished |= (done | torch.isin(token, stop)).cpu()  # one host sync per token, to stop early
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
                        use_cache=True, **{cache_kw: past}).logits[:, -1, :]
         next_pos = next_pos + 1
-    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
-    result = []
-    for row in tokens:
-        kept = []
-        for t in row:
-            if t in stop_ids:
-                break
-            kept.append(t)
-        result.append(kept)
-    return result
+
+
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
+           rng: torch.Generator | None = None) -> list[list[int]]:
+    """All new tokens of every row, each cut before its first stop token."""
+    steps = list(decode_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                              pad_id=pad_id, sampling=sampling, rng=rng))
+    tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(input_ids.shape[0])]
+    return [row[: next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in tokens]
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or string), "length" or "cancelled"
+
+
+def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: set[int], pad_id: int,
+                   sampling: SamplingConfig, on_text=None, cancelled=None) -> list[Generated]:
+    """Decode prompts (token lists) as one batch, with stop strings, streaming and cancellation.
+
+    on_text(row, delta): called as a row's text grows (text that could still turn
+    into a stop string, or an incomplete character, is held back until it cannot).
+    cancelled(row) -> bool: polled every step; a cancelled row stops at once.
+    """
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(sequences, pad_id, device)
+    rng = None if sampling.greedy else torch.Generator(device=device).manual_seed(sampling.seed)
+    n = len(sequences)
+    finished = torch.zeros(n, dtype=torch.bool)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    texts, emitted, reasons = [""] * n, [0] * n, [None] * n
+    track_text = on_text is not None or bool(sampling.stop)
+    hold = max((len(x) for x in sampling.stop), default=1) - 1
+
+    def emit(row: int, final: bool) -> None:
+        upto = len(texts[row]) if final else len(texts[row]) - hold
+        while upto > emitted[row] and not final and texts[row][upto - 1] == "\ufffd":  # half a UTF-8 character
+            upto -= 1
+        if on_text is not None and upto > emitted[row]:
+            on_text(row, texts[row][emitted[row]:upto])
+            emitted[row] = upto
+
+    for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
+                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished):
+        for row, token in enumerate(step.tolist()):
+            if reasons[row] is not None:
+                continue
+            if cancelled is not None and cancelled(row):
+                reasons[row], finished[row] = "cancelled", True
+            elif token in stop_ids:
+                reasons[row] = "stop"
+            else:
+                tokens[row].append(token)
+                if track_text:
+                    texts[row] = tokenizer.decode(tokens[row], skip_special_tokens=True)
+                    cut = min((i for i in (texts[row].find(x) for x in sampling.stop) if i >= 0), default=-1)
+                    if cut >= 0:
+                        texts[row], reasons[row], finished[row] = texts[row][:cut], "stop", True
+            if track_text:
+                emit(row, final=reasons[row] is not None)
+    results = []
+    for row in range(n):
+        if not track_text:
+            texts[row] = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        emit(row, final=True)
+        results.append(Generated(tokens[row], texts[row], reasons[row] or "length"))
+    return results
 
 
 class Generator:
@@ -146,34 +249,71 @@ class Generator:
         passages = self.retrieve(questions) if passages is None else passages
         return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(questions, passages)]
 
-    def answer(self, question: str, *, passages: list[Passage] | None = None, do_sample: bool = False) -> Answer:
-        return self.answer_many([question], passages=None if passages is None else [passages], do_sample=do_sample)[0]
+    def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
+        return sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
+
+    def answer(self, question: str, *, passages: list[Passage] | None = None,
+               sampling: SamplingConfig | None = None, on_text=None) -> Answer:
+        """One answer; `on_text(delta)` streams its text as it is generated."""
+        stream = None if on_text is None else (lambda _row, delta: on_text(delta))
+        return self.answer_many([question], passages=None if passages is None else [passages], sampling=sampling,
+                                on_text=stream)[0]
+
+    def stream(self, question: str, *, sampling: SamplingConfig | None = None):
+        """Yield the answer's text pieces as tokens are produced, then the final `Answer`."""
+        return stream_answer(lambda on_text: self.answer(question, sampling=sampling, on_text=on_text))
 
     def answer_many(self, questions: list[str], *, passages: list[list[Passage]] | None = None,
-                    do_sample: bool = False, seed: int = 0) -> list[Answer]:
+                    sampling: SamplingConfig | None = None, on_text=None, cancelled=None) -> list[Answer]:
         if isinstance(questions, str):
             raise InputError("answer_many takes a list of questions")
+        for q in questions:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError("the question is empty")
+        sampling = self.sampling(sampling)
         prompts = self.prompts(questions, passages)
-        rng = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
         answers: list[Answer] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start:start + self.batch_size]
-                input_ids, mask = left_pad([p.input_ids for p in batch], self.pad_id, self.device)
-                new_tokens = decode(self.model, input_ids, mask, max_new_tokens=self.max_new_tokens,
-                                    stop_ids=self.stop_ids, pad_id=self.pad_id, do_sample=do_sample, rng=rng)
-                answers.extend(self._answer(p, t) for p, t in zip(batch, new_tokens))
+                shift = lambda f: None if f is None else (lambda row, *a: f(start + row, *a))  # noqa: E731
+                done = generate_batch(self.model, self.tokenizer, [p.input_ids for p in batch], stop_ids=self.stop_ids,
+                                      pad_id=self.pad_id, sampling=sampling, on_text=shift(on_text),
+                                      cancelled=shift(cancelled))
+                answers.extend(self.make_answer(p, g) for p, g in zip(batch, done))
         finally:
             self.model.train(was_training)
         return answers
 
-    def _answer(self, prompt: Prompt, tokens: list[int]) -> Answer:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    def make_answer(self, prompt: Prompt, generated: Generated) -> Answer:
+        text = generated.text.strip()
         abstained = is_abstention(text, self.retrieval.abstention)
         return Answer(text=text, citations=[] if abstained else cite(text, prompt.passages), abstained=abstained,
-                      prompt_tokens=len(prompt.input_ids), completion_tokens=len(tokens), passages=prompt.passages)
+                      prompt_tokens=len(prompt.input_ids), completion_tokens=len(generated.tokens),
+                      passages=prompt.passages, finish_reason=generated.finish_reason)
+
+
+def stream_answer(run):
+    """Turn a callback-streaming call `run(on_text) -> Answer` into an iterator of pieces, then the Answer."""
+    pieces: queue.Queue = queue.Queue()
+    result: dict = {}
+
+    def work():
+        try:
+            result["answer"] = run(pieces.put)
+        except BaseException as e:  # re-raised in the consumer's thread
+            result["error"] = e
+        finally:
+            pieces.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (piece := pieces.get()) is not None:
+        yield piece
+    if "error" in result:
+        raise result["error"]
+    yield result["answer"]
 
 
 def cite(answer: str, passages: list[Passage]) -> list[tuple[str, str, str, float]]:
