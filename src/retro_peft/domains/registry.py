@@ -1,0 +1,156 @@
+"""The domain registry: which index (and which adapter) make up each named domain.
+
+A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
+
+    {"format": "retro-peft-domain", "format_version": 1, "name": "law",
+     "index": "law-docs", "adapter": "/abs/path/to/adapter", "description": "...",
+     "kv_cache": null, "created_at": "..."}
+
+`index` is kept as given when it is a bare index name (so it follows
+`$RETRO_PEFT_HOME`), as an absolute path otherwise; `adapter` is always an
+absolute path. `kv_cache` is reserved for a precomputed KV cache of the
+domain's context (nothing writes it yet). Files are written atomically, so a
+crash never leaves half a domain.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retro_peft import paths
+from retro_peft.errors import InputError, RetroPeftError
+from retro_peft.index import open_index
+from retro_peft.storage import atomic_write_json
+
+FORMAT = "retro-peft-domain"
+FORMAT_VERSION = 1
+AUTO = "auto"  # reserved: "pick the domain for me" wherever a domain name is accepted
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """One registered domain."""
+
+    name: str
+    index: str  # an index name under $RETRO_PEFT_HOME/indexes, or an absolute path
+    adapter: str | None = None  # absolute path of a PEFT adapter folder; None = base model + retrieval
+    description: str | None = None
+    kv_cache: str | None = None  # reserved for later
+    created_at: str | None = None
+
+    @property
+    def index_path(self) -> Path:
+        return paths.resolve_index_path(self.index)
+
+    @property
+    def adapter_path(self) -> Path | None:
+        return Path(self.adapter) if self.adapter else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def domains_dir() -> Path:
+    return paths.home() / "domains"
+
+
+def check_domain_name(name: str) -> str:
+    """A domain name becomes a file name: letters, digits, `_`, `.`, `-` only, and not `auto`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise InputError(f"bad domain name {name!r}: use letters, digits, '_', '.' and '-' only")
+    if name == AUTO:
+        raise InputError(f"{AUTO!r} is reserved (it asks for automatic routing); choose another domain name")
+    return name
+
+
+def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, description: str | None = None,
+               overwrite: bool = False) -> DomainSpec:
+    """Register a domain after checking that its index opens and its adapter folder is complete."""
+    check_domain_name(name)
+    file = _file(name)
+    if file.exists() and not overwrite:
+        raise InputError(f"domain {name!r} already exists: use overwrite (--overwrite) to replace it")
+    index_text = _check_index(index)
+    adapter_text = _check_adapter(adapter) if adapter is not None else None
+    if description is not None and not isinstance(description, str):
+        raise InputError(f"domain description must be text, got {type(description).__name__}")
+    spec = DomainSpec(name, index_text, adapter_text, description or None, None, _now())
+    atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
+    return spec
+
+
+def get_domain(name: str) -> DomainSpec:
+    check_domain_name(name)
+    file = _file(name)
+    if not file.exists():
+        known = [d.name for d in list_domains()]
+        listing = ", ".join(known) if known else "none registered yet (retro-peft domain add)"
+        raise InputError(f"unknown domain {name!r}; known domains: {listing}")
+    return _read(file)
+
+
+def list_domains() -> list[DomainSpec]:
+    folder = domains_dir()
+    if not folder.is_dir():
+        return []
+    return [_read(f) for f in sorted(folder.glob("*.json")) if _NAME.fullmatch(f.stem)]
+
+
+def remove_domain(name: str) -> DomainSpec:
+    """Forget a domain (its index and adapter are left untouched). Returns what was removed."""
+    spec = get_domain(name)
+    _file(name).unlink()
+    return spec
+
+
+def _file(name: str) -> Path:
+    return domains_dir() / f"{name}.json"
+
+
+def _check_index(index: str | Path) -> str:
+    try:
+        path = paths.resolve_index_path(index)
+    except ValueError:
+        raise InputError("a domain needs an index: the index name is empty") from None
+    try:
+        open_index(path, verify=False).close()
+    except RetroPeftError as e:
+        raise InputError(f"the domain's index does not open: {e}") from None
+    # A bare name stays a name (it lives under $RETRO_PEFT_HOME); a path is stored absolute.
+    return str(index) if path == paths.home() / "indexes" / str(index) else str(path)
+
+
+def _check_adapter(adapter: str | Path) -> str:
+    path = Path(adapter).expanduser().resolve()
+    if not path.is_dir():
+        raise InputError(f"adapter folder {path} does not exist")
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise InputError(f"{path} is not a PEFT adapter folder: it has no {' and no '.join(missing)}")
+    return str(path)
+
+
+def _read(file: Path) -> DomainSpec:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"domain file {file} is unreadable: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"{file} is not a retro-peft domain file")
+    if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+        raise InputError(f"domain file {file} has format version {data.get('format_version')!r}; "
+                         f"this retro-peft reads up to {FORMAT_VERSION}: upgrade retro-peft")
+    if data.get("name") != file.stem or not isinstance(data.get("index"), str):
+        raise InputError(f"domain file {file} is malformed (its name or index is missing or wrong)")
+    fields = DomainSpec.__dataclass_fields__
+    return DomainSpec(**{k: v for k, v in data.items() if k in fields})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
