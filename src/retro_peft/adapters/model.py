@@ -195,7 +195,12 @@ class RetroPeftModel:
         pattern = self.model.peft_config[self.model.active_adapter].rank_pattern
         if not pattern:
             return None
-        return {name: int(sum(bool(x) for x in mask)) for name, mask in sorted(pattern.items())}
+        # peft keys the pattern by parameter name, and renames the keys in place when saving
+        # ("...q_proj.lora_E.default" -> "...q_proj.lora_E"): report by module instead.
+        def module(name: str) -> str:
+            name = name.removeprefix("base_model.model.").removesuffix(f".{self.model.active_adapter}")
+            return name.removesuffix(".lora_E")
+        return {module(name): int(sum(bool(x) for x in mask)) for name, mask in sorted(pattern.items())}
 
     @property
     def retrieval(self):

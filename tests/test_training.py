@@ -1,0 +1,289 @@
+"""RAFT training data, the trainer (real short runs on a tiny Llama), resume, evaluation, train/eval CLI."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from helpers_adapters import DOCS, QA, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder, write_jsonl
+from safetensors.torch import load_file
+
+from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
+from retro_peft.errors import EncoderMismatchError, InputError
+from retro_peft.qa import QAItem, load_qa
+from retro_peft.training import (TrainConfig, build_examples, evaluate, exact_match, latest_checkpoint, score,
+                                 token_f1, train)
+from retro_peft.training.data import IGNORE
+from retro_peft.training.trainer import epoch_batches
+
+single_thread()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    # initializer_range 0.2: with the default 0.02 the tied LM head is so small that no adapter
+    # could move the loss far from log(vocab), and "the loss goes down" would say little.
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama", tokenizer, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return tiny_index(tmp_path_factory.mktemp("index") / "idx")
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", QA)
+
+
+@pytest.fixture(scope="module")
+def items(qa_file):
+    return load_qa(qa_file)
+
+
+RETRIEVAL = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=220)
+
+
+class CountingIndex:
+    """The real index, counting how often it is searched."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, 0
+
+    def search_many(self, *args, **kwargs):
+        self.calls += 1
+        return self.index.search_many(*args, **kwargs)
+
+    def chunks(self):
+        return self.index.chunks()
+
+
+def _doc_text(doc_id):
+    return next(d["text"] for d in DOCS if d["id"] == doc_id)
+
+
+# -- training data -----------------------------------------------------------------------------------
+
+def test_examples_follow_raft_and_put_loss_on_the_answer_only(items, index, tokenizer):
+    counting = CountingIndex(index)
+    examples = build_examples(items, counting, tokenizer, RETRIEVAL, seed=0)
+    assert counting.calls == 1  # all retrieval in one batched call
+    assert len(examples) == len(items)
+    chunk_doc = {c.id: c.doc_id for c in index.chunks()}
+    for item, ex in zip(items, examples):
+        answer_tokens = [t for t in ex.labels if t != IGNORE]
+        assert tokenizer.decode(answer_tokens) == ex.target + "<|im_end|>"
+        first = ex.labels.index(answer_tokens[0])
+        assert all(t == IGNORE for t in ex.labels[:first]) and ex.labels[first:] == ex.input_ids[first:]
+        assert len(ex.input_ids) - len(answer_tokens) <= RETRIEVAL.context_tokens
+        docs = [chunk_doc[c] for c in ex.chunk_ids]
+        assert len(docs) == len(set(ex.chunk_ids)) <= RETRIEVAL.k + RETRIEVAL.distractors
+        if item.is_impossible:
+            assert ex.target == "I don't know." and not ex.has_gold
+        elif ex.has_gold:
+            assert ex.target == item.answers[0] and item.gold_doc_ids[0] in docs
+        else:
+            assert ex.target == "I don't know." and item.gold_doc_ids[0] not in docs
+            prompt = tokenizer.decode(ex.input_ids[:first])
+            assert item.answers[0] not in prompt.split("Question:")[0]  # no chunk gives the answer away
+    assert {ex.has_gold for ex, it in zip(examples, items) if not it.is_impossible} == {True, False}
+
+
+def test_examples_are_deterministic_given_the_seed(items, index, tokenizer):
+    a = build_examples(items, index, tokenizer, RETRIEVAL, seed=0)
+    b = build_examples(items, index, tokenizer, RETRIEVAL, seed=0)
+    c = build_examples(items, index, tokenizer, RETRIEVAL, seed=1)
+    assert [x.input_ids for x in a] == [x.input_ids for x in b]
+    assert [x.input_ids for x in a] != [x.input_ids for x in c]
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_oracle_fraction_extremes(items, index, tokenizer, p):
+    retrieval = RetrievalConfig(k=1, distractors=2, oracle_fraction=p, context_tokens=400)
+    examples = build_examples(items, index, tokenizer, retrieval)
+    answerable = [ex for ex, it in zip(examples, items) if not it.is_impossible]
+    # P=1 with k=1: the gold chunk is inserted even where hybrid search ranks another first.
+    assert all(ex.has_gold for ex in answerable) if p == 1.0 else not any(ex.has_gold for ex in answerable)
+
+
+def test_training_data_without_any_answer_is_refused(index, tokenizer):
+    unanswerable = [QAItem("x", "Who?", (), ("tea",), True)]
+    with pytest.raises(InputError, match="none of the training questions has an answer"):
+        build_examples(unanswerable, index, tokenizer, RETRIEVAL)
+
+
+def test_length_grouped_batches_cover_each_example_once_per_epoch():
+    lengths = [5, 100, 7, 98, 6, 99, 8, 97, 50, 51]
+    batches = epoch_batches(lengths, batch_size=2, seed=0, epoch=0, window=8)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    pad_waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert pad_waste < 20  # vs ~180 expected for random pairs
+    assert batches == epoch_batches(lengths, 2, 0, 0, 8) and batches != epoch_batches(lengths, 2, 0, 1, 8)
+
+
+# -- trainer -----------------------------------------------------------------------------------------
+
+def _fresh(tiny, method="lora", steps=6):
+    return RetroPeftModel.create(tiny, config_for_method(method, retrieval=RETRIEVAL, steps=steps), seed=0)
+
+
+def test_a_short_real_training_lowers_the_loss(tiny, items, index, tokenizer):
+    from retro_peft.training.trainer import evaluate_loss
+
+    examples = build_examples(items, index, tokenizer, RETRIEVAL)
+    model = _fresh(tiny)
+    before = evaluate_loss(model.model, examples, 4, tokenizer.pad_token_id, torch.device("cpu"))
+    result = train(model, examples, TrainConfig(steps=8, batch_size=4, lr=2e-2, log_every=2, eval_every=4),
+                   eval_examples=examples, progress=False)
+    after = evaluate_loss(model.model, examples, 4, tokenizer.pad_token_id, torch.device("cpu"))
+    assert after < before - 1.0, (before, after)
+    assert result.steps == 8 and [s for s, _ in result.losses] == [2, 4, 6, 8]
+    assert [s for s, _ in result.eval_losses] == [4, 8] and result.tokens > 0 and result.tokens_per_s > 0
+
+
+def test_crash_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, items, index, tokenizer, tmp_path):
+    examples = build_examples(items, index, tokenizer, RETRIEVAL)
+    # 3 examples per epoch at batch 3 -> the run crosses epochs; dropout (0.05) exercises the RNG restore.
+    config = TrainConfig(steps=7, batch_size=3, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1)
+    train(_fresh(tiny), examples, config, out_dir=tmp_path / "straight", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, _loss):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(_fresh(tiny), examples, config, out_dir=tmp_path / "crashed", on_step=crash_at_5, progress=False)
+    assert latest_checkpoint(tmp_path / "crashed").name == "step-000004"
+    assert not (tmp_path / "crashed" / "adapter_model.safetensors").exists()
+    resumed = train(_fresh(tiny), examples, config, out_dir=tmp_path / "crashed", resume=True, progress=False)
+    assert resumed.resumed_from == 4 and resumed.steps == 7
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "crashed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_training_data(tiny, items, index, tokenizer, tmp_path):
+    examples = build_examples(items, index, tokenizer, RETRIEVAL)
+    config = TrainConfig(steps=3, batch_size=4, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(_fresh(tiny), examples, config, out_dir=tmp_path / "run", progress=False,
+              on_step=lambda s, _: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else None)
+    other = build_examples(items, index, tokenizer, RETRIEVAL, seed=7)
+    with pytest.raises(InputError, match="training data differs"):
+        train(_fresh(tiny), other, config, out_dir=tmp_path / "run", resume=True, progress=False)
+
+
+def test_adalora_prunes_ranks_and_reports_them(tiny, items, index, tokenizer, tmp_path):
+    examples = build_examples(items, index, tokenizer, RETRIEVAL)
+    model = _fresh(tiny, "adalora", steps=10)
+    result = train(model, examples, TrainConfig(steps=10, batch_size=4, lr=1e-2), out_dir=tmp_path / "ada",
+                   progress=False)
+    peft_cfg = model.config.peft
+    ranks = result.final_ranks
+    assert ranks and len(ranks) == 2 * 7  # 2 layers x 7 linear layers
+    assert sum(ranks.values()) == peft_cfg.target_r * len(ranks) < peft_cfg.init_r * len(ranks)
+    info = json.loads((tmp_path / "ada" / "retro_config.json").read_text())
+    assert info["final_ranks"] == ranks
+    # The pruned adapter reloads as a standard PEFT AdaLoRA adapter, through retro-peft and plain peft alike.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reloaded = RetroPeftModel.load(tmp_path / "ada")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "ada").eval()
+    ids = torch.tensor([examples[0].input_ids])
+    model.model.eval()
+    with torch.inference_mode():
+        got, got_plain = reloaded.model(input_ids=ids).logits, plain(input_ids=ids).logits
+        trained = model.model(input_ids=ids).logits
+    assert torch.equal(got, got_plain)
+    # Saving drops the pruned ranks (smaller matrices instead of zeroed ones): same function, but
+    # the shorter sums round differently, so in-memory vs reloaded agree to float precision only.
+    assert torch.allclose(got, trained, rtol=0, atol=1e-4)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+def test_squad_metrics():
+    assert exact_match("the North Sea.", ["North Sea"]) == 1.0
+    assert token_f1("North Sea coast", ["the North Sea"]) == pytest.approx(0.8)
+    assert token_f1("Rhine", ["North Sea", "Rhine"]) == 1.0 and token_f1("", ["x"]) == 0.0
+
+
+def test_evaluate_scores_answers_abstentions_and_recall(tiny, items, index, tokenizer):
+    from retro_peft.generation import Generator
+
+    gen = Generator(RetroPeftModel.create(tiny, config_for_method("ia3")).model, tokenizer, index=index,
+                    retrieval=RETRIEVAL, max_new_tokens=3)
+    result = evaluate(gen, items, limit=6)
+    assert result.n == 6 and result.n_answerable == 5 and result.n_unanswerable == 1
+    assert 0.0 <= result.f1 <= 1.0 and result.retrieval_recall >= 0.8 and len(result.predictions) == 6
+    # score() on hand-made answers: one right, one abstained, one unanswerable abstained.
+    from retro_peft.generation import Answer
+
+    answers = [Answer("Normandy"), Answer("I don't know.", abstained=True), Answer("x")]
+    picked = [items[0], items[1], items[5]]
+    s = score(picked, [answers[0], answers[1], Answer("I don't know.", abstained=True)], retrieval=False)
+    assert (s.em, s.answer_answerable, s.abstain_unanswerable, s.retrieval_recall) == (0.5, 0.5, 1.0, None)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def test_train_and_eval_cli(tiny, index, qa_file, tmp_path):
+    out = tmp_path / "adapter"
+    common = ["--model", tiny, "--index", index.path, "--qa", qa_file]
+    proc = run_cli("train", *common, "--method", "lora", "--out", out, "--steps", "2", "--batch-size", "4",
+                   "--k", "2", "--context-tokens", "220", "--checkpoint-every", "1", "--no-progress", check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 2 and summary["trainable_params"] > 0
+    info = json.loads((out / "retro_config.json").read_text())
+    assert info["index"]["encoder"] == "minilm" and len(info["training_data_sha256"]) == 64
+    assert info["adapter"]["retrieval"]["k"] == 2
+
+    proc = run_cli("eval", *common, "--adapter", out, "--limit", "3", "--json", check=True)
+    scores = json.loads(proc.stdout)
+    assert set(scores) == {"n", "em", "f1", "abstain_unanswerable", "answer_answerable", "retrieval_recall"}
+    assert scores["n"] == 3 and scores["retrieval_recall"] == 1.0
+    closed = json.loads(run_cli("eval", "--model", tiny, "--qa", qa_file, "--no-retrieval", "--limit", "2",
+                                "--json", check=True).stdout)
+    assert closed["retrieval_recall"] is None and closed["n"] == 2
+
+    # Re-training into a finished folder is refused, not silently overwritten.
+    proc = run_cli("train", *common, "--out", out, "--steps", "2")
+    assert proc.returncode == 2 and "already holds a trained adapter" in proc.stderr
+
+
+def test_cli_bad_input_fails_before_training(tiny, index, qa_file, tmp_path, small_encoder_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    no_answers = write_jsonl(tmp_path / "none.jsonl", [q for q in QA if q.get("is_impossible")])
+    cases = [
+        (["--qa", empty], "holds no questions"),
+        (["--qa", no_answers], "no question with an answer"),
+        (["--qa", qa_file, "--encoder", str(small_encoder_dir)], "was built with encoder"),
+        (["--qa", qa_file, "--oracle-fraction", "2"], "oracle fraction"),
+        (["--qa", qa_file, "--method", "adalora", "--steps", "0"], "at least 1 training step"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / f"out{len(message)}"
+        proc = run_cli("train", "--model", tiny, "--index", index.path, "--out", out, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()  # nothing was written: it failed before training
+
+
+def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, tmp_path, small_encoder_dir):
+    with pytest.raises(EncoderMismatchError):
+        from retro_peft.index import open_index
+        open_index(index.path, encoder=str(small_encoder_dir))
+    adapter = RetroPeftModel.create(tiny, config_for_method("lora")).save(tmp_path / "adapter", index=index)
+    other = tiny_index(tmp_path / "other-idx", encoder=str(small_encoder_dir))
+    proc = run_cli("eval", "--model", tiny, "--adapter", adapter, "--index", other.path, "--qa", qa_file)
+    assert proc.returncode == 2 and "rebuild the index" in proc.stderr
