@@ -1,0 +1,266 @@
+"""Dynamic micro-batching over `AdapterBank.answer_many`.
+
+Requests wait in a bounded queue. One worker thread owns the model: it takes
+the oldest request, waits up to `max_wait_ms` for more (or until
+`max_batch_size` are there), and decodes them in one pass, whatever their
+domains. Rows of one pass share a `SamplingConfig` (the bank takes one per
+call), so a batch holds the oldest request and the queued requests with the
+same sampling settings; the others wait for the next pass, in order.
+
+The event loop never blocks: it submits a `Job` and awaits its future; the
+worker streams text back with `call_soon_threadsafe`. A job whose client went
+away, or whose time ran out, is flagged `cancelled`; the bank polls that flag
+every decode step, so the row stops generating at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from retro_peft.generation import Answer, SamplingConfig
+from retro_peft.serving.settings import BatchingConfig
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue is at its bound: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy: retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RequestTimeout(Exception):
+    """The request waited and ran longer than `request_timeout_s`."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the request timed out: the server is overloaded, retry later")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    question: str
+    domain: str | None
+    sampling: SamplingConfig
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    on_text: Callable[[str], None] | None = None  # runs on the event loop
+    retrieval: tuple[int | None, str | None] | None = None  # (k, mode) instead of the domain's own
+    cancelled: bool = False  # set by the event loop, read by the worker: a plain bool is enough
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    def __init__(self, bank, config: BatchingConfig, metrics=None):
+        self.bank = bank
+        self.config = config
+        self.metrics = metrics
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = 0  # jobs being decoded now
+        self._batch_seconds = 0.5  # running mean of a pass, for Retry-After
+        self._thread: threading.Thread | None = None
+
+    # -- event-loop side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="retro-peft-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + self._busy
+
+    def retry_after(self) -> int:
+        passes = math.ceil((len(self._queue) + 1) / self.config.max_batch_size)
+        return max(1, math.ceil(passes * self._batch_seconds))
+
+    def submit(self, question: str, domain: str | None, sampling: SamplingConfig,
+               on_text: Callable[[str], None] | None = None,
+               retrieval: tuple[int | None, str | None] | None = None) -> Job:
+        """Queue one request (raises QueueFull); await `wait(job)` for its answer. Call on the event loop."""
+        loop = asyncio.get_running_loop()
+        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, retrieval)
+        with self._cond:
+            if self._stopping or len(self._queue) >= self.config.max_queue:
+                raise QueueFull(self.retry_after())
+            self._queue.append(job)
+            self._set_depth()
+            self._cond.notify()
+        return job
+
+    async def wait(self, job: Job) -> Answer:
+        """The job's answer (RequestTimeout past the timeout); cancelling this stops the row's generation."""
+        remaining = job.enqueued + self.config.request_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            self.cancel(job)
+            raise RequestTimeout(self.retry_after()) from None
+        except asyncio.CancelledError:  # the client disconnected
+            self.cancel(job)
+            raise
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: out of the queue if it still waits (its slot is free at once), else the bank drops its row."""
+        job.cancelled = True
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # already taken by the worker
+            self._set_depth()
+            self._cond.notify()
+        job.future.cancel()
+
+    async def generate(self, question: str, domain: str | None, sampling: SamplingConfig,
+                       on_text: Callable[[str], None] | None = None,
+                       retrieval: tuple[int | None, str | None] | None = None) -> Answer:
+        return await self.wait(self.submit(question, domain, sampling, on_text, retrieval))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the ones queued and in flight (graceful shutdown)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+
+    def _next_batch(self) -> list[Job] | None:
+        max_size, max_wait = self.config.max_batch_size, self.config.max_wait_ms / 1000
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            while not self._stopping:
+                same = sum(1 for j in self._queue if _key(j) == _key(first))
+                remaining = first.enqueued + max_wait - time.monotonic()
+                if same >= max_size or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = [j for j in self._queue if _key(j) == _key(first)][:max_size]
+            taken = set(map(id, batch))
+            self._queue = deque(j for j in self._queue if id(j) not in taken)
+            self._busy = len(batch)
+            self._set_depth()
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = []
+            for job in batch:
+                if job.cancelled:  # gone while it waited: nothing to generate
+                    _resolve(job)
+                else:
+                    live.append(job)
+            if live:
+                start = time.perf_counter()
+                self._run(live)
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - start)
+                if self.metrics is not None:
+                    self.metrics.batch_size.observe(len(live))
+            self._busy = 0
+
+    def _run(self, jobs: list[Job]) -> None:
+        def on_text(row: int, delta: str) -> None:
+            job = jobs[row]
+            if job.on_text is not None and not job.cancelled:
+                job.loop.call_soon_threadsafe(job.on_text, delta)
+
+        try:
+            with _retrieval_override(self.bank, jobs):
+                answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
+                                                sampling=jobs[0].sampling, on_text=on_text,
+                                                cancelled=lambda row: jobs[row].cancelled)
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its batch
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._run([job])
+                return
+            if not isinstance(e, _EXPECTED):
+                log.exception("generation failed")
+            _resolve(jobs[0], exception=e)
+            return
+        for job, answer in zip(jobs, answers):
+            _resolve(job, result=answer)
+
+
+def _key(job: Job):
+    """Rows decoded together share these (the bank takes one sampling config per call)."""
+    return job.sampling, job.retrieval
+
+
+@contextlib.contextmanager
+def _retrieval_override(bank, jobs: list[Job]):
+    """A request's retrieval k/mode, for this pass only.
+
+    The bank reads each domain's `generator.retrieval` when it builds prompts and
+    takes no per-row options yet; only this worker thread builds prompts, so
+    swapping the config around one pass is safe. (Filters need the bank's support.)
+    """
+    options = jobs[0].retrieval
+    if options is None:
+        yield
+        return
+    k, mode = options
+    saved = {}
+    for name in {j.domain for j in jobs if j.domain is not None}:
+        generator = bank.domains[name].generator
+        saved[name] = generator.retrieval
+        changes = {key: v for key, v in (("k", k), ("mode", mode)) if v is not None}
+        generator.retrieval = dataclasses.replace(generator.retrieval, **changes)
+    try:
+        yield
+    finally:
+        for name, config in saved.items():
+            bank.domains[name].generator.retrieval = config
+
+
+def _expected():
+    from retro_peft.errors import RetroPeftError
+
+    return (RetroPeftError,)
+
+
+_EXPECTED = _expected()
+
+
+def _resolve(job: Job, result=None, exception: BaseException | None = None) -> None:
+    def settle():
+        if job.future.done():
+            return
+        if job.cancelled:  # nobody waits for it any more
+            job.future.cancel()
+        elif exception is not None:
+            job.future.set_exception(exception)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed (shutdown): nobody is waiting
+        pass

@@ -1,0 +1,245 @@
+"""`retro-peft serve` against real uvicorn servers on 127.0.0.1, with the official openai client.
+
+A tiny random Llama with two LoRA domains and one index-only domain; one bank
+shared by the module's servers (used by one server at a time).
+"""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from peft import LoraConfig
+
+from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroLoraConfig
+from retro_peft.adapters.model import RetroPeftModel
+from retro_peft.domains.bank import AdapterBank
+from retro_peft.serving.app import create_app
+from retro_peft.serving.settings import ServeSettings
+from retro_peft.serving.testing import serve_in_thread
+
+from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
+
+QUESTIONS = ["Who invented the piano?", "Into which sea does the Rhine flow?", "What is the atomic number of oxygen?",
+             "Which shrub are tea leaves taken from?"]
+KEY = "sk-test-generate-and-retrieve"
+
+
+def build_bank(root) -> AdapterBank:
+    """Domains `a`, `b` (random LoRA adapters, so they really decode differently) and `plain` (index only)."""
+    single_thread()
+    base = tiny_llama_folder(root / "base", smollm2_tokenizer(), initializer_range=0.2)
+    index_a = tiny_index(root / "idx-a", DOCS[:3])
+    index_b = tiny_index(root / "idx-b", DOCS[3:])
+    bank = AdapterBank(str(base), max_new_tokens=8)
+    for i, (name, index) in enumerate([("a", index_a), ("b", index_b)]):
+        peft = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=list(LLAMA_LINEAR),
+                          init_lora_weights=False)
+        model = RetroPeftModel.create(str(base), RetroLoraConfig(peft=peft, retrieval=RetrievalConfig(k=2)), seed=i)
+        bank.load(name, index.path, model.save(root / f"adapter-{name}", index=index))
+    bank.load("plain", index_b.path)
+    return bank
+
+
+def settings(**batching) -> ServeSettings:
+    return ServeSettings(auth={"keys": [{"name": "test", "key": KEY}, {"name": "ops", "key": "sk-admin",
+                                                                         "scopes": ["admin"]}]},
+                         batching={"max_wait_ms": 5, **batching}, generation={"default_max_tokens": 8})
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    return build_bank(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def url(bank):
+    with serve_in_thread(create_app(settings(), bank)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sk-admin"}).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_completion_chat_and_models_with_the_openai_client(client):
+    completion = client.completions.create(model="a", prompt=QUESTIONS[0], max_tokens=6)
+    assert completion.object == "text_completion" and completion.model == "a"
+    assert completion.choices[0].finish_reason in ("stop", "length") and completion.choices[0].text
+    assert completion.usage.completion_tokens <= 6 and completion.usage.prompt_tokens > 10
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    citations = completion.choices[0].model_extra["citations"]
+    assert citations and {"chunk_id", "doc_id", "title", "score"} <= set(citations[0])
+
+    chat = client.chat.completions.create(model="b", messages=[{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": QUESTIONS[1]}])
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 8  # the configured default max_tokens
+
+    models = {m.id for m in client.models.list()}
+    assert models == {"a", "b", "plain", "auto"}
+
+
+def test_streaming_gives_openai_chunks_ending_with_done(client, url):
+    pieces, finish, usage = [], None, None
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                            max_tokens=6, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    full = client.chat.completions.create(model="a", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                          max_tokens=6)
+    assert "".join(pieces).strip() == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason and usage.completion_tokens == full.usage.completion_tokens
+
+    completion_pieces = [c.choices[0].text for c in client.completions.create(
+        model="a", prompt=QUESTIONS[2], max_tokens=6, stream=True) if c.choices]
+    assert "".join(completion_pieces).strip() == full.choices[0].message.content
+
+    with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "b", "prompt": QUESTIONS[0], "max_tokens": 4, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[-2][6:])["usage"]["total_tokens"] > 0  # usage in every response
+
+
+def test_mixed_domain_batches_equal_single_requests(bank, client):
+    domains = ["a", "b", "plain", "a"]
+    singles = [client.completions.create(model=d, prompt=q, max_tokens=8, temperature=0).choices[0].text
+               for d, q in zip(domains, QUESTIONS)]
+    assert len(set(singles)) > 1
+    # The batch fills before its (very long) wait ends: these four are decoded in one pass.
+    with serve_in_thread(create_app(settings(max_batch_size=4, max_wait_ms=600_000), bank)) as batch_url:
+        mixed = openai.AsyncOpenAI(base_url=f"{batch_url}/v1", api_key=KEY, max_retries=0)
+
+        async def all_at_once():
+            return await asyncio.gather(*[mixed.completions.create(model=d, prompt=q, max_tokens=8, temperature=0)
+                                          for d, q in zip(domains, QUESTIONS)])
+
+        batched = asyncio.run(all_at_once())
+        assert metric(batch_url, "retro_peft_batch_size_bucket", le="4.0") == 1
+        assert metric(batch_url, "retro_peft_batch_size_bucket", le="2.0") == 0
+    assert [r.choices[0].text for r in batched] == singles
+
+
+def test_cache_hit_returns_the_same_answer(client, url):
+    question = "Who discovered oxygen?"
+    hits_before = metric(url, "retro_peft_cache_total", cache="response", result="hit")
+    first = client.completions.with_raw_response.create(model="plain", prompt=question, max_tokens=5, temperature=0)
+    second = client.completions.with_raw_response.create(model="plain", prompt=question, max_tokens=5, temperature=0)
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+    a, b = first.parse(), second.parse()
+    assert a.choices[0].text == b.choices[0].text and a.usage == b.usage and a.id != b.id
+    assert metric(url, "retro_peft_cache_total", cache="response", result="hit") == hits_before + 1
+    sampled = client.completions.with_raw_response.create(model="plain", prompt=question, max_tokens=5,
+                                                          temperature=0.7)
+    assert "x-cache" not in sampled.headers  # sampling is not deterministic: never cached
+
+
+def test_retrieve_and_auto_routing(url, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{url}/v1/retrieve", headers=headers, json={"model": "b", "query": "piano inventor", "k": 2})
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert len(data) == 2 and data[0]["doc_id"] == "piano" and data[0]["text"]
+    again = httpx.post(f"{url}/v1/retrieve", headers=headers, json={"model": "b", "query": "piano inventor", "k": 2})
+    assert again.headers["x-cache"] == "hit" and again.json()["data"] == data
+    routed = client.completions.create(model="auto", prompt="Who invented the piano?", max_tokens=4)
+    assert routed.model in {"a", "b", "plain", "base"}
+
+
+def test_malformed_requests_get_openai_errors_not_500(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", json.dumps({"model": "a"}).encode(), 400),  # no prompt
+        ("/v1/completions", json.dumps({"model": "a", "prompt": "hi", "max_tokens": 10**6}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "a", "prompt": "hi", "temperature": 9}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "a", "prompt": "   "}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404),
+        ("/v1/completions", json.dumps({"model": "a", "prompt": "hi " * 5000}).encode(), 400),
+        ("/v1/chat/completions", json.dumps({"model": "a", "messages": []}).encode(), 400),
+        ("/v1/chat/completions", json.dumps({"model": "a", "messages": [{"role": "system", "content": "x"}]}).encode(),
+         400),
+        ("/v1/retrieve", json.dumps({"model": "a", "query": "x", "k": 10_000}).encode(), 400),
+        ("/v1/retrieve", json.dumps({"model": "a", "query": "x", "mode": "psychic"}).encode(), 400),
+        ("/v1/completions", b"x" * (2 << 20), 413),
+    ]
+    for path, body, status in cases:
+        response = httpx.post(f"{url}{path}", content=body, headers={**headers, "content-type": "application/json"})
+        assert response.status_code == status, (path, body[:80], response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"], response.text
+    assert httpx.get(f"{url}/v1/nothing-here").json()["error"]["type"] == "not_found_error"
+
+
+def test_health_and_metrics(url, client):
+    assert httpx.get(f"{url}/health/live").json()["status"] == "ok"
+    ready = httpx.get(f"{url}/health/ready").json()
+    assert ready["status"] == "ok" and ready["domains"] == {"a": "loaded", "b": "loaded", "plain": "loaded"}
+    client.completions.create(model="b", prompt=QUESTIONS[3], max_tokens=3)
+    assert metric(url, "retro_peft_requests_total", route="/v1/completions", status="200", domain="b") >= 1
+    assert metric(url, "retro_peft_request_duration_seconds_count", route="/v1/completions", domain="b") >= 1
+    assert metric(url, "retro_peft_generated_tokens_total", domain="b") >= 1
+    assert metric(url, "retro_peft_batch_size_count") >= 1
+    assert "retro_peft_queue_depth" in httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sk-admin"}).text
+
+
+def test_full_queue_is_503_with_retry_after_and_disconnect_frees_the_slot(bank):
+    # A batch waits for 8 requests for 10 minutes: the two queued here never start.
+    app = create_app(settings(max_batch_size=8, max_wait_ms=600_000, max_queue=2, request_timeout_s=600), bank)
+    with serve_in_thread(app) as url:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "a", "prompt": QUESTIONS[0], "max_tokens": 4}
+        results = []
+
+        def give_up_soon():  # the client disconnects after a second
+            try:
+                httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=1.0)
+            except httpx.TimeoutException:
+                results.append("gave up")
+
+        clients = [threading.Thread(target=give_up_soon) for _ in range(2)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 60
+        while metric(url, "retro_peft_queue_depth") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        full = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
+        assert full.json()["error"]["code"] == "overloaded"
+        streamed = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, headers=headers)
+        assert streamed.status_code == 503 and "retry-after" in streamed.headers
+        for t in clients:
+            t.join()
+        assert results == ["gave up", "gave up"]
+        while metric(url, "retro_peft_queue_depth") > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metric(url, "retro_peft_queue_depth") == 0  # the disconnected requests left the queue
+
+
+def test_request_timeout_is_503_with_retry_after(bank):
+    app = create_app(settings(max_batch_size=8, max_wait_ms=600_000, request_timeout_s=0.5), bank)
+    with serve_in_thread(app) as url:
+        response = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "a", "prompt": QUESTIONS[0], "max_tokens": 4})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "timeout"
+        assert int(response.headers["retry-after"]) >= 1
