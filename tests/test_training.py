@@ -9,6 +9,7 @@ from helpers_adapters import DOCS, QA, single_thread, smollm2_tokenizer, tiny_in
 from safetensors.torch import load_file
 
 from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
+from retro_peft.cli import main
 from retro_peft.errors import EncoderMismatchError, InputError
 from retro_peft.qa import QAItem, load_qa
 from retro_peft.training import (TrainConfig, build_examples, evaluate, exact_match, latest_checkpoint, score,
@@ -46,6 +47,7 @@ def items(qa_file):
     return load_qa(qa_file)
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RETRIEVAL = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=220)
 
 
@@ -236,31 +238,33 @@ def test_evaluate_scores_answers_abstentions_and_recall(tiny, items, index, toke
 
 # -- CLI ---------------------------------------------------------------------------------------------
 
-def test_train_and_eval_cli(tiny, index, qa_file, tmp_path):
+def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     out = tmp_path / "adapter"
     common = ["--model", tiny, "--index", index.path, "--qa", qa_file]
     proc = run_cli("train", *common, "--method", "lora", "--out", out, "--steps", "2", "--batch-size", "4",
-                   "--k", "2", "--context-tokens", "220", "--checkpoint-every", "1", "--no-progress", check=True)
+                   "--k", "2", "--context-tokens", "220", "--checkpoint-every", "1", "--no-progress", check=True,
+                   env=ONE_THREAD)
     summary = json.loads(proc.stdout)
     assert summary["steps"] == 2 and summary["trainable_params"] > 0
     info = json.loads((out / "retro_config.json").read_text())
     assert info["index"]["encoder"] == "minilm" and len(info["training_data_sha256"]) == 64
     assert info["adapter"]["retrieval"]["k"] == 2
 
-    proc = run_cli("eval", *common, "--adapter", out, "--limit", "3", "--json", check=True)
-    scores = json.loads(proc.stdout)
+    # The rest runs the same CLI code in this process (a new process costs ~10 s of imports).
+    assert main(["eval", *map(str, common), "--adapter", str(out), "--limit", "3", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"n", "em", "f1", "abstain_unanswerable", "answer_answerable", "retrieval_recall"}
     assert scores["n"] == 3 and scores["retrieval_recall"] == 1.0
-    closed = json.loads(run_cli("eval", "--model", tiny, "--qa", qa_file, "--no-retrieval", "--limit", "2",
-                                "--json", check=True).stdout)
+    assert main(["eval", "--model", str(tiny), "--qa", str(qa_file), "--no-retrieval", "--limit", "2", "--json"]) == 0
+    closed = json.loads(capsys.readouterr().out)
     assert closed["retrieval_recall"] is None and closed["n"] == 2
 
     # Re-training into a finished folder is refused, not silently overwritten.
-    proc = run_cli("train", *common, "--out", out, "--steps", "2")
-    assert proc.returncode == 2 and "already holds a trained adapter" in proc.stderr
+    assert main(["train", *map(str, common), "--out", str(out), "--steps", "2"]) == 2
+    assert "already holds a trained adapter" in capsys.readouterr().err
 
 
-def test_cli_bad_input_fails_before_training(tiny, index, qa_file, tmp_path, small_encoder_dir):
+def test_cli_bad_input_fails_before_training(tiny, index, qa_file, tmp_path, small_encoder_dir, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     no_answers = write_jsonl(tmp_path / "none.jsonl", [q for q in QA if q.get("is_impossible")])
@@ -273,17 +277,18 @@ def test_cli_bad_input_fails_before_training(tiny, index, qa_file, tmp_path, sma
     ]
     for extra, message in cases:
         out = tmp_path / f"out{len(message)}"
-        proc = run_cli("train", "--model", tiny, "--index", index.path, "--out", out, *extra)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+        code = main(["train", "--model", str(tiny), "--index", str(index.path), "--out", str(out), *map(str, extra)])
+        err = capsys.readouterr().err
+        assert code == 2 and "error: " in err and message in err and "Traceback" not in err, err
         assert not out.exists()  # nothing was written: it failed before training
 
 
-def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, tmp_path, small_encoder_dir):
+def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, tmp_path, small_encoder_dir, capsys):
     with pytest.raises(EncoderMismatchError):
         from retro_peft.index import open_index
         open_index(index.path, encoder=str(small_encoder_dir))
     adapter = RetroPeftModel.create(tiny, config_for_method("lora")).save(tmp_path / "adapter", index=index)
     other = tiny_index(tmp_path / "other-idx", encoder=str(small_encoder_dir))
-    proc = run_cli("eval", "--model", tiny, "--adapter", adapter, "--index", other.path, "--qa", qa_file)
-    assert proc.returncode == 2 and "rebuild the index" in proc.stderr
+    assert main(["eval", "--model", str(tiny), "--adapter", str(adapter), "--index", str(other.path),
+                 "--qa", str(qa_file)]) == 2
+    assert "rebuild the index" in capsys.readouterr().err
