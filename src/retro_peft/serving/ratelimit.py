@@ -32,7 +32,9 @@ class RateLimiter:
     def __init__(self, config: LimitsConfig):
         self.config = config
         uri = config.storage_uri if config.storage_uri.startswith("async+") else f"async+{config.storage_uri}"
-        self.storage = storage_from_string(uri)
+        # redis-py (already a dependency) rather than limits' default async client, coredis.
+        options = {"implementation": "redispy"} if "redis" in uri.split("://")[0] else {}
+        self.storage = storage_from_string(uri, **options)
         self.strategy = _STRATEGIES[config.strategy](self.storage)
         self.requests = RateLimitItemPerMinute(config.requests_per_minute, namespace="retro-peft-requests")
         self.tokens = RateLimitItemPerMinute(config.tokens_per_minute, namespace="retro-peft-tokens")
