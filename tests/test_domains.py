@@ -1,0 +1,211 @@
+"""Domains: the registry, the `domain` CLI and routing, on real MiniLM/FAISS/bm25s indexes."""
+
+import argparse
+import json
+
+import pytest
+
+from conftest import WIKI
+from retro_peft.domains import (
+    AUTO, DomainSpec, RouteDecision, Router, RouterConfig, add_domain, get_domain, list_domains, remove_domain,
+)
+from retro_peft.errors import EncoderMismatchError, InputError, RetroPeftError
+from retro_peft.index import Document, IndexConfig, build_index
+
+TOPICS = {"math": "Mathematics", "geo": "Geography", "bio": "Biology and health sciences"}
+
+
+@pytest.fixture(scope="module")
+def wiki_indexes(tmp_path_factory, encoder):
+    """Three tiny domain indexes: the first 12 Wikipedia summaries of three topics."""
+    wanted = {topic: name for name, topic in TOPICS.items()}
+    docs = {name: [] for name in TOPICS}
+    with open(WIKI, encoding="utf-8") as f:
+        for line in f:
+            o = json.loads(line)
+            name = wanted.get(o["topic"])
+            if name and len(docs[name]) < 12:
+                docs[name].append(Document(o["id"], o["text"], {"title": o["title"]}))
+    folder = tmp_path_factory.mktemp("domains")
+    return {name: build_index(folder / name, docs[name], IndexConfig()).path for name in TOPICS}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A registry of our own (indexes are passed as absolute paths, so they stay where they are)."""
+    monkeypatch.setenv("RETRO_PEFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+def test_registry_round_trip(home, wiki_indexes, adapter_dir):
+    spec = add_domain("math", wiki_indexes["math"], adapter=adapter_dir, description="numbers and proofs")
+    assert spec == get_domain("math")
+    assert spec.index == str(wiki_indexes["math"]) and spec.index_path == wiki_indexes["math"]
+    assert spec.adapter == str(adapter_dir.resolve()) and spec.kv_cache is None
+    assert json.loads((home / "domains" / "math.json").read_text())["format"] == "retro-peft-domain"
+    add_domain("geo", wiki_indexes["geo"])
+    assert [d.name for d in list_domains()] == ["geo", "math"]
+    assert get_domain("geo").adapter is None and get_domain("geo").description is None
+
+    with pytest.raises(InputError, match="already exists"):
+        add_domain("geo", wiki_indexes["bio"])
+    assert add_domain("geo", wiki_indexes["bio"], overwrite=True).index == str(wiki_indexes["bio"])
+
+    assert remove_domain("geo").name == "geo"
+    assert [d.name for d in list_domains()] == ["math"]
+    assert wiki_indexes["geo"].exists()  # removing a domain keeps its index
+
+
+def test_index_by_name_stays_a_name(home, encoder):
+    build_index("tiny", [Document("a", "Glaciers are slow rivers of ice.")], IndexConfig())
+    spec = add_domain("ice", "tiny")
+    assert spec.index == "tiny" and spec.index_path == home / "indexes" / "tiny"
+
+
+@pytest.mark.parametrize("name", ["auto", "", "has space", "../escape", "a/b", "ünï", ".."])
+def test_bad_names(home, wiki_indexes, name):
+    with pytest.raises(InputError, match="reserved|bad domain name"):
+        add_domain(name, wiki_indexes["math"])
+    assert not (home / "domains").exists() or not list((home / "domains").iterdir())
+
+
+def test_bad_inputs(home, wiki_indexes, tmp_path, adapter_dir):
+    add_domain("math", wiki_indexes["math"])
+    with pytest.raises(InputError, match=r"unknown domain 'law'; known domains: math"):
+        get_domain("law")
+    with pytest.raises(InputError, match="unknown domain"):
+        remove_domain("law")
+    with pytest.raises(InputError, match="index does not open.*no index at"):
+        add_domain("nothing", tmp_path / "missing-index")
+    with pytest.raises(InputError, match="index does not open"):
+        add_domain("nothing", "never-built")
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError, match="not a PEFT adapter folder: it has no adapter_model.safetensors"):
+        add_domain("x", wiki_indexes["geo"], adapter=adapter_dir)
+    with pytest.raises(InputError, match="does not exist"):
+        add_domain("x", wiki_indexes["geo"], adapter=tmp_path / "no-adapter")
+    assert [d.name for d in list_domains()] == ["math"]  # nothing half-registered
+
+    (home / "domains" / "broken.json").write_text("{not json")
+    with pytest.raises(InputError, match="broken.json is unreadable"):
+        get_domain("broken")
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def cli(monkeypatch, *argv) -> int:
+    """`retro_peft.cli.main`, with the `domain` subcommand registered if the CLI does not have it yet."""
+    import retro_peft.cli as cli_module
+    from retro_peft.cli import domain as domain_cli
+
+    original = cli_module.build_parser
+
+    def build():
+        parser = original()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "domain" not in sub.choices:
+            domain_cli.register(sub)
+        return parser
+
+    monkeypatch.setattr(cli_module, "build_parser", build)
+    return cli_module.main(list(map(str, argv)))
+
+
+def test_cli(home, wiki_indexes, adapter_dir, monkeypatch, capsys):
+    assert cli(monkeypatch, "domain", "list") == 0
+    assert "no domains" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "add", "math", "--index", wiki_indexes["math"], "--adapter", adapter_dir,
+               "--description", "numbers") == 0
+    assert "added domain math" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "list", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in listed] == ["math"] and listed[0]["description"] == "numbers"
+    assert cli(monkeypatch, "domain", "show", "math", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["adapter"] == str(adapter_dir.resolve())
+    assert cli(monkeypatch, "domain", "show", "math") == 0
+    assert "numbers" in capsys.readouterr().out
+
+    assert cli(monkeypatch, "domain", "add", "math", "--index", wiki_indexes["geo"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli(monkeypatch, "domain", "add", "auto", "--index", wiki_indexes["geo"]) == 2
+    assert "reserved" in capsys.readouterr().err
+    assert cli(monkeypatch, "domain", "show", "law") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown domain 'law'") and len(err.strip().splitlines()) == 1
+
+    assert cli(monkeypatch, "domain", "remove", "math") == 0
+    assert cli(monkeypatch, "domain", "remove", "math") == 2
+    assert get_domain.__module__ and list_domains() == []
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+QUERIES = {
+    "a branch of mathematics that studies algebraic structures and number fields": "math",
+    "capital city and largest port of a West African country": "geo",
+    "molecule that carries energy within cells of living organisms": "bio",
+    "the aardvark, a nocturnal burrowing mammal native to Africa": "bio",
+    "mountain in the Andes, the highest peak in the Americas": "geo",
+}
+UNRELATED = ["remind me to buy milk and eggs after work", "can you reschedule my meeting with Sarah to Friday"]
+
+
+def test_routing_and_fallback(wiki_indexes, encoder):
+    router = Router(wiki_indexes, encoder=encoder)
+    decisions = router.route_many(list(QUERIES) + UNRELATED)
+    assert [d.domain for d in decisions] == list(QUERIES.values()) + [None] * len(UNRELATED)
+    for d in decisions[:len(QUERIES)]:
+        assert d.similarity >= router.config.threshold
+        assert d.score == max(d.scores_by_domain.values()) and abs(sum(d.scores_by_domain.values()) - 1) < 1e-6
+    assert all(d.similarity < router.config.threshold and d.score == 0 for d in decisions[len(QUERIES):])
+    # One at a time gives the same decisions as a batch.
+    assert [router.route(q) for q in list(QUERIES)[:2]] == decisions[:2]
+    assert isinstance(decisions[0], RouteDecision)
+
+    assert router.choose(AUTO, "capital city and largest port of a West African country") == "geo"
+    assert router.choose(AUTO, UNRELATED[0]) is None
+    assert router.choose("math", UNRELATED[0]) == "math"  # a named domain is used as is
+    with pytest.raises(InputError, match="unknown domain 'law'"):
+        router.choose("law", "anything")
+    with pytest.raises(InputError, match="empty"):
+        router.route_many(["fine", " "])
+
+    strict = Router(wiki_indexes, RouterConfig(threshold=0.99), encoder)
+    assert strict.route(list(QUERIES)[0]).domain is None  # above every similarity: always the base model
+
+
+def test_router_from_registry(home, wiki_indexes, encoder):
+    with pytest.raises(InputError, match="no domains"):
+        Router.from_registry(encoder=encoder)
+    for name, path in wiki_indexes.items():
+        add_domain(name, path)
+    router = Router.from_registry(["geo", "bio"], encoder=encoder)
+    assert router.names == ["geo", "bio"]
+    assert router.route("the aardvark, a nocturnal burrowing mammal native to Africa").domain == "bio"
+    assert Router.from_registry(encoder=encoder).names == ["bio", "geo", "math"]
+
+
+def test_router_bad_config_and_mixed_encoders(wiki_indexes, encoder, small_encoder_dir, tmp_path):
+    with pytest.raises(InputError, match="positive integer"):
+        Router(wiki_indexes, RouterConfig(k=0), encoder)
+    with pytest.raises(InputError, match="at least one domain"):
+        Router({}, encoder=encoder)
+    other = build_index(tmp_path / "other", [Document("x", "Opera is a form of theatre.")],
+                        IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8))
+    with pytest.raises(RetroPeftError, match="encoder"):
+        Router({"math": wiki_indexes["math"], "arts": other}, encoder=encoder)
+    with pytest.raises(EncoderMismatchError):
+        Router({"math": wiki_indexes["math"], "arts": other.path}, encoder=encoder)
