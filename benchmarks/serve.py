@@ -1,0 +1,167 @@
+"""Benchmark `retro-peft serve`: cached throughput and uncached generation, batching on vs off.
+
+    python benchmarks/serve.py            # SmolLM2 on this machine's CPU (or GPU: --device cuda)
+    python benchmarks/serve.py --quick    # a tiny random Llama and fewer requests: a smoke run
+
+The server runs in this process (uvicorn in a thread); the load comes from a
+separate process (`--load`, asyncio + httpx), so the client does not steal the
+server's event loop. Reports JSON:
+
+  cached:    200 concurrent clients on one cached greedy request: requests/s, p50, p99, statuses
+  uncached:  distinct questions at concurrency 1, 8, 32, batching on (max_batch_size 32) and off (1):
+             generated tokens/s, p50, p99, statuses; and the on/off speed-up at each concurrency
+
+Goals (issue 5): cached >= 1000 req/s with p99 < 100 ms at 200 clients on 2 cores; at
+concurrency 32 batching >= 4x the tokens/s of batching off; no 5xx anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOCS = [
+    {"id": "normans", "title": "Normans", "text": "The Normans gave their name to Normandy, a region in France."},
+    {"id": "rhine", "title": "Rhine", "text": "The Rhine begins in the Swiss Alps and flows into the North Sea."},
+    {"id": "oxygen", "title": "Oxygen", "text": "Oxygen has atomic number 8; Carl Wilhelm Scheele found it in 1773."},
+    {"id": "piano", "title": "Piano", "text": "The piano was invented in Italy by Bartolomeo Cristofori around 1700."},
+]
+KEY = "sk-bench"
+
+
+# -- the load generator (separate process) ----------------------------------------------------
+
+async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool) -> dict:
+    import httpx
+
+    latencies, statuses, tokens = [], {}, 0
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+        async def worker():
+            nonlocal tokens
+            for i in counter:
+                payload = dict(body, prompt=f"{body['prompt']} (variant {i})") if unique else body
+                start = time.perf_counter()
+                response = await client.post("/v1/completions", json=payload)
+                latencies.append(time.perf_counter() - start)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code == 200:
+                    tokens += response.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
+    return {"concurrency": concurrency, "requests": total, "seconds": round(wall, 2),
+            "requests_per_s": round(total / wall, 1), "tokens_per_s": round(tokens / wall, 1),
+            "p50_ms": pick(0.50), "p99_ms": pick(0.99), "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool) -> dict:
+    """Run the load in a new process and return its report."""
+    spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique})
+    proc = subprocess.run([sys.executable, __file__, "--load", spec], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+# -- the server -------------------------------------------------------------------------------
+
+def build_bank(root: Path, quick: bool, device: str | None):
+    from retro_peft.domains.bank import AdapterBank
+    from retro_peft.index import IndexConfig, build_index
+
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    index = build_index(root / "index", [corpus], IndexConfig(chunk_tokens=64, overlap=8))
+    model = "smollm2-135m"
+    if quick:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from retro_peft.models import resolve_generator
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_generator("smollm2-135m"))
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(root / "tiny")
+        tokenizer.save_pretrained(root / "tiny")
+        model = str(root / "tiny")
+    bank = AdapterBank(model, device=device)
+    bank.load("docs", index.path)
+    return bank
+
+
+def server_settings(max_batch_size: int, cache: bool):
+    from retro_peft.serving.settings import ServeSettings
+
+    return ServeSettings(auth={"keys": [{"name": "bench", "key": KEY, "scopes": ["generate"]}]},
+                         limits={"enabled": False}, cache={"enabled": cache}, log_level="warning",
+                         batching={"max_batch_size": max_batch_size, "max_wait_ms": 10, "max_queue": 1024})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, fewer requests")
+    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", help="also write the JSON report here")
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
+    args = parser.parse_args()
+    if args.load:
+        spec = json.loads(args.load)
+        print(json.dumps(asyncio.run(_load(**spec))))
+        return
+
+    import logging
+
+    import torch
+
+    from retro_peft.serving.app import create_app
+    from retro_peft.serving.testing import serve_in_thread
+
+    logging.getLogger("retro_peft").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report = {"model": "tiny-random-llama" if args.quick else "smollm2-135m", "device": args.device or "cpu",
+              "cpus": os.cpu_count(), "max_tokens": args.max_tokens}
+    body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        bank = build_bank(Path(tmp), args.quick, args.device)
+
+        with serve_in_thread(create_app(server_settings(32, cache=True), bank)) as url:
+            run_load(url, 1, 1, body, unique=False)  # fill the cache
+            report["cached"] = run_load(url, 200, 2000 if args.quick else 20000, body, unique=False)
+            print(json.dumps({"cached": report["cached"]}), file=sys.stderr)
+
+        report["uncached"] = []
+        for concurrency in (1, 8, 32):
+            row = {"concurrency": concurrency}
+            for label, max_batch in (("batching_on", 32), ("batching_off", 1)):
+                total = max(concurrency, 8 if args.quick else 64) if concurrency > 1 else (4 if args.quick else 16)
+                with serve_in_thread(create_app(server_settings(max_batch, cache=False), bank)) as url:
+                    row[label] = run_load(url, concurrency, total, body, unique=True)
+            row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
+            report["uncached"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
