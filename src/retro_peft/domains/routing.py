@@ -13,12 +13,13 @@ The rule (a reciprocal-rank vote over all domains' hits, dense and sparse):
 4. Fallback: if the best dense cosine over all domains is below `threshold`,
    nothing matches and the decision is `None` (= base model, no retrieval).
 
-Defaults: k = 5, dense and sparse weights 1.0, threshold 0.41 (MiniLM cosine).
+Defaults: k = 3, dense and sparse weights 1.0, threshold 0.41 (MiniLM cosine).
 They were chosen on the tuning half of the Wikipedia-topics benchmark only
 (benchmarks/routing.py; accuracy on its test half is in BENCHMARKS.md): k and the
-weights from a small grid (the plateau is flat: k 3-10 and sparse weight 0.7-1.5
-are within 1 point); the threshold is the 1st percentile of in-domain queries'
-best cosine, i.e. at most ~1% of in-domain queries fall back. A different encoder
+sparse weight from a small grid (tuning accuracy 0.883; the plateau is flat: k 3-10
+with sparse weight 1.0-1.5 are within 0.6 points, dense alone reaches only 0.836);
+the threshold is the 1st percentile of in-domain tuning queries' best cosine, i.e.
+about 1% of in-domain queries fall back. A different encoder
 has a different cosine scale: re-tune the threshold for it.
 """
 
@@ -38,7 +39,7 @@ from retro_peft.index.sparse import SparseIndex
 
 @dataclass
 class RouterConfig:
-    k: int = 5  # hits per retriever that vote
+    k: int = 3  # hits per retriever that vote
     dense_weight: float = 1.0
     sparse_weight: float = 1.0
     threshold: float = 0.41  # best dense cosine below this -> no domain (None)
