@@ -1,0 +1,196 @@
+"""Generation benchmark: batched vs one-at-a-time decoding, mixed-adapter batches, domain switches.
+
+    .venv/bin/python benchmarks/generation.py --model smollm2-135m --out gen-cpu.json          # CPU, real weights
+    python benchmarks/generation.py --model random:llama-1b --device cuda --out gen-gpu.json  # GPU, random weights
+
+Every number is tokens generated per second of wall time through retro-peft's own
+decode loop (`retro_peft.generation.decode`: prefill the left-padded batch once,
+then one forward per token for the whole batch, KV cache). Stop tokens are
+disabled so every row generates exactly `--new-tokens` tokens.
+
+- batched: the same prompts decoded as batches of 1, 8 and 32, against decoding
+  them one request at a time (the baseline, same run).
+- mixed: a batch of 32 rows spread over 8 LoRA adapters through `MixedLoRA`
+  (stacked adapters, two batched matmuls per layer), against the same batch on
+  one adapter (PEFT's ordinary path), and against PEFT's own mixed-batch path
+  (`adapter_names=`).
+- switch: time to make another resident adapter active (`set_adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from retro_peft.domains.mixed_lora import MixedLoRA  # noqa: E402
+from retro_peft.generation.generator import decode, left_pad  # noqa: E402
+
+RANDOM_CONFIGS = {
+    # Llama-3.2-1B's shape with SmolLM2's vocabulary.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_model(name: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name.startswith("random:"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**RANDOM_CONFIGS[name.split(":", 1)[1]])).to(dtype)
+        return model.eval()
+    from retro_peft.models import resolve_generator
+
+    return AutoModelForCausalLM.from_pretrained(resolve_generator(name), dtype=dtype).to(device).eval()
+
+
+def with_adapters(model, n: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)  # noqa: E731
+    model = get_peft_model(model, config(), adapter_name="d0")
+    for i in range(1, n):
+        model.add_adapter(f"d{i}", config())
+    dtype = next(p for p in model.parameters()).dtype
+    return model.to(dtype).eval()
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Varied lengths (75-100% of `length`) so left padding is exercised as in real batches.
+    lengths = torch.randint(int(length * 0.75), length + 1, (n,), generator=g).tolist()
+    return [torch.randint(100, vocab - 1, (m,), generator=g).tolist() for m in lengths]
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, device: str, repeats: int,
+                      mixed: tuple[MixedLoRA, list[str]] | None = None) -> float:
+    """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs."""
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(batch_prompts), batch_size):
+            chunk = batch_prompts[i:i + batch_size]
+            ids, mask = left_pad(chunk, 0, device)
+            if mixed is None:
+                decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
+            else:
+                with mixed[0].batch(mixed[1][i:i + batch_size]):
+                    decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
+        sync(device)
+        rates.append(len(batch_prompts) * new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+class PeftMixed:
+    """Calls the model with PEFT's own mixed-batch argument `adapter_names`."""
+
+    def __init__(self, model, names):
+        self.model, self.names = model, names
+
+    def get_base_model(self):
+        return self.model.get_base_model()
+
+    def __call__(self, **kw):
+        return self.model(**kw, adapter_names=self.names)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="packaged/HF model, or random:llama-1b / random:smollm2-135m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--prompt-tokens", type=int, default=384)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.requests, args.repeats = 32, 4, 8, 1
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    torch.set_grad_enabled(False)
+
+    base = load_model(args.model, args.device, dtype)
+    vocab = base.config.vocab_size
+    model = with_adapters(base, args.adapters, args.rank)
+    model.set_adapter("d0")
+    reqs = prompts(args.requests, args.prompt_tokens, vocab)
+    results = {"model": args.model, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
+               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "requests": args.requests}
+
+    tokens_per_second(model, reqs[:2], 2, 2, args.device, 1)  # warm-up
+    one = tokens_per_second(model, reqs, 1, args.new_tokens, args.device, args.repeats)
+    batched = {b: tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats)
+               for b in (1, 8, 32) if b <= args.requests}
+    results["one_at_a_time_tok_s"] = one
+    results["batched_tok_s"] = batched
+    results["batched_speedup"] = {b: r / one for b, r in batched.items()}
+
+    b = min(32, args.requests)
+    names = [f"d{i % args.adapters}" for i in range(args.requests)]
+    single = tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats)
+    mixed = tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats,
+                              mixed=(MixedLoRA(model), names))
+    peft_rates = []
+    for _ in range(args.repeats):
+        sync(args.device)
+        start = time.perf_counter()
+        for i in range(0, len(reqs), b):
+            ids, mask = left_pad(reqs[i:i + b], 0, args.device)
+            decode(PeftMixed(model, names[i:i + b]), ids, mask, max_new_tokens=args.new_tokens, stop_ids=set(), pad_id=0)
+        sync(args.device)
+        peft_rates.append(len(reqs) * args.new_tokens / (time.perf_counter() - start))
+    results["mixed"] = {"batch": b, "adapters": args.adapters, "single_adapter_tok_s": single,
+                        "mixed_retro_tok_s": mixed, "mixed_peft_tok_s": statistics.median(peft_rates),
+                        "retro_vs_single": mixed / single, "peft_vs_single": statistics.median(peft_rates) / single}
+
+    switches = []
+    for i in range(200):
+        start = time.perf_counter()
+        model.set_adapter(f"d{i % args.adapters}")
+        switches.append(time.perf_counter() - start)
+    results["switch_ms"] = {"p50": 1000 * statistics.median(switches), "max": 1000 * max(switches)}
+
+    print(f"\n{args.model} on {args.device} ({results['dtype']}), prompts ~{args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, {args.requests} requests")
+    print("| decoding | tokens/s | vs one at a time |\n|---|---:|---:|")
+    print(f"| one request at a time | {one:.1f} | 1.00x |")
+    for bsz, rate in batched.items():
+        print(f"| batch {bsz} | {rate:.1f} | {rate / one:.2f}x |")
+    m = results["mixed"]
+    print(f"\n| batch {b}, {args.adapters} adapters | tokens/s | vs single adapter |\n|---|---:|---:|")
+    print(f"| single adapter (PEFT) | {single:.1f} | 1.00x |")
+    print(f"| mixed, retro-peft MixedLoRA | {mixed:.1f} | {m['retro_vs_single']:.2f}x |")
+    print(f"| mixed, PEFT adapter_names | {m['mixed_peft_tok_s']:.1f} | {m['peft_vs_single']:.2f}x |")
+    print(f"\nswitch active adapter: p50 {results['switch_ms']['p50']:.3f} ms, max {results['switch_ms']['max']:.3f} ms")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`retro-peft ask`: answer a question from a domain (or from an index + adapter), with citations."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from retro_peft.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ask", help="answer a question with retrieval, citing the chunks used")
+    p.add_argument("text", help="the question")
+    p.add_argument("--domain", help="a registered domain, or 'auto' to route (default: the only registered "
+                                    "domain, else auto)")
+    p.add_argument("--index", help="answer from this index instead of a registered domain")
+    p.add_argument("--adapter", help="with --index: the adapter folder to use (default: base model)")
+    p.add_argument("--model", help="base model (default: the adapter's, else smollm2-135m)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _targets(args) -> tuple[dict[str, tuple[str, str | None]], str]:
+    """{domain name: (index, adapter)} to load, and the name to ask (or 'auto')."""
+    from retro_peft.domains import AUTO, get_domain, list_domains
+
+    if args.adapter and not args.index:
+        raise InputError("--adapter needs --index (the index the adapter reads from)")
+    if args.index:
+        if args.domain:
+            raise InputError("give either --domain or --index, not both")
+        return {"ad-hoc": (args.index, args.adapter)}, "ad-hoc"
+    if args.domain and args.domain != AUTO:
+        spec = get_domain(args.domain)
+        return {spec.name: (spec.index, spec.adapter)}, spec.name
+    specs = list_domains()
+    if not specs:
+        raise InputError("no domain is registered: run `retro-peft demo`, or `retro-peft domain add`, or pass --index")
+    if len(specs) == 1 and not args.domain:
+        return {specs[0].name: (specs[0].index, specs[0].adapter)}, specs[0].name
+    return {s.name: (s.index, s.adapter) for s in specs}, AUTO
+
+
+def _base_model(args, targets) -> str:
+    if args.model:
+        return args.model
+    from retro_peft.adapters.model import read_retro_config
+
+    for _index, adapter in targets.values():
+        if adapter:
+            return read_retro_config(adapter)["base_model"]["name"]
+    return "smollm2-135m"
+
+
+def run(args) -> int:
+    from retro_peft.domains import AUTO, Router
+    from retro_peft.domains.bank import AdapterBank
+    from retro_peft.generation import SamplingConfig
+
+    if not args.text.strip():
+        raise InputError("the question is empty")
+    sampling = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              stop=tuple(args.stop), seed=args.seed)
+    targets, name = _targets(args)
+    route = None
+    if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
+        route = Router({n: index for n, (index, _adapter) in targets.items()}).route(args.text)
+        name = route.domain
+    bank = AdapterBank(_base_model(args, targets), max_new_tokens=args.max_tokens)
+    if name is not None:
+        index, adapter = targets[name]
+        bank.load(name, index, adapter)
+    if args.stream and not args.json:
+        answer = None
+        for piece in bank.stream(args.text, name, sampling=sampling):
+            if isinstance(piece, str):
+                print(piece, end="", flush=True)
+            else:
+                answer = piece
+        print()
+    else:
+        answer = bank.answer(args.text, name, sampling=sampling)
+    if args.json:
+        json.dump({
+            "answer": answer.text, "domain": name, "abstained": answer.abstained,
+            "route": None if route is None else {"domain": route.domain, "score": route.score,
+                                                  "similarity": route.similarity},
+            "citations": [{"chunk_id": c, "doc_id": d, "title": t, "score": s} for c, d, t, s in answer.citations],
+            "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "finish_reason": answer.finish_reason,
+        }, sys.stdout, ensure_ascii=False)
+        print()
+        return 0
+    if not args.stream:
+        print(answer.text)
+    where = f"domain {name}" if name else "base model (no domain matched; no retrieval)"
+    print(f"\n[{where}{', abstained' if answer.abstained else ''}]")
+    for i, (chunk_id, doc_id, title, score) in enumerate(answer.citations, start=1):
+        print(f"  [{i}] {title or doc_id}  ({chunk_id}, score {score:.3f})")
+    return 0
