@@ -1,0 +1,258 @@
+"""Answer quality and trainer throughput, side by side, on the SQuAD 2.0 standard split.
+
+Corpus: all 173 paragraphs of the 5 articles (one MiniLM + BM25 index). Train on
+the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
+
+  (a) base model, closed book          (b) base model + retrieval
+  (c) LoRA trained without retrieval   (d) RetroLoRA   (e) RetroAdaLoRA   (f) RetroIA3
+
+For every trained variant: trainable parameters, training time, tokens/s. And
+the retro-peft trainer's tokens/s against a plain `transformers.Trainer` + peft
+run on the same examples, model and batch size, in the same process.
+
+    python benchmarks/quality.py --steps 2 --limit 4                    # smoke run (CPU)
+    python benchmarks/quality.py --device cuda --steps 300              # the real run
+    python benchmarks/quality.py --device cuda --random-config llama-1b --steps 30   # GPU throughput only
+
+Writes <out>/quality.json and <out>/quality.md (default out: .bench/quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SQUAD = ROOT.parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
+TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
+RANDOM_CONFIGS = {
+    # A ~1B Llama with SmolLM2's vocabulary: realistic GPU shapes without downloading weights.
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="base model name, folder or HF id")
+    p.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
+                   help="random-weight model of this shape (throughput only, no quality evaluation)")
+    p.add_argument("--squad", default=str(SQUAD))
+    p.add_argument("--index", default=str(ROOT / ".bench" / "index-squad5"), help="index folder (built if missing)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--k", type=int, default=3, help="retrieved passages per prompt")
+    p.add_argument("--distractors", type=int, default=1)
+    p.add_argument("--oracle-fraction", type=float, default=0.8, help="RAFT's P")
+    p.add_argument("--context-tokens", type=int, default=700)
+    p.add_argument("--limit", type=int, help="evaluate the first N questions of articles 3-4 (default: all 457)")
+    p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain transformers.Trainer run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
+    return p.parse_args(argv)
+
+
+def load_base(args):
+    """(model, tokenizer, name): the packaged/HF model, or a random Llama of a named shape."""
+    from retro_peft.adapters.model import load_base_model
+
+    dtype = torch.float32  # trainable weights in fp32; bf16 comes from autocast on CUDA
+    if not args.random_config:
+        model, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=args.device)
+        return model, tokenizer, args.model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from retro_peft.models import resolve_generator
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_generator("smollm2-135m"))
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(**RANDOM_CONFIGS[args.random_config], pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=1)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config)
+    return model, tokenizer, f"random:{args.random_config}"
+
+
+def open_or_build_index(args):
+    from retro_peft.index import IndexConfig, build_index, open_index
+
+    path = Path(args.index)
+    if (path / "manifest.json").exists():
+        return open_index(path)
+    print(f"building the index of all SQuAD paragraphs at {path} ...", file=sys.stderr)
+    return build_index(path, [args.squad], IndexConfig(encoder="minilm"))
+
+
+def train_variant(args, method, retrieval, train_items, index, base_factory):
+    """Train one adapter; returns (RetroPeftModel, stats, examples)."""
+    from retro_peft.adapters import RetroPeftModel, config_for_method
+    from retro_peft.training import TrainConfig, build_examples, train
+
+    base, tokenizer, name = base_factory()
+    model = RetroPeftModel.create(base, config_for_method(method, retrieval=retrieval, steps=args.steps),
+                                  tokenizer=tokenizer, seed=args.seed)
+    model.base_model_name = name
+    examples = build_examples(train_items, index, tokenizer, retrieval, seed=args.seed)
+    result = train(model, examples, TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                seed=args.seed, device=args.device, log_every=10))
+    trainable, total = model.trainable_parameters()
+    stats = {"trainable_params": trainable, "total_params": total, "train_seconds": round(result.seconds, 2),
+             "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+             "examples": len(examples), "with_gold": sum(ex.has_gold for ex in examples)}
+    if result.final_ranks:
+        stats["final_ranks"] = result.final_ranks
+        stats["final_rank_total"] = sum(result.final_ranks.values())
+    return model, stats, examples
+
+
+def hf_trainer_baseline(args, examples, base_factory):
+    """The same LoRA, examples, batch size, steps and learning rate through transformers.Trainer."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from retro_peft.adapters import config_for_method
+
+    base, tokenizer, _ = base_factory()
+    torch.manual_seed(args.seed)
+    model = get_peft_model(base, config_for_method("lora").peft)
+    counted = {"tokens": 0}
+
+    def collate(rows):  # the usual right-padding collator, counting real tokens
+        width = max(len(r["input_ids"]) for r in rows)
+        counted["tokens"] += sum(len(r["input_ids"]) for r in rows)
+        pad = tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+            "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
+        }
+
+    out = Path(args.out) / "hf-trainer"
+    training_args = TrainingArguments(
+        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), lr_scheduler_type="cosine",
+        logging_steps=10, save_strategy="no", report_to=[], seed=args.seed, bf16=args.device == "cuda",
+        use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0,
+        disable_tqdm=True,
+    )
+    data = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collate)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"train_seconds": round(seconds, 2), "tokens_per_s": round(counted["tokens"] / seconds, 1)}
+
+
+def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book):
+    from retro_peft.generation import Generator
+    from retro_peft.training import evaluate
+
+    generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
+                          max_new_tokens=24, batch_size=16)
+    start = time.perf_counter()
+    result = evaluate(generator, eval_items, retrieval=not closed_book)
+    scores = result.summary()
+    scores["eval_seconds"] = round(time.perf_counter() - start, 2)
+    return scores
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    from retro_peft.adapters import RetrievalConfig
+    from retro_peft.qa import load_qa
+
+    variants = set(args.variants.split(","))
+    index = open_or_build_index(args)
+    train_items = load_qa(args.squad, articles=TRAIN_ARTICLES)[: args.train_limit]
+    eval_items = load_qa(args.squad, articles=EVAL_ARTICLES)[: args.limit]
+    retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
+                                context_tokens=args.context_tokens)
+    closed = dataclasses.replace(retrieval, k=0, distractors=0)
+    base_factory = lambda: load_base(args)  # noqa: E731  (each variant starts from fresh base weights)
+    quality = not args.random_config
+    report = {"model": args.model if quality else f"random:{args.random_config}", "device": args.device,
+              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
+              "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
+
+    if quality and variants & {"a", "b"}:
+        base, tokenizer, _ = base_factory()
+        if "a" in variants:
+            report["variants"]["a_base_closed_book"] = evaluate_variant(base, tokenizer, index, closed, eval_items,
+                                                                        closed_book=True)
+        if "b" in variants:
+            report["variants"]["b_base_retrieval"] = evaluate_variant(base, tokenizer, index, retrieval, eval_items,
+                                                                      closed_book=False)
+        del base
+    plan = [("c", "c_lora_closed_book", "lora", closed), ("d", "d_retro_lora", "lora", retrieval),
+            ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval)]
+    retro_lora_examples = None
+    for key, label, method, cfg in plan:
+        if key not in variants or (not quality and key != "d"):
+            continue
+        model, stats, examples = train_variant(args, method, cfg, train_items, index, base_factory)
+        if key == "d":
+            retro_lora_examples = examples
+        if quality:
+            stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
+        report["variants"][label] = stats
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if not args.no_baseline and retro_lora_examples is not None:
+        baseline = hf_trainer_baseline(args, retro_lora_examples, base_factory)
+        ours = report["variants"]["d_retro_lora"]["tokens_per_s"]
+        report["trainer_vs_hf"] = {"retro_peft_tokens_per_s": ours, "hf_trainer": baseline,
+                                   "speedup": round(ours / baseline["tokens_per_s"], 3) if baseline["tokens_per_s"] else None}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    def fmt(v, pct=False):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{100 * v:.1f}" if pct else f"{v:,.1f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = [f"model {report['model']} on {report['device']}, {report['steps']} steps x batch {report['batch_size']}, "
+             f"train {report['n_train']} questions (articles 0-2), eval {report['n_eval']} (articles 3-4)", "",
+             "| variant | EM | F1 | abstain unanswerable % | answer answerable % | retrieval recall % "
+             "| trainable params | train s | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in report["variants"].items():
+        lines.append(f"| {name} | {fmt(v.get('em'), True)} | {fmt(v.get('f1'), True)} | "
+                     f"{fmt(v.get('abstain_unanswerable'), True)} | {fmt(v.get('answer_answerable'), True)} | "
+                     f"{fmt(v.get('retrieval_recall'), True)} | {fmt(v.get('trainable_params'))} | "
+                     f"{fmt(v.get('train_seconds'))} | {fmt(v.get('tokens_per_s'))} |")
+    if "trainer_vs_hf" in report:
+        t = report["trainer_vs_hf"]
+        lines += ["", f"trainer throughput: retro-peft {fmt(t['retro_peft_tokens_per_s'])} tokens/s vs "
+                      f"transformers.Trainer {fmt(t['hf_trainer']['tokens_per_s'])} tokens/s -> {t['speedup']}x"]
+    ranks = report["variants"].get("e_retro_adalora", {}).get("final_rank_total")
+    if ranks is not None:
+        lines.append(f"AdaLoRA final total rank: {ranks}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
