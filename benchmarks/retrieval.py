@@ -395,12 +395,15 @@ def main(argv=None) -> int:
     res["build"], wiki_path, home = build_bench(docs, scratch, cold_runs, warm_runs)
     os.environ["RETRO_PEFT_HOME"] = home  # the warm cache from here on
 
+    save = (lambda: args.out.write_text(json.dumps(res, indent=2) + "\n")) if args.out else (lambda: None)
+    save()  # partial results after each section: a long run that is cut short keeps what it measured
     squad_inputs, squad_items = squad_data(q)
     squad_index = build_index(scratch / "squad", squad_inputs, IndexConfig(), overwrite=True)
     rng = random.Random(0)
     res["quality"] = {"squad": quality(squad_index, squad_items[: 10 if q else None],
                                        rng.sample(squad_items, 1 if q else 60), "squad")}
     squad_index.close()
+    save()
 
     from retro_peft.index import open_index
 
@@ -409,6 +412,7 @@ def main(argv=None) -> int:
     res["quality"]["wiki"] = quality(wiki_index, wiki_items, rr_items, "wiki")
     res["quality"]["wiki"]["task"] = "query = description (>= 4 words, title not in it), gold = its article"
     res["quality"]["squad"]["task"] = "corpus: 173 paragraphs; questions: answerable, last two articles; gold: paragraph"
+    save()
 
     chunks = wiki_index.chunks()
     raw = Raw(wiki_index._vectors, [c.text for c in chunks])
@@ -418,8 +422,7 @@ def main(argv=None) -> int:
     res["goals"] = goals(res)
     text = report(res)
     print(text)
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+    save()
     return 0
 
 
