@@ -126,17 +126,24 @@ def hf_trainer_baseline(args, examples, base_factory):
     base, tokenizer, _ = base_factory()
     torch.manual_seed(args.seed)
     model = get_peft_model(base, config_for_method("lora").peft)
-    counted = {"tokens": 0}
-
-    def collate(rows):  # the usual right-padding collator, counting real tokens
+    def collate(rows):  # the usual right-padding collator
         width = max(len(r["input_ids"]) for r in rows)
-        counted["tokens"] += sum(len(r["input_ids"]) for r in rows)
         pad = tokenizer.pad_token_id
         return {
             "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
             "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
         }
+
+    class CountingTrainer(Trainer):
+        """Counts the real tokens of the batches actually trained on (the dataloader may fetch ahead)."""
+
+        tokens = None
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            n = inputs["attention_mask"].sum()  # stays on the device: no extra sync per step
+            self.tokens = n if self.tokens is None else self.tokens + n
+            return super().compute_loss(model, inputs, *a, **kw)
 
     out = Path(args.out) / "hf-trainer"
     training_args = TrainingArguments(
@@ -147,11 +154,12 @@ def hf_trainer_baseline(args, examples, base_factory):
         disable_tqdm=True,
     )
     data = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
-    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collate)
+    trainer = CountingTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"train_seconds": round(seconds, 2), "tokens_per_s": round(counted["tokens"] / seconds, 1)}
+    tokens = int(trainer.tokens)
+    return {"train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book):
