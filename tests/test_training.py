@@ -292,3 +292,33 @@ def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, 
     assert main(["eval", "--model", str(tiny), "--adapter", str(adapter), "--index", str(other.path),
                  "--qa", str(qa_file)]) == 2
     assert "rebuild the index" in capsys.readouterr().err
+
+
+def test_killed_training_process_resumes_to_the_same_adapter(tiny, index, qa_file, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    common = ["--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file), "--k", "2",
+              "--context-tokens", "220", "--steps", "60", "--batch-size", "1", "--lr", "1e-2",
+              "--checkpoint-every", "5", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "retro_peft.cli", "train", *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(killed) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no cleanup code runs
+    finally:
+        proc.wait()
+    assert proc.returncode == -9, "the run finished before it could be killed"
+    assert latest_checkpoint(killed) is not None and not (killed / "retro_config.json").exists()
+
+    assert main(["train", *common, "--out", str(killed), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] >= 5
+    assert main(["train", *common, "--out", str(tmp_path / "straight")]) == 0
+    a = load_file(killed / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
