@@ -46,9 +46,9 @@ def parse_args(argv=None):
                    help="random-weight model of this shape (throughput only, no quality evaluation)")
     p.add_argument("--squad", default=str(SQUAD))
     p.add_argument("--index", default=str(ROOT / ".bench" / "index-squad5"), help="index folder (built if missing)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, help="default: 8 on cuda, 4 on cpu")
+    p.add_argument("--lr", type=float, help="learning rate (default: each method's default_lr)")
     p.add_argument("--k", type=int, default=3, help="retrieved passages per prompt")
     p.add_argument("--distractors", type=int, default=1)
     p.add_argument("--oracle-fraction", type=float, default=0.8, help="RAFT's P")
@@ -100,12 +100,13 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     from retro_peft.training import TrainConfig, build_examples, train
 
     base, tokenizer, name = base_factory()
-    model = RetroPeftModel.create(base, config_for_method(method, retrieval=retrieval, steps=args.steps),
-                                  tokenizer=tokenizer, seed=args.seed)
+    config = config_for_method(method, retrieval=retrieval, steps=args.steps)
+    model = RetroPeftModel.create(base, config, tokenizer=tokenizer, seed=args.seed)
     model.base_model_name = name
     examples = build_examples(train_items, index, tokenizer, retrieval, seed=args.seed)
-    result = train(model, examples, TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                seed=args.seed, device=args.device, log_every=10))
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or config.default_lr,
+                               seed=args.seed, device=args.device, log_every=10)
+    result = train(model, examples, train_config)
     trainable, total = model.trainable_parameters()
     stats = {"trainable_params": trainable, "total_params": total, "train_seconds": round(result.seconds, 2),
              "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
@@ -148,7 +149,8 @@ def hf_trainer_baseline(args, examples, base_factory):
     out = Path(args.out) / "hf-trainer"
     training_args = TrainingArguments(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), lr_scheduler_type="cosine",
+        learning_rate=args.lr or config_for_method("lora").default_lr, warmup_steps=max(1, args.steps // 10),
+        lr_scheduler_type="cosine",
         logging_steps=10, save_strategy="no", report_to=[], seed=args.seed, bf16=args.device == "cuda",
         use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0,
         disable_tqdm=True,
@@ -178,6 +180,7 @@ def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_b
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
+    args.batch_size = args.batch_size or (8 if args.device == "cuda" else 4)
     torch.manual_seed(args.seed)
     from retro_peft.adapters import RetrievalConfig
     from retro_peft.qa import load_qa
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
     base_factory = lambda: load_base(args)  # noqa: E731  (each variant starts from fresh base weights)
     quality = not args.random_config
     report = {"model": args.model if quality else f"random:{args.random_config}", "device": args.device,
-              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per-method default",
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
               "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
 

@@ -1,7 +1,6 @@
 """Prompt builder and generator: budget, templates, batched == single greedy decoding, stops, citations."""
 
 import pytest
-import torch
 from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
 
 from retro_peft.adapters import RetrievalConfig

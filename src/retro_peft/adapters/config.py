@@ -73,6 +73,7 @@ class RetroAdapterConfig:
 
     method: ClassVar[str] = ""
     peft_class: ClassVar[type[PeftConfig]] = PeftConfig
+    default_lr: ClassVar[float] = 5e-4  # a starting point for short runs; the CLI's --lr overrides it
 
     def __post_init__(self):
         if self.peft is None:
@@ -156,6 +157,7 @@ class RetroAdaLoraConfig(RetroAdapterConfig):
 class RetroIA3Config(RetroAdapterConfig):
     method: ClassVar[str] = "ia3"
     peft_class: ClassVar[type[PeftConfig]] = IA3Config
+    default_lr: ClassVar[float] = 3e-3  # IA3 scales activations (few parameters, starting at 1): needs larger steps
 
     @classmethod
     def default_peft(cls) -> IA3Config:

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--context-tokens", type=int, default=700, help="prompt budget in tokens")
     p.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid", help="search mode")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -67,9 +67,9 @@ def run(args) -> int:
     retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
                                 context_tokens=args.context_tokens, mode=args.mode)
     config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                               seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                               device=args.device)
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                               lr=args.lr or config.default_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               eval_every=args.eval_every, device=args.device)
     train_config.validate()
     items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True)
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
