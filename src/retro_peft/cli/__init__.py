@@ -15,17 +15,14 @@ from retro_peft.errors import RetroPeftError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from retro_peft.cli import index as index_cli
+    # Each module keeps its heavy imports (torch, transformers, uvicorn) inside its
+    # commands, so `retro-peft --help` stays fast.
+    from retro_peft.cli import ask, demo, domain, evaluate, index, serve, train
 
     parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    index_cli.register(sub)
-    for module_name in ("train", "evaluate"):  # registered by the adapters/training stage
-        try:
-            module = __import__(f"retro_peft.cli.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
+    for module in (index, train, evaluate, ask, domain, demo, serve):
         module.register(sub)
     return parser
 
