@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("text")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--mode", choices=MODES, default="hybrid")
-    p.add_argument("--fusion", choices=("rrf", "weighted"), default="rrf")
+    p.add_argument("--fusion", choices=("weighted", "rrf"), default="weighted",
+                   help="hybrid fusion: weighted min-max scores (default) or reciprocal rank fusion")
     p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata filter (repeatable)")
     p.add_argument("--rerank", action="store_true", help="re-score candidates with the MaxSim reranker")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")

@@ -143,14 +143,16 @@ class Index:
         return self.search_many([query], k, mode, filters, **options)[0]
 
     def search_many(self, queries: Sequence[str], k: int = 5, mode: str = "hybrid", filters: dict | None = None, *,
-                    fusion: str = "rrf", weights: tuple[float, float] = (1.0, 1.0), depth: int | None = None,
+                    fusion: str = "weighted", weights: tuple[float, float] = (1.0, 1.0), depth: int | None = None,
                     rerank: Reranker | None = None, rerank_depth: int = 20,
                     query_vectors: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-k chunks for each query.
 
         mode: dense | sparse | hybrid. Hybrid fuses the top `depth` (default
-        max(4k, 40)) of each retriever by reciprocal rank fusion (k=60) or by
-        weighted min-max-normalised scores; `weights` = (dense, sparse).
+        max(4k, 40)) of each retriever by weighted min-max-normalised scores
+        (the default: a convex combination, which Bruch et al. 2023 found more
+        accurate than RRF; measured in BENCHMARKS.md) or by reciprocal rank
+        fusion (k=60); `weights` = (dense, sparse).
         filters: {field: value}, exact match on chunk metadata (and `doc_id`),
         applied inside each retriever, before any top-k cut.
         rerank: re-scores the first `rerank_depth` fused candidates.
