@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retro_peft.errors import InputError
+from retro_peft.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ def load_qa(path: str | Path, *, articles: slice | None = None, require_answers:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"QA file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    items = _load_squad(json.loads(text), path, articles) if path.suffix == ".json" else _load_jsonl(text, path)
+    if path.suffix == ".json":
+        try:
+            items = _load_squad(json.loads(path.read_text(encoding="utf-8")), path, articles)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    else:
+        items = _load_jsonl(path)
     if not items:
         raise InputError(f"QA file {path} holds no questions")
     if require_answers and not any(item.answers for item in items):
@@ -71,16 +77,10 @@ def _load_squad(obj, path: Path, articles: slice | None) -> list[QAItem]:
     return items
 
 
-def _load_jsonl(text: str, path: Path) -> list[QAItem]:
+def _load_jsonl(path: Path) -> list[QAItem]:
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj.get("question"), str) or not obj["question"].strip():
             raise InputError(f"{path}:{lineno}: each line needs a non-empty 'question' string")
         answers = obj.get("answers", [])
         if isinstance(answers, str):

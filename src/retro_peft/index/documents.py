@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from retro_peft.errors import InputError
+from retro_peft.jsonl import read_jsonl
 from retro_peft.qa import is_squad, squad_doc_id
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
@@ -74,19 +75,12 @@ def _text_document(path: Path, doc_id: str) -> Document:
 
 def _jsonl_documents(path: Path) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f"{path}:{lineno}: each line needs a 'text' string")
-            doc_id = str(obj["id"]) if obj.get("id") is not None else f"{path.name}:{lineno}"
-            metadata = {k: v for k, v in obj.items() if k not in ("id", "text")}
-            docs.append(Document(doc_id, obj["text"], metadata))
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj.get("text"), str):
+            raise InputError(f"{path}:{lineno}: each line needs a 'text' string")
+        doc_id = str(obj["id"]) if obj.get("id") is not None else f"{path.name}:{lineno}"
+        metadata = {k: v for k, v in obj.items() if k not in ("id", "text")}
+        docs.append(Document(doc_id, obj["text"], metadata))
     return docs
 
 
