@@ -1,4 +1,4 @@
-"""Answer quality and trainer throughput, side by side, on the SQuAD 2.0 standard split.
+"""Answer quality, side by side, on the SQuAD 2.0 standard split.
 
 Corpus: all 173 paragraphs of the 5 articles (one MiniLM + BM25 index). Train on
 the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
@@ -6,13 +6,11 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
   (a) base model, closed book          (b) base model + retrieval
   (c) LoRA trained without retrieval   (d) RetroLoRA   (e) RetroAdaLoRA   (f) RetroIA3
 
-For every trained variant: trainable parameters, training time, tokens/s. And
-the retro-peft trainer's tokens/s against a plain `transformers.Trainer` + peft
-run on the same examples, model and batch size, in the same process.
+For every trained variant: trainable parameters, training time, tokens/s. The
+trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput.py`.
 
     python benchmarks/quality.py --steps 2 --limit 4                    # smoke run (CPU)
     python benchmarks/quality.py --device cuda --steps 300              # the real run
-    python benchmarks/quality.py --device cuda --random-config llama-1b --steps 30   # GPU throughput only
 
 Writes <out>/quality.json and <out>/quality.md (default out: .bench/quality).
 """
@@ -32,18 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
-RANDOM_CONFIGS = {
-    # A ~1B Llama with SmolLM2's vocabulary: realistic GPU shapes without downloading weights.
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
-}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="base model name, folder or HF id")
-    p.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
-                   help="random-weight model of this shape (throughput only, no quality evaluation)")
     p.add_argument("--squad", default=str(SQUAD))
     p.add_argument("--index", default=str(ROOT / ".bench" / "index-squad5"), help="index folder (built if missing)")
     p.add_argument("--steps", type=int, default=300)
@@ -57,31 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
-    p.add_argument("--no-baseline", action="store_true", help="skip the plain transformers.Trainer run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     return p.parse_args(argv)
 
 
 def load_base(args):
-    """(model, tokenizer, name): the packaged/HF model, or a random Llama of a named shape."""
+    """(model, tokenizer, name): fresh base weights, trainable in fp32 (bf16 comes from autocast on CUDA)."""
     from retro_peft.adapters.model import load_base_model
 
-    dtype = torch.float32  # trainable weights in fp32; bf16 comes from autocast on CUDA
-    if not args.random_config:
-        model, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=args.device)
-        return model, tokenizer, args.model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from retro_peft.models import resolve_generator
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_generator("smollm2-135m"))
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(**RANDOM_CONFIGS[args.random_config], pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=1)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config)
-    return model, tokenizer, f"random:{args.random_config}"
+    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device)
+    return model, tokenizer, args.model
 
 
 def open_or_build_index(args):
@@ -117,53 +94,6 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     return model, stats, examples
 
 
-def hf_trainer_baseline(args, examples, base_factory):
-    """The same LoRA, examples, batch size, steps and learning rate through transformers.Trainer."""
-    from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments
-
-    from retro_peft.adapters import config_for_method
-
-    base, tokenizer, _ = base_factory()
-    torch.manual_seed(args.seed)
-    model = get_peft_model(base, config_for_method("lora").peft)
-    def collate(rows):  # the usual right-padding collator
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = tokenizer.pad_token_id
-        return {
-            "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
-            "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
-        }
-
-    class CountingTrainer(Trainer):
-        """Counts the real tokens of the batches actually trained on (the dataloader may fetch ahead)."""
-
-        tokens = None
-
-        def compute_loss(self, model, inputs, *a, **kw):
-            n = inputs["attention_mask"].sum()  # stays on the device: no extra sync per step
-            self.tokens = n if self.tokens is None else self.tokens + n
-            return super().compute_loss(model, inputs, *a, **kw)
-
-    out = Path(args.out) / "hf-trainer"
-    training_args = TrainingArguments(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr or config_for_method("lora").default_lr, warmup_steps=max(1, args.steps // 10),
-        lr_scheduler_type="cosine",
-        logging_steps=10, save_strategy="no", report_to=[], seed=args.seed, bf16=args.device == "cuda",
-        use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0,
-        disable_tqdm=True,
-    )
-    data = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
-    trainer = CountingTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    tokens = int(trainer.tokens)
-    return {"train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
-
-
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book):
     from retro_peft.generation import Generator
     from retro_peft.training import evaluate
@@ -193,13 +123,12 @@ def main(argv=None) -> int:
                                 context_tokens=args.context_tokens)
     closed = dataclasses.replace(retrieval, k=0, distractors=0)
     base_factory = lambda: load_base(args)  # noqa: E731  (each variant starts from fresh base weights)
-    quality = not args.random_config
-    report = {"model": args.model if quality else f"random:{args.random_config}", "device": args.device,
+    report = {"model": args.model, "device": args.device,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per-method default",
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
               "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
 
-    if quality and variants & {"a", "b"}:
+    if variants & {"a", "b"}:
         base, tokenizer, _ = base_factory()
         if "a" in variants:
             report["variants"]["a_base_closed_book"] = evaluate_variant(base, tokenizer, index, closed, eval_items,
@@ -210,24 +139,15 @@ def main(argv=None) -> int:
         del base
     plan = [("c", "c_lora_closed_book", "lora", closed), ("d", "d_retro_lora", "lora", retrieval),
             ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval)]
-    retro_lora_examples = None
     for key, label, method, cfg in plan:
-        if key not in variants or (not quality and key != "d"):
+        if key not in variants:
             continue
-        model, stats, examples = train_variant(args, method, cfg, train_items, index, base_factory)
-        if key == "d":
-            retro_lora_examples = examples
-        if quality:
-            stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
+        model, stats, _ = train_variant(args, method, cfg, train_items, index, base_factory)
+        stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
         report["variants"][label] = stats
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    if not args.no_baseline and retro_lora_examples is not None:
-        baseline = hf_trainer_baseline(args, retro_lora_examples, base_factory)
-        ours = report["variants"]["d_retro_lora"]["tokens_per_s"]
-        report["trainer_vs_hf"] = {"retro_peft_tokens_per_s": ours, "hf_trainer": baseline,
-                                   "speedup": round(ours / baseline["tokens_per_s"], 3) if baseline["tokens_per_s"] else None}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,10 +175,6 @@ def markdown(report: dict) -> str:
                      f"{fmt(v.get('abstain_unanswerable'), True)} | {fmt(v.get('answer_answerable'), True)} | "
                      f"{fmt(v.get('retrieval_recall'), True)} | {fmt(v.get('trainable_params'))} | "
                      f"{fmt(v.get('train_seconds'))} | {fmt(v.get('tokens_per_s'))} |")
-    if "trainer_vs_hf" in report:
-        t = report["trainer_vs_hf"]
-        lines += ["", f"trainer throughput: retro-peft {fmt(t['retro_peft_tokens_per_s'])} tokens/s vs "
-                      f"transformers.Trainer {fmt(t['hf_trainer']['tokens_per_s'])} tokens/s -> {t['speedup']}x"]
     ranks = report["variants"].get("e_retro_adalora", {}).get("final_rank_total")
     if ranks is not None:
         lines.append(f"AdaLoRA final total rank: {ranks}")

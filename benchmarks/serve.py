@@ -7,7 +7,8 @@ The server runs in this process (uvicorn in a thread); the load comes from a
 separate process (`--load`, asyncio + httpx), so the client does not steal the
 server's event loop. Reports JSON:
 
-  cached:    200 concurrent clients on one cached greedy request: requests/s, p50, p99, statuses
+  cached:    200 concurrent clients on one cached greedy request for 20 s: requests/s, p50, p99, non-2xx
+             (load from wrk, `apt-get install wrk`, else from the Python client)
   uncached:  distinct questions at concurrency 1, 8, 32, batching on (max_batch_size 32) and off (1):
              generated tokens/s, p50, p99, statuses; and the on/off speed-up at each concurrency
 
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,41 @@ async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = os.getenv("WRK_BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_KEY")
+statuses = {}
+response = function(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+"""
+
+
+def run_wrk(url: str, concurrency: int, seconds: int, body: dict) -> dict:
+    """Cached load through wrk (C, one thread): a Python client would need more CPU than the server it measures."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+    env = dict(os.environ, WRK_BODY=json.dumps(body), WRK_KEY=KEY)
+    proc = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", f.name,
+                           f"{url}/v1/completions"], capture_output=True, text=True, check=True, env=env)
+    os.unlink(f.name)
+    out = proc.stdout
+
+    def ms(label: str) -> float:
+        value = next(line.split()[1] for line in out.splitlines() if line.strip().startswith(label))
+        for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1000.0)):
+            if value.endswith(unit):
+                return round(float(value[: -len(unit)]) * scale, 1)
+        raise ValueError(value)
+
+    requests = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
+    non_2xx = next((int(line.split(":")[1]) for line in out.splitlines() if "Non-2xx" in line), 0)
+    errors = next((line.strip() for line in out.splitlines() if "Socket errors" in line), None)
+    return {"load": "wrk", "concurrency": concurrency, "requests": requests, "seconds": seconds,
+            "requests_per_s": round(requests / seconds, 1), "p50_ms": ms("50%"), "p99_ms": ms("99%"),
+            "non_2xx": non_2xx, "socket_errors": errors}
+
+
 def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool) -> dict:
     """Run the load in a new process and return its report."""
     spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique})
@@ -76,29 +113,43 @@ def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool) -
 
 # -- the server -------------------------------------------------------------------------------
 
-def build_bank(root: Path, quick: bool, device: str | None):
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=True)
+
+
+def random_model(root: Path, shape: dict, tokenizer_path: str | None) -> str:
+    """A random-weight Llama of `shape` with SmolLM2's tokenizer, saved as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from retro_peft.models import resolve_generator
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_generator("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), **shape}, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def build_bank(root: Path, args):
     from retro_peft.domains.bank import AdapterBank
     from retro_peft.index import IndexConfig, build_index
 
     corpus = root / "docs.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     index = build_index(root / "index", [corpus], IndexConfig(chunk_tokens=64, overlap=8))
-    model = "smollm2-135m"
-    if quick:
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if args.quick:
+        model = random_model(root, TINY, args.tokenizer)
+    elif args.model.startswith("random:"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from generation import RANDOM_CONFIGS
 
-        from retro_peft.models import resolve_generator
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_generator("smollm2-135m"))
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        LlamaForCausalLM(config).save_pretrained(root / "tiny")
-        tokenizer.save_pretrained(root / "tiny")
-        model = str(root / "tiny")
-    bank = AdapterBank(model, device=device)
+        model = random_model(root, RANDOM_CONFIGS[args.model.split(":", 1)[1]], args.tokenizer)
+    else:
+        model = args.model
+    bank = AdapterBank(model, device=args.device)
     bank.load("docs", index.path)
     return bank
 
@@ -115,6 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, fewer requests")
     parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--model", default="smollm2-135m", help="packaged/HF model, or random:llama-1b (GPU runs)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for random models (default: the packaged SmolLM2's)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", help="also write the JSON report here")
@@ -136,15 +189,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    report = {"model": "tiny-random-llama" if args.quick else "smollm2-135m", "device": args.device or "cpu",
+    report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
               "cpus": os.cpu_count(), "max_tokens": args.max_tokens}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        bank = build_bank(Path(tmp), args.quick, args.device)
+        bank = build_bank(Path(tmp), args)
 
         with serve_in_thread(create_app(server_settings(32, cache=True), bank)) as url:
             run_load(url, 1, 1, body, unique=False)  # fill the cache
-            report["cached"] = run_load(url, 200, 2000 if args.quick else 20000, body, unique=False)
+            if shutil.which("wrk"):
+                report["cached"] = run_wrk(url, 200, 5 if args.quick else 20, body)
+            else:  # `apt-get install wrk`; the Python client measures itself as much as the server
+                report["cached"] = dict(run_load(url, 200, 2000 if args.quick else 20000, body, unique=False),
+                                        load="httpx")
             print(json.dumps({"cached": report["cached"]}), file=sys.stderr)
 
         report["uncached"] = []
@@ -152,8 +209,12 @@ def main() -> None:
             row = {"concurrency": concurrency}
             for label, max_batch in (("batching_on", 32), ("batching_off", 1)):
                 total = max(concurrency, 8 if args.quick else 64) if concurrency > 1 else (4 if args.quick else 16)
-                with serve_in_thread(create_app(server_settings(max_batch, cache=False), bank)) as url:
+                app = create_app(server_settings(max_batch, cache=False), bank)
+                with serve_in_thread(app) as url:
                     row[label] = run_load(url, concurrency, total, body, unique=True)
+                    samples = {x.name: x.value for m in app.state.server.metrics.batch_size.collect() for x in m.samples}
+                    passes = samples.get("retro_peft_batch_size_count", 0)
+                    row[label]["mean_batch_size"] = round(samples["retro_peft_batch_size_sum"] / passes, 2) if passes else None
             row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)

@@ -166,6 +166,25 @@ def test_retrieve_and_auto_routing(url, client):
     assert routed.model in {"a", "b", "plain", "base"}
 
 
+def test_retrieval_options_k_mode_and_filters_apply_to_generation(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def cited(retrieval):
+        body = {"model": "b", "prompt": "Who invented the piano?", "max_tokens": 2, "retrieval": retrieval}
+        response = httpx.post(f"{url}/v1/completions", headers=headers, json=body)
+        assert response.status_code == 200, response.text
+        return [c["doc_id"] for c in response.json()["choices"][0]["citations"]]
+
+    assert cited({"k": 0}) == []
+    assert cited({"k": 1, "mode": "sparse"}) == ["piano"]
+    assert cited({"k": 2, "filters": {"doc_id": "chess"}}) == ["chess"]  # the filter beats the better match
+    assert sorted(cited({"k": 3, "filters": {"doc_id": ["chess", "oxygen"]}})) == ["chess", "oxygen"]
+    # /v1/retrieve takes the same list filter
+    response = httpx.post(f"{url}/v1/retrieve", headers=headers,
+                          json={"model": "b", "query": "piano", "k": 3, "filters": {"doc_id": ["chess", "oxygen"]}})
+    assert sorted(h["doc_id"] for h in response.json()["data"]) == ["chess", "oxygen"]
+
+
 def test_malformed_requests_get_openai_errors_not_500(url):
     headers = {"Authorization": f"Bearer {KEY}"}
     cases = [

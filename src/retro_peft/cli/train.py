@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--eval-articles", help="SQuAD articles of --eval-qa, e.g. 3:5")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers: ~2x tokens/s on a GPU after a 1-2 minute compile; "
+                        "worth it for runs of several hundred steps or more")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -69,7 +72,8 @@ def run(args) -> int:
     config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                lr=args.lr or config.default_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               eval_every=args.eval_every, device=args.device)
+                               eval_every=args.eval_every, device=args.device,
+                               compile=args.compile)
     train_config.validate()
     items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True)
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None

@@ -28,7 +28,8 @@ from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
 from retro_peft.adapters.model import AdapterMismatchError, base_fingerprint, load_base_model, read_retro_config
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.generation.generator import Answer, Generator, SamplingConfig, generate_batch, stream_answer
+from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
+                                             stream_answer)
 from retro_peft.index import open_index
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class AdapterBank:
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
+        if dtype is None:  # serving: bf16 on a GPU (adapters keep their own dtype), fp32 on a CPU
+            dtype = torch.bfloat16 if device is not None and str(device).startswith("cuda") else torch.float32
         self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)
         self.model.eval()
         self.fingerprint = base_fingerprint(self.model)
@@ -183,9 +186,10 @@ class AdapterBank:
         return stream_answer(lambda on_text: self.answer(question, domain, sampling=sampling, on_text=on_text))
 
     def answer_many(self, questions: list[str], domains: list[str | None], *, sampling: SamplingConfig | None = None,
-                    on_text=None, cancelled=None) -> list[Answer]:
+                    search: SearchOptions | None = None, on_text=None, cancelled=None) -> list[Answer]:
         """Answer a batch whose rows may belong to different domains (None: base model, no retrieval).
 
+        search: retrieval k / mode / filters for every row, in place of each domain's own.
         on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
         """
         if len(questions) != len(domains):
@@ -198,7 +202,7 @@ class AdapterBank:
         prompts: list = [None] * len(questions)
         for name, generator in generators.items():
             rows = [r for r, d in enumerate(domains) if d == name]
-            for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows])):
+            for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows], search=search)):
                 prompts[row] = prompt
             if name is not None:
                 self._ensure_resident(name)

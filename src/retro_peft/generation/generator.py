@@ -75,6 +75,27 @@ def _cache_kwarg(model) -> str:
 
 
 @dataclass(frozen=True)
+class SearchOptions:
+    """One request's retrieval settings in place of its domain's (None or empty: the domain's own).
+
+    Frozen and hashable, so requests with equal options can share a decode pass.
+    filters: ((field, (accepted values...)), ...), sorted; build it with `SearchOptions.of`.
+    """
+
+    k: int | None = None
+    mode: str | None = None
+    filters: tuple[tuple[str, tuple], ...] = ()
+
+    @classmethod
+    def of(cls, k: int | None = None, mode: str | None = None, filters: dict | None = None) -> "SearchOptions":
+        items = ((name, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for name, v in (filters or {}).items())
+        return cls(k, mode, tuple(sorted(items)))
+
+    def filter_dict(self) -> dict | None:
+        return {name: list(values) for name, values in self.filters} or None
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How tokens are chosen. temperature 0 is greedy decoding (deterministic)."""
 
@@ -239,14 +260,18 @@ class Generator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def retrieve(self, questions: list[str]) -> list[list[Passage]]:
-        if self.index is None or self.retrieval.k == 0:
+    def retrieve(self, questions: list[str], search: SearchOptions | None = None) -> list[list[Passage]]:
+        search = search or SearchOptions()
+        k = self.retrieval.k if search.k is None else search.k
+        if self.index is None or k == 0:
             return [[] for _ in questions]
-        hits = self.index.search_many(list(questions), k=self.retrieval.k, mode=self.retrieval.mode)
+        hits = self.index.search_many(list(questions), k=k, mode=search.mode or self.retrieval.mode,
+                                      filters=search.filter_dict())
         return [[Passage.from_hit(h) for h in row] for row in hits]
 
-    def prompts(self, questions: list[str], passages: list[list[Passage]] | None = None) -> list[Prompt]:
-        passages = self.retrieve(questions) if passages is None else passages
+    def prompts(self, questions: list[str], passages: list[list[Passage]] | None = None,
+                search: SearchOptions | None = None) -> list[Prompt]:
+        passages = self.retrieve(questions, search) if passages is None else passages
         return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(questions, passages)]
 
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
@@ -264,14 +289,15 @@ class Generator:
         return stream_answer(lambda on_text: self.answer(question, sampling=sampling, on_text=on_text))
 
     def answer_many(self, questions: list[str], *, passages: list[list[Passage]] | None = None,
-                    sampling: SamplingConfig | None = None, on_text=None, cancelled=None) -> list[Answer]:
+                    sampling: SamplingConfig | None = None, search: SearchOptions | None = None, on_text=None,
+                    cancelled=None) -> list[Answer]:
         if isinstance(questions, str):
             raise InputError("answer_many takes a list of questions")
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
         sampling = self.sampling(sampling)
-        prompts = self.prompts(questions, passages)
+        prompts = self.prompts(questions, passages, search)
         answers: list[Answer] = []
         was_training = self.model.training
         self.model.eval()

@@ -153,8 +153,9 @@ class Index:
         (the default: a convex combination, which Bruch et al. 2023 found more
         accurate than RRF; measured in BENCHMARKS.md) or by reciprocal rank
         fusion (k=60); `weights` = (dense, sparse).
-        filters: {field: value}, exact match on chunk metadata (and `doc_id`),
-        applied inside each retriever, before any top-k cut.
+        filters: {field: value or [values]}, exact match on chunk metadata (and
+        `doc_id`; a list accepts any of its values), applied inside each
+        retriever, before any top-k cut.
         rerank: re-scores the first `rerank_depth` fused candidates.
         query_vectors: precomputed query embeddings (skips the encoder).
         """
@@ -210,7 +211,7 @@ class Index:
         return Hit(c.id, c.doc_id, c.text, float(score), c.metadata)
 
     def _allowed(self, filters: dict | None) -> np.ndarray | None:
-        """Rows whose metadata matches every `field: value` (compared as strings)."""
+        """Rows whose metadata matches every `field: value` (compared as strings; a list: any of its values)."""
         if not filters:
             return None
         allowed = None
@@ -222,7 +223,9 @@ class Index:
                     if v is not None:
                         groups.setdefault(str(v), []).append(row)
                 self._filter_cache[name] = {v: np.array(rs, dtype=np.int64) for v, rs in groups.items()}
-            rows = self._filter_cache[name].get(str(value), np.zeros(0, np.int64))
+            values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]  # any of them matches
+            rows = np.unique(np.concatenate([self._filter_cache[name].get(str(v), np.zeros(0, np.int64))
+                                             for v in values] or [np.zeros(0, np.int64)]))
             allowed = rows if allowed is None else np.intersect1d(allowed, rows)
         return allowed
 

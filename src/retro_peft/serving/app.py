@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.generation import Answer, SamplingConfig
+from retro_peft.generation import Answer, SamplingConfig, SearchOptions
 from retro_peft.serving import errors, schemas
 from retro_peft.serving.auth import Authenticator, Principal, forbidden
 from retro_peft.serving.batcher import MicroBatcher, QueueFull, RequestTimeout
@@ -270,16 +270,14 @@ def _sampling(state: ServerState, body, chat: bool) -> SamplingConfig:
         raise ApiError(400, str(e), code="invalid_value") from None
 
 
-def _retrieval(state: ServerState, options: schemas.RetrievalOptions | None):
+def _retrieval(state: ServerState, options: schemas.RetrievalOptions | None) -> SearchOptions | None:
     if options is None:
         return None
-    if options.filters:
-        raise ApiError(400, "retrieval.filters are supported by /v1/retrieve, not yet by generation",
-                       param="retrieval.filters", code="unsupported")
     if options.k is not None and options.k > state.settings.http.max_k:
         raise ApiError(400, f"retrieval.k is at most {state.settings.http.max_k}", param="retrieval.k",
                        code="invalid_value")
-    return None if options.k is None and options.mode is None else (options.k, options.mode)
+    search = SearchOptions.of(options.k, options.mode, options.filters)
+    return None if search == SearchOptions() else search
 
 
 async def _generate(state: ServerState, request: Request, principal: Principal, body, questions: list[str],

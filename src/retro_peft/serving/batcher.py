@@ -3,9 +3,9 @@
 Requests wait in a bounded queue. One worker thread owns the model: it takes
 the oldest request, waits up to `max_wait_ms` for more (or until
 `max_batch_size` are there), and decodes them in one pass, whatever their
-domains. Rows of one pass share a `SamplingConfig` (the bank takes one per
-call), so a batch holds the oldest request and the queued requests with the
-same sampling settings; the others wait for the next pass, in order.
+domains. Rows of one pass share a `SamplingConfig` and `SearchOptions` (the
+bank takes one of each per call), so a batch holds the oldest request and the
+queued requests with the same settings; the others wait for the next pass, in order.
 
 The event loop never blocks: it submits a `Job` and awaits its future; the
 worker streams text back with `call_soon_threadsafe`. A job whose client went
@@ -16,8 +16,6 @@ every decode step, so the row stops generating at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import math
 import threading
@@ -26,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from retro_peft.generation import Answer, SamplingConfig
+from retro_peft.generation import Answer, SamplingConfig, SearchOptions
 from retro_peft.serving.settings import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     on_text: Callable[[str], None] | None = None  # runs on the event loop
-    retrieval: tuple[int | None, str | None] | None = None  # (k, mode) instead of the domain's own
+    search: SearchOptions | None = None  # retrieval options in place of the domain's own
     cancelled: bool = False  # set by the event loop, read by the worker: a plain bool is enough
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -93,10 +91,10 @@ class MicroBatcher:
 
     def submit(self, question: str, domain: str | None, sampling: SamplingConfig,
                on_text: Callable[[str], None] | None = None,
-               retrieval: tuple[int | None, str | None] | None = None) -> Job:
+               search: SearchOptions | None = None) -> Job:
         """Queue one request (raises QueueFull); await `wait(job)` for its answer. Call on the event loop."""
         loop = asyncio.get_running_loop()
-        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, retrieval)
+        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, search)
         with self._cond:
             if self._stopping or len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self.retry_after())
@@ -131,8 +129,8 @@ class MicroBatcher:
 
     async def generate(self, question: str, domain: str | None, sampling: SamplingConfig,
                        on_text: Callable[[str], None] | None = None,
-                       retrieval: tuple[int | None, str | None] | None = None) -> Answer:
-        return await self.wait(self.submit(question, domain, sampling, on_text, retrieval))
+                       search: SearchOptions | None = None) -> Answer:
+        return await self.wait(self.submit(question, domain, sampling, on_text, search))
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the ones queued and in flight (graceful shutdown)."""
@@ -192,10 +190,9 @@ class MicroBatcher:
                 job.loop.call_soon_threadsafe(job.on_text, delta)
 
         try:
-            with _retrieval_override(self.bank, jobs):
-                answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
-                                                sampling=jobs[0].sampling, on_text=on_text,
-                                                cancelled=lambda row: jobs[row].cancelled)
+            answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
+                                            sampling=jobs[0].sampling, search=jobs[0].search, on_text=on_text,
+                                            cancelled=lambda row: jobs[row].cancelled)
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its batch
             if len(jobs) > 1:
                 for job in jobs:
@@ -211,33 +208,7 @@ class MicroBatcher:
 
 def _key(job: Job):
     """Rows decoded together share these (the bank takes one sampling config per call)."""
-    return job.sampling, job.retrieval
-
-
-@contextlib.contextmanager
-def _retrieval_override(bank, jobs: list[Job]):
-    """A request's retrieval k/mode, for this pass only.
-
-    The bank reads each domain's `generator.retrieval` when it builds prompts and
-    takes no per-row options yet; only this worker thread builds prompts, so
-    swapping the config around one pass is safe. (Filters need the bank's support.)
-    """
-    options = jobs[0].retrieval
-    if options is None:
-        yield
-        return
-    k, mode = options
-    saved = {}
-    for name in {j.domain for j in jobs if j.domain is not None}:
-        generator = bank.domains[name].generator
-        saved[name] = generator.retrieval
-        changes = {key: v for key, v in (("k", k), ("mode", mode)) if v is not None}
-        generator.retrieval = dataclasses.replace(generator.retrieval, **changes)
-    try:
-        yield
-    finally:
-        for name, config in saved.items():
-            bank.domains[name].generator.retrieval = config
+    return job.sampling, job.search
 
 
 def _expected():

@@ -57,6 +57,7 @@ class TrainConfig:
     log_every: int = 10
     device: str | None = None  # None: cuda if available, else cpu
     length_window: int = 32  # batches whose examples are sorted by length together
+    compile: bool = False  # torch.compile each decoder layer (see compile_layers); pays off on long CUDA runs
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -128,7 +129,7 @@ def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, t
     picks them and `shift_labels` holds their targets (transformers' loss then
     skips its own shift).
     """
-    width = max(len(ex) for ex in examples)
+    width = -(-max(len(ex) for ex in examples) // 8) * 8  # a multiple of 8: tensor-core friendly, fewer shapes
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -171,7 +172,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for all ~400 adapter tensors instead of several per tensor (CUDA only)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, config.steps))
     identity = {"data_sha256": examples_sha256(examples), "batch_size": config.batch_size,
@@ -189,40 +191,46 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loss_sum, loss_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {model.config.method}")
+    uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     peft_model.train()
-    for step in range(start_step, config.steps):
-        for _ in range(config.grad_accum):
-            position, batch_ids = next(stream)
-            batch = [examples[i] for i in batch_ids]
-            tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
-            with autocast:
-                loss = peft_model(**collate(batch, pad_id, device)).loss / config.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        if adalora:  # after the update, before zero_grad: it scores weights by |w * grad| and prunes ranks
-            peft_model.base_model.update_and_allocate(step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss_count += 1
-        done = step + 1
-        logged = None
-        if done % max(config.log_every, 1) == 0 or done == config.steps:
-            logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
-            result.losses.append((done, logged))
-            loss_sum.zero_(); loss_count = 0
-            bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        bar.update(1)
-        if config.eval_every and eval_examples and done % config.eval_every == 0:
-            result.eval_losses.append((done, evaluate_loss(peft_model, eval_examples, config.batch_size, pad_id, device)))
-            peft_model.train()
-        result.steps = done
-        if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora)
-        if on_step is not None:
-            on_step(done, logged)
+    try:
+        for step in range(start_step, config.steps):
+            for _ in range(config.grad_accum):
+                position, batch_ids = next(stream)
+                batch = [examples[i] for i in batch_ids]
+                tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
+                with autocast:
+                    # use_cache=False: training has no use for a KV cache, and building one per layer
+                    # costs kernels (and a recompile per layer when compiled).
+                    loss = peft_model(**collate(batch, pad_id, device), use_cache=False).loss / config.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if adalora:  # after the update, before zero_grad: it scores weights by |w * grad| and prunes ranks
+                peft_model.base_model.update_and_allocate(step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss_count += 1
+            done = step + 1
+            logged = None
+            if done % max(config.log_every, 1) == 0 or done == config.steps:
+                logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
+                result.losses.append((done, logged))
+                loss_sum.zero_(); loss_count = 0
+                bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+            if config.eval_every and eval_examples and done % config.eval_every == 0:
+                result.eval_losses.append((done, evaluate_loss(peft_model, eval_examples, config.batch_size, pad_id, device)))
+                peft_model.train()
+            result.steps = done
+            if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora)
+            if on_step is not None:
+                on_step(done, logged)
+    finally:
+        uncompile()
     bar.close()
     result.seconds = time.perf_counter() - t0
     result.tokens = tokens
@@ -247,9 +255,36 @@ def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_i
         inputs = collate(batch, pad_id, device)
         n = int((inputs["shift_labels"] != IGNORE).sum())
         with autocast:
-            total += model(**inputs).loss.float().item() * n
+            total += model(**inputs, use_cache=False).loss.float().item() * n
         count += n
     return total / max(count, 1)
+
+
+def compile_layers(peft_model) -> Callable[[], None]:
+    """torch.compile every decoder layer in place; returns the undo (back to eager).
+
+    Small models on a GPU are launch-bound: eager PyTorch spends more time issuing
+    the ~100 small kernels of a layer (norms, rotary, LoRA dropout/scale/add) than
+    running them. Compiling the repeated layer ("regional compilation") fuses them,
+    and all layers share one compiled graph, so the compile takes seconds, not
+    minutes. Undone after training so generation runs the plain modules.
+    """
+    lists = [m for m in peft_model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise InputError("compile: the model has no list of layers to compile")
+    layers = max(lists, key=len)
+    # The first layer's input (from the frozen embedding) would not require grad and the others' would:
+    # two graphs. Making the embedding output require grad gives every layer the same one.
+    peft_model.enable_input_require_grads()
+    for layer in layers:
+        layer.compile(dynamic=True)  # sequence lengths change every batch
+
+    def undo() -> None:
+        peft_model.disable_input_require_grads()
+        for layer in layers:
+            layer._compiled_call_impl = None  # the slot nn.Module.compile() fills; None means eager again
+
+    return undo
 
 
 def _fit_adalora_schedule(peft_model, steps: int) -> None:
