@@ -9,8 +9,9 @@ server's event loop. Reports JSON:
 
   cached:    200 concurrent clients on one cached greedy request for 20 s: requests/s, p50, p99, non-2xx
              (load from wrk, `apt-get install wrk`, else from the Python client)
-  uncached:  distinct questions at concurrency 1, 8, 32, batching on (max_batch_size 32) and off (1):
-             generated tokens/s, p50, p99, statuses; and the on/off speed-up at each concurrency
+  uncached:  distinct questions at concurrency 1, 8, 32 (after a warm-up round), batching on
+             (max_batch_size 32, --max-wait-ms) and off (1): generated tokens/s, p50, p99,
+             statuses, mean batch size; and the on/off speed-up at each concurrency
 
 Goals (issue 5): cached >= 1000 req/s with p99 < 100 ms at 200 clients on 2 cores; at
 concurrency 32 batching >= 4x the tokens/s of batching off; no 5xx anywhere.
@@ -40,7 +41,7 @@ KEY = "sk-bench"
 
 # -- the load generator (separate process) ----------------------------------------------------
 
-async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool) -> dict:
+async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "") -> dict:
     import httpx
 
     latencies, statuses, tokens = [], {}, 0
@@ -51,7 +52,7 @@ async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool
         async def worker():
             nonlocal tokens
             for i in counter:
-                payload = dict(body, prompt=f"{body['prompt']} (variant {i})") if unique else body
+                payload = dict(body, prompt=f"{body['prompt']} ({tag}variant {i})") if unique else body
                 start = time.perf_counter()
                 response = await client.post("/v1/completions", json=payload)
                 latencies.append(time.perf_counter() - start)
@@ -104,10 +105,13 @@ def run_wrk(url: str, concurrency: int, seconds: int, body: dict) -> dict:
             "non_2xx": non_2xx, "socket_errors": errors}
 
 
-def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool) -> dict:
+def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "") -> dict:
     """Run the load in a new process and return its report."""
-    spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique})
-    proc = subprocess.run([sys.executable, __file__, "--load", spec], capture_output=True, text=True, check=True)
+    spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique,
+                       "tag": tag})
+    proc = subprocess.run([sys.executable, __file__, "--load", spec], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load generator failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
 
 
@@ -154,12 +158,18 @@ def build_bank(root: Path, args):
     return bank
 
 
-def server_settings(max_batch_size: int, cache: bool):
+def server_settings(max_batch_size: int, cache: bool, max_wait_ms: float = 50):
     from retro_peft.serving.settings import ServeSettings
 
     return ServeSettings(auth={"keys": [{"name": "bench", "key": KEY, "scopes": ["generate"]}]},
                          limits={"enabled": False}, cache={"enabled": cache}, log_level="warning",
-                         batching={"max_batch_size": max_batch_size, "max_wait_ms": 10, "max_queue": 1024})
+                         batching={"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": 1024})
+
+
+def batch_sizes(app) -> tuple[float, float]:
+    """(passes, rows) decoded so far, from the server's batch-size histogram."""
+    samples = {x.name: x.value for m in app.state.server.metrics.batch_size.collect() for x in m.samples}
+    return samples.get("retro_peft_batch_size_count", 0), samples.get("retro_peft_batch_size_sum", 0)
 
 
 def main() -> None:
@@ -169,6 +179,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="packaged/HF model, or random:llama-1b (GPU runs)")
     parser.add_argument("--tokenizer", help="tokenizer folder for random models (default: the packaged SmolLM2's)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=50, help="batching: how long a batch waits (server default 50)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", help="also write the JSON report here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
@@ -190,7 +201,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
-              "cpus": os.cpu_count(), "max_tokens": args.max_tokens}
+              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
         bank = build_bank(Path(tmp), args)
@@ -208,13 +219,15 @@ def main() -> None:
         for concurrency in (1, 8, 32):
             row = {"concurrency": concurrency}
             for label, max_batch in (("batching_on", 32), ("batching_off", 1)):
-                total = max(concurrency, 8 if args.quick else 64) if concurrency > 1 else (4 if args.quick else 16)
-                app = create_app(server_settings(max_batch, cache=False), bank)
+                total = 2 * concurrency if args.quick else max(4 * concurrency, 16)
+                app = create_app(server_settings(max_batch, cache=False, max_wait_ms=args.max_wait_ms), bank)
                 with serve_in_thread(app) as url:
-                    row[label] = run_load(url, concurrency, total, body, unique=True)
-                    samples = {x.name: x.value for m in app.state.server.metrics.batch_size.collect() for x in m.samples}
-                    passes = samples.get("retro_peft_batch_size_count", 0)
-                    row[label]["mean_batch_size"] = round(samples["retro_peft_batch_size_sum"] / passes, 2) if passes else None
+                    # Warm-up, not measured: the first passes at a new batch shape are slow on a GPU.
+                    run_load(url, concurrency, concurrency, body, unique=True, tag=f"warm-up {label} ")
+                    passes, rows = batch_sizes(app)
+                    row[label] = run_load(url, concurrency, total, body, unique=True, tag=f"{label} ")
+                    passes, rows = (after - before for after, before in zip(batch_sizes(app), (passes, rows)))
+                    row[label]["mean_batch_size"] = round(rows / passes, 2) if passes else None
             row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)

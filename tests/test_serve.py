@@ -140,6 +140,20 @@ def test_mixed_domain_batches_equal_single_requests(bank, client):
     assert [r.choices[0].text for r in batched] == singles
 
 
+def test_batch_waits_only_for_the_requests_it_expects(bank):
+    # Before any pass the batcher expects a full batch (8): a lone request waits the whole 3 s window.
+    # That pass had one request in flight, so the next lone request starts at once.
+    with serve_in_thread(create_app(settings(max_batch_size=8, max_wait_ms=3000), bank)) as batch_url:
+        body = {"model": "a", "prompt": QUESTIONS[0], "max_tokens": 2}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        seconds = []
+        for _ in range(2):
+            start = time.monotonic()
+            assert httpx.post(f"{batch_url}/v1/completions", json=body, headers=headers, timeout=60).status_code == 200
+            seconds.append(time.monotonic() - start)
+        assert seconds[0] >= 3.0 and seconds[1] < 1.5, seconds
+
+
 def test_cache_hit_returns_the_same_answer(client, url):
     question = "Who discovered oxygen?"
     hits_before = metric(url, "retro_peft_cache_total", cache="response", result="hit")

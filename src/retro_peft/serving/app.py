@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -98,6 +99,11 @@ class ServerState:
                 self.domains = {name: "loaded" for name in self.bank.domains}
             self.batcher = MicroBatcher(self.bank, self.settings.batching, self.metrics)
             self.batcher.start()
+            # The model, tokenizers and libraries are ~500k long-lived objects; a full garbage
+            # collection walks them all (measured: 340 ms with SmolLM2 loaded, 0 ms after freezing)
+            # and stalls every request in flight. Freezing them leaves only request garbage to the collector.
+            gc.collect()
+            gc.freeze()
             self.status = "ok" if all(v == "loaded" for v in self.domains.values()) else "failed"
             log.info("ready", extra={"domains": self.domains})
         except Exception as e:  # noqa: BLE001 - keep serving /health so the failure is visible

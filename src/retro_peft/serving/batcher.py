@@ -1,9 +1,15 @@
 """Dynamic micro-batching over `AdapterBank.answer_many`.
 
 Requests wait in a bounded queue. One worker thread owns the model: it takes
-the oldest request, waits up to `max_wait_ms` for more (or until
-`max_batch_size` are there), and decodes them in one pass, whatever their
-domains. Rows of one pass share a `SamplingConfig` and `SearchOptions` (the
+the oldest request, waits up to `max_wait_ms` for more, and decodes them in
+one pass, whatever their domains. It stops waiting early once as many requests
+are queued as were in flight at the busiest moment of the last pass (at most
+`max_batch_size`; before the first pass, `max_batch_size`): a lone client is
+not kept waiting, and N clients that each send their next request when
+answered are decoded together again instead of splitting into two alternating
+passes of N/2 (measured before this rule: mean batch 16.0 at 32 clients on the GPU).
+The wait counts from when both the request and the worker are free, so the
+clients answered by the last pass have time to come back. Rows of one pass share a `SamplingConfig` and `SearchOptions` (the
 bank takes one of each per call), so a batch holds the oldest request and the
 queued requests with the same settings; the others wait for the next pass, in order.
 
@@ -69,6 +75,9 @@ class MicroBatcher:
         self._stopping = False
         self._busy = 0  # jobs being decoded now
         self._batch_seconds = 0.5  # running mean of a pass, for Retry-After
+        self._free_since = 0.0  # when the last pass ended
+        self._peak = 0  # most requests in flight at once since the last batch was taken
+        self._expected = config.max_batch_size  # that peak for the last pass: the batch to wait for
         self._thread: threading.Thread | None = None
 
     # -- event-loop side ------------------------------------------------------------------
@@ -99,6 +108,7 @@ class MicroBatcher:
             if self._stopping or len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self.retry_after())
             self._queue.append(job)
+            self._peak = max(self._peak, self.in_flight)
             self._set_depth()
             self._cond.notify()
         return job
@@ -156,14 +166,15 @@ class MicroBatcher:
             first = self._queue[0]
             while not self._stopping:
                 same = sum(1 for j in self._queue if _key(j) == _key(first))
-                remaining = first.enqueued + max_wait - time.monotonic()
-                if same >= max_size or remaining <= 0:
+                remaining = max(first.enqueued, self._free_since) + max_wait - time.monotonic()
+                if same >= min(max_size, self._expected) or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             batch = [j for j in self._queue if _key(j) == _key(first)][:max_size]
             taken = set(map(id, batch))
             self._queue = deque(j for j in self._queue if id(j) not in taken)
             self._busy = len(batch)
+            self._expected, self._peak = max(self._peak, 1), self.in_flight
             self._set_depth()
             return batch
 
@@ -182,6 +193,7 @@ class MicroBatcher:
                 if self.metrics is not None:
                     self.metrics.batch_size.observe(len(live))
             self._busy = 0
+            self._free_since = time.monotonic()
 
     def _run(self, jobs: list[Job]) -> None:
         def on_text(row: int, delta: str) -> None:

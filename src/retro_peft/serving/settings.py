@@ -48,7 +48,7 @@ class GenerationConfig(_Section):
 
 class BatchingConfig(_Section):
     max_batch_size: int = Field(32, ge=1, description="1 turns batching off")
-    max_wait_ms: float = Field(10.0, ge=0, description="how long the first request of a batch waits for others")
+    max_wait_ms: float = Field(50.0, ge=0, description="how long a batch waits for the requests it expects (see batcher)")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     request_timeout_s: float = Field(120.0, gt=0, description="queue wait + generation; then 503 + Retry-After")
 
