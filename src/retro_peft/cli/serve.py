@@ -22,7 +22,7 @@ def _serve(args) -> int:
 
     from retro_peft.serving import logs
     from retro_peft.serving.auth import Authenticator
-    from retro_peft.serving.settings import load_settings
+    from retro_peft.serving.settings import EVENT_LOOP, load_settings
 
     if args.no_auth:
         os.environ["RETRO_PEFT_AUTH__ALLOW_UNAUTHENTICATED"] = "true"
@@ -33,6 +33,7 @@ def _serve(args) -> int:
     if args.config:  # the workers re-read the settings from the environment and this file
         os.environ["RETRO_PEFT_SERVE_CONFIG"] = os.path.abspath(args.config)
     uvicorn.run("retro_peft.serving.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_config=None, access_log=False, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_shutdown_s or None, proxy_headers=True)
+                workers=settings.workers, loop=EVENT_LOOP, log_config=None, access_log=False,
+                log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_shutdown_s or None,
+                proxy_headers=True)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import json
 import logging
 import os
@@ -418,8 +419,16 @@ def _payload(answers: list[Answer], kind: str, model: str) -> dict:
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
+def new_request_id() -> str:
+    """Unique, not secret: a random prefix per process and a counter (uuid4 per request cost 5% of a cached one)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+_ID_PREFIX, _ID_COUNTER = uuid.uuid4().hex[:16], itertools.count()
+
+
 def _new_id(kind: str) -> str:
-    return f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+    return f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{new_request_id()}"
 
 
 def _with_id(encoded: bytes, kind: str) -> bytes:
@@ -540,7 +549,7 @@ class RequestContext:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_request_id()
         token = request_id.set(rid)
         context = scope.setdefault("state", {})
         context["extra_headers"] = {}

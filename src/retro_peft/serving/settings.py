@@ -21,6 +21,11 @@ from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, Setting
 
 from retro_peft.errors import InputError
 
+# uvicorn's event loop. Not uvloop: under 200 connections on 2 cores uvloop left some connections
+# unanswered for seconds while serving the others (cached requests: max latency 2.0-6.8 s, p99 up to
+# 4.7 s), where asyncio's loop stayed within 127 ms at 5-20% fewer requests/s (BENCHMARKS.md, Serving).
+EVENT_LOOP = "asyncio"
+
 Scope = Literal["generate", "retrieve", "admin"]
 SCOPES: tuple[str, ...] = ("generate", "retrieve", "admin")
 
@@ -48,7 +53,7 @@ class GenerationConfig(_Section):
 
 class BatchingConfig(_Section):
     max_batch_size: int = Field(32, ge=1, description="1 turns batching off")
-    max_wait_ms: float = Field(50.0, ge=0, description="how long a batch waits for the requests it expects (see batcher)")
+    max_wait_ms: float = Field(50.0, ge=0, description="a pass waits up to this, or 10% of a mean pass, for the requests it expects")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     request_timeout_s: float = Field(120.0, gt=0, description="queue wait + generation; then 503 + Retry-After")
 

@@ -15,11 +15,14 @@ def serve_in_thread(app, *, ready_timeout: float = 120.0, wait_ready: bool = Tru
     """Yield the base URL of `app` served on a free port; the server drains and stops on exit."""
     import uvicorn
 
+    from retro_peft.serving.settings import EVENT_LOOP
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, loop=EVENT_LOOP, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
