@@ -4,5 +4,5 @@ from retro_peft.generation.generator import (Answer, Generated, Generator, Sampl
                                              generate_batch, is_abstention, normalize_answer, stream_answer)
 from retro_peft.generation.prompt import Passage, Prompt, build_prompt, fit_passages
 
-__all__ = ["Answer", "Generated", "Generator", "SamplingConfig", "SearchOptions", "generate_batch", "stream_answer", "Passage", "Prompt", "build_prompt", "decode", "fit_passages",
-           "is_abstention", "normalize_answer"]
+__all__ = ["Answer", "Generated", "Generator", "SamplingConfig", "SearchOptions", "generate_batch", "stream_answer",
+           "Passage", "Prompt", "build_prompt", "decode", "fit_passages", "is_abstention", "normalize_answer"]

@@ -223,9 +223,11 @@ class Index:
                     if v is not None:
                         groups.setdefault(str(v), []).append(row)
                 self._filter_cache[name] = {v: np.array(rs, dtype=np.int64) for v, rs in groups.items()}
-            values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]  # any of them matches
-            rows = np.unique(np.concatenate([self._filter_cache[name].get(str(v), np.zeros(0, np.int64))
-                                             for v in values] or [np.zeros(0, np.int64)]))
+            by_value, none = self._filter_cache[name], np.zeros(0, np.int64)
+            if isinstance(value, (list, tuple, set, frozenset)):  # any of them matches
+                rows = np.unique(np.concatenate([by_value.get(str(v), none) for v in value] or [none]))
+            else:  # the common case: the cached (sorted) rows as they are, no copy
+                rows = by_value.get(str(value), none)
             allowed = rows if allowed is None else np.intersect1d(allowed, rows)
         return allowed
 

@@ -2,17 +2,18 @@
 
 Requests wait in a bounded queue. One worker thread owns the model: it takes
 the oldest request, waits for more, and decodes them in one pass, whatever
-their domains. The wait is at most `max_wait_ms`, or a tenth of a mean pass
-if that is longer: waiting 1.5 s to fill a 15 s pass on a CPU is cheap, and
-a fixed 50 ms is not enough for 32 clients to come back on a busy machine
-(measured on 2 cores: mean batch 21.3 of 32). It stops waiting early once as many requests
-are queued as were in flight at the busiest moment of the last pass (at most
-`max_batch_size`; before the first pass, `max_batch_size`): a lone client is
-not kept waiting, and N clients that each send their next request when
-answered are decoded together again instead of splitting into two alternating
-passes of N/2 (measured before this rule: mean batch 16.0 at 32 clients on the GPU).
-The wait counts from when both the request and the worker are free, so the
-clients answered by the last pass have time to come back.
+their domains.
+
+The wait ends as soon as as many requests are queued as were in flight at the
+busiest moment of the last pass (before the first pass: `max_batch_size`), so
+a lone client is not kept waiting, and N clients that each send their next
+request when answered are decoded together again instead of splitting into two
+alternating passes of N/2 (measured before this rule: mean batch 16.0 at 32
+clients on the GPU). It counts from when both the request and the worker are
+free, so the clients answered by the last pass have time to come back, and it
+lasts at most `max_wait_ms` or a tenth of a mean pass, whichever is longer:
+waiting 1.5 s to fill a 15 s CPU pass is cheap, and a fixed 50 ms was too short
+for 32 clients to come back on a busy 2-core machine (mean batch 21.3 of 32).
 
 Rows of one pass share a `SamplingConfig` and `SearchOptions` (the bank takes
 one of each per call), so a batch holds the oldest request and the queued
@@ -228,7 +229,7 @@ class MicroBatcher:
 
 
 def _key(job: Job):
-    """Rows decoded together share these (the bank takes one sampling config per call)."""
+    """Rows decoded together share these (the bank takes one sampling config and one search per call)."""
     return job.sampling, job.search
 
 

@@ -53,7 +53,8 @@ class GenerationConfig(_Section):
 
 class BatchingConfig(_Section):
     max_batch_size: int = Field(32, ge=1, description="1 turns batching off")
-    max_wait_ms: float = Field(50.0, ge=0, description="a pass waits up to this, or 10% of a mean pass, for the requests it expects")
+    max_wait_ms: float = Field(50.0, ge=0,
+                               description="a pass waits up to this, or 10% of a mean pass, for the requests it expects")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     request_timeout_s: float = Field(120.0, gt=0, description="queue wait + generation; then 503 + Retry-After")
 
