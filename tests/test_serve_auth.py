@@ -83,6 +83,30 @@ def test_keys_scopes_and_jwt(url):
     assert httpx.get(f"{url}/v1/models").status_code == 401
 
 
+def test_cache_hits_pass_the_same_checks_as_any_request(url):
+    # A repeat of a cached request is answered before FastAPI's routing (RequestContext._cache_hit):
+    # it must still be refused for every reason the full path refuses it.
+    body = {"model": "b", "prompt": QUESTIONS[2], "max_tokens": 2, "temperature": 0}
+    first = post(url, "/v1/completions", token(sub="cache-1"), **body)
+    hit = post(url, "/v1/completions", token(sub="cache-2"), **body)
+    assert (first.status_code, first.headers["x-cache"], hit.status_code, hit.headers["x-cache"]) == \
+        (200, "miss", 200, "hit")
+    assert {k: v for k, v in hit.json().items() if k not in ("id", "created")} == \
+        {k: v for k, v in first.json().items() if k not in ("id", "created")}
+    assert hit.json()["id"] != first.json()["id"] and hit.headers["x-request-id"]
+    assert hit.headers["x-ratelimit-limit-requests"] == "5" and hit.headers["content-type"] == "application/json"
+    refusals = {None: (401, "missing_api_key"), "sk-wrong": (401, "invalid_api_key"),
+                RETRIEVE_KEY: (403, "insufficient_scope"), token(exp_in=-60, sub="cache-3"): (401, "token_expired"),
+                token(scope="retrieve", sub="cache-4"): (403, "insufficient_scope")}
+    for credential, (status, code) in refusals.items():
+        refused = post(url, "/v1/completions", credential, **body)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code), credential
+        assert "x-cache" not in refused.headers
+    limited = token(sub="cache-limited")
+    statuses = [post(url, "/v1/completions", limited, **body).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [429]  # cache hits count against the request limit
+
+
 def test_requests_per_minute_gives_429_with_headers(url):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=token(sub="limited"), max_retries=0)
     for _ in range(5):

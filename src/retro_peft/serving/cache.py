@@ -104,6 +104,30 @@ class RedisCache:
         self._sync.close()
 
 
+class RequestKeys:
+    """Request bytes -> what the full path worked out for them (cache key, ...), least recently used first out.
+
+    Lets a byte-identical repeat of a cacheable request skip validation and key building;
+    per process, since it only saves CPU.
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._data: OrderedDict[tuple, tuple] = OrderedDict()
+
+    def get(self, request: tuple) -> tuple | None:
+        found = self._data.get(request)
+        if found is not None:
+            self._data.move_to_end(request)
+        return found
+
+    def put(self, request: tuple, value: tuple) -> None:
+        self._data[request] = value
+        self._data.move_to_end(request)
+        if len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+
 def make_cache(config) -> MemoryCache | RedisCache:
     if config.redis_url:
         return RedisCache(config.redis_url, config.ttl_s)
