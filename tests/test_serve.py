@@ -18,6 +18,7 @@ from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroLoraC
 from retro_peft.adapters.model import RetroPeftModel
 from retro_peft.domains.bank import AdapterBank
 from retro_peft.serving.app import create_app
+from retro_peft.serving.cache import RequestKeys
 from retro_peft.serving.settings import ServeSettings
 from retro_peft.serving.testing import serve_in_thread
 
@@ -166,6 +167,22 @@ def test_cache_hit_returns_the_same_answer(client, url):
     sampled = client.completions.with_raw_response.create(model="plain", prompt=question, max_tokens=5,
                                                           temperature=0.7)
     assert "x-cache" not in sampled.headers  # sampling is not deterministic: never cached
+
+
+def test_remembered_requests_are_bounded_in_entries_and_bytes():
+    def request(body: bytes) -> tuple:
+        return "/v1/completions", "application/json", body
+
+    by_count = RequestKeys(max_entries=3)
+    for i in range(4):
+        by_count.put(request(b"%d" % i), (f"key{i}",))
+    assert by_count.get(request(b"0")) is None and by_count.get(request(b"3")) == ("key3",)
+    by_size = RequestKeys(max_entries=10, max_bytes=100)
+    for i in range(4):
+        by_size.put(request(b"%d" % i), (f"key{i}",))
+    by_size.put(request(b"x" * 99), ("big",))  # 103 bytes held: the oldest go until 100 remain
+    assert by_size.bytes == 100 and by_size.get(request(b"x" * 99)) == ("big",)
+    assert [by_size.get(request(b"%d" % i)) for i in range(4)] == [None, None, None, ("key3",)]
 
 
 def test_retrieve_and_auto_routing(url, client):

@@ -108,11 +108,11 @@ class RequestKeys:
     """Request bytes -> what the full path worked out for them (cache key, ...), least recently used first out.
 
     Lets a byte-identical repeat of a cacheable request skip validation and key building;
-    per process, since it only saves CPU.
+    per process, since it only saves CPU. Bounded in entries and in bytes held (bodies can be 1 MiB).
     """
 
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int, max_bytes: int = 64 << 20):
+        self.max_entries, self.max_bytes, self.bytes = max_entries, max_bytes, 0
         self._data: OrderedDict[tuple, tuple] = OrderedDict()
 
     def get(self, request: tuple) -> tuple | None:
@@ -122,10 +122,14 @@ class RequestKeys:
         return found
 
     def put(self, request: tuple, value: tuple) -> None:
+        if request in self._data:
+            self._data.move_to_end(request)
+            return
         self._data[request] = value
-        self._data.move_to_end(request)
-        if len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self.bytes += len(request[-1])
+        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+            old, _ = self._data.popitem(last=False)
+            self.bytes -= len(old[-1])
 
 
 def make_cache(config) -> MemoryCache | RedisCache:
