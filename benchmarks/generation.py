@@ -15,6 +15,9 @@ disabled so every row generates exactly `--new-tokens` tokens.
   one adapter (PEFT's ordinary path), and against PEFT's own mixed-batch path
   (`adapter_names=`).
 - switch: time to make another resident adapter active (`set_adapter`).
+- compiled (`--compile-decode`, CUDA): the batches of 1, 8 and 32 again with
+  `StaticDecode` (static KV cache, each decode step one CUDA-graph replay), after
+  an untimed run that compiles and records the graphs (its time is reported).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from retro_peft.domains.mixed_lora import MixedLoRA  # noqa: E402
-from retro_peft.generation.generator import decode, left_pad  # noqa: E402
+from retro_peft.generation.generator import StaticDecode, decode, left_pad  # noqa: E402
 
 RANDOM_CONFIGS = {
     # Llama-3.2-1B's shape with SmolLM2's vocabulary.
@@ -81,7 +84,7 @@ def sync(device: str):
 
 
 def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, device: str, repeats: int,
-                      mixed: tuple[MixedLoRA, list[str]] | None = None) -> float:
+                      mixed: tuple[MixedLoRA, list[str]] | None = None, static: StaticDecode | None = None) -> float:
     """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs."""
     rates = []
     for _ in range(repeats):
@@ -91,7 +94,7 @@ def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, de
             chunk = batch_prompts[i:i + batch_size]
             ids, mask = left_pad(chunk, 0, device)
             if mixed is None:
-                decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
+                decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0, static=static)
             else:
                 with mixed[0].batch(mixed[1][i:i + batch_size]):
                     decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument("--compile-decode", action="store_true", help="also decode with StaticDecode (CUDA graphs; CUDA only)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
@@ -149,6 +153,18 @@ def main(argv=None) -> int:
     results["one_at_a_time_tok_s"] = one
     results["batched_tok_s"] = batched
     results["batched_speedup"] = {b: r / one for b, r in batched.items()}
+    if args.compile_decode:
+        static, compiled, compile_s = StaticDecode(model), {}, {}
+        for bsz in batched:
+            start = time.perf_counter()
+            tokens_per_second(model, reqs, bsz, args.new_tokens, args.device, 1, static=static)  # compile, record
+            compile_s[bsz] = time.perf_counter() - start
+            compiled[bsz] = tokens_per_second(model, reqs, bsz, args.new_tokens, args.device, args.repeats,
+                                              static=static)
+        results["compiled_decode"] = {"tok_s": compiled, "vs_eager_same_batch": {b: compiled[b] / batched[b]
+                                                                                 for b in compiled},
+                                      "vs_one_at_a_time": {b: r / one for b, r in compiled.items()},
+                                      "first_run_s": compile_s}
 
     b = min(32, args.requests)
     names = [f"d{i % args.adapters}" for i in range(args.requests)]
@@ -181,6 +197,8 @@ def main(argv=None) -> int:
     print(f"| one request at a time | {one:.1f} | 1.00x |")
     for bsz, rate in batched.items():
         print(f"| batch {bsz} | {rate:.1f} | {rate / one:.2f}x |")
+    for bsz, rate in results.get("compiled_decode", {}).get("tok_s", {}).items():
+        print(f"| batch {bsz}, compiled static decode | {rate:.1f} | {rate / one:.2f}x |")
     m = results["mixed"]
     print(f"\n| batch {b}, {args.adapters} adapters | tokens/s | vs single adapter |\n|---|---:|---:|")
     print(f"| single adapter (PEFT) | {single:.1f} | 1.00x |")

@@ -5,7 +5,8 @@ from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_
 
 from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
-from retro_peft.generation import Generator, Passage, build_prompt, decode, is_abstention, normalize_answer
+from retro_peft.generation import (Generator, Passage, StaticDecode, build_prompt, decode, is_abstention,
+                                   normalize_answer)
 from retro_peft.generation.generator import left_pad, stop_token_ids
 from retro_peft.generation.prompt import encode
 
@@ -95,6 +96,30 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(tiny_model, tokeni
     one = [gen.answer(q, passages=p) for q, p in zip(questions, passages)]
     assert [(a.text, a.completion_tokens, a.prompt_tokens) for a in many] == \
            [(a.text, a.completion_tokens, a.prompt_tokens) for a in one]
+
+
+def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_model, tokenizer):
+    # The fixed-shape path that CUDA graphs replay (StaticCache, full-length mask), run eagerly here.
+    retrieval = RetrievalConfig(context_tokens=160)
+    prompts = [build_prompt(tokenizer, q, p, retrieval).input_ids
+               for q, p in [("Where does the Rhine flow?", PASSAGES[:1]), ("Why?", []), ("Who made tea?", PASSAGES[2:])]]
+    pad = tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, pad, "cpu")
+    ordinary = decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad)
+    fixed, shapes = StaticDecode(tiny_model, compile=False), []
+    forward = fixed.forward
+    fixed.forward = lambda **kw: shapes.append((kw["input_ids"].shape, kw["attention_mask"].shape,
+                                                type(kw.get("cache", kw.get("past_key_values"))).__name__)) \
+        or forward(**kw)
+    static = decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad, static=fixed)
+    assert static == ordinary and len({tuple(r) for r in ordinary}) > 1
+    assert len(shapes) == 9 and set(shapes) == {((3, 1), (3, ids.shape[1] + 10), "StaticCache")}  # one shape
+    stop = ordinary[0][3]  # rows that stop early keep the fixed shapes
+    assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad,
+                  static=StaticDecode(tiny_model, compile=False)) == \
+        decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad)
+    with pytest.raises(InputError, match="CUDA"):
+        Generator(tiny_model, tokenizer, compile_decode=True)
 
 
 def test_decoding_stops_at_a_stop_token(tiny_model, tokenizer):

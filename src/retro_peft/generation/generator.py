@@ -3,7 +3,8 @@
 The decode loop is `decode()`: a small explicit loop over `past_key_values`
 (prefill the whole left-padded batch once, then one forward per new token for
 the whole batch). Keeping it explicit is deliberate: precomputed per-chunk KV
-states or a static, compiled decode step can replace pieces of it later.
+states can replace the prefill later, and `StaticDecode` replaces the decode
+step (a preallocated cache and, on CUDA, one compiled CUDA-graph replay per token).
 """
 
 from __future__ import annotations
@@ -133,15 +134,47 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Gen
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
+class StaticDecode:
+    """The decode step with fixed shapes, so that it can run as one CUDA graph.
+
+    Eager decoding on a GPU is bound by launching kernels, not by arithmetic (a
+    Llama-1B step issues hundreds of small kernels). Here the KV cache is a
+    `StaticCache` (allocated once per batch for prompt + max_new_tokens and
+    written in place) and the attention mask has its final length from the start
+    (causal masking hides the slots not written yet), so every step has the same
+    shapes and `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph.
+    The first call per batch shape compiles (tens of seconds); later calls replay.
+    `compile=False` runs the same static path eagerly (any device): the tests
+    check it against the ordinary path.
+    """
+
+    def __init__(self, model, compile: bool = True):
+        self.model = model
+        device = next(model.parameters()).device
+        if compile and device.type != "cuda":
+            raise InputError(f"compiled decoding replays CUDA graphs: it needs a CUDA device, the model is on {device}")
+        self.forward = torch.compile(model.forward, mode="reduce-overhead") if compile else model.forward
+
+    def new_cache(self, batch: int, length: int, device, dtype):
+        from transformers import StaticCache
+
+        # transformers 5 sizes the buffers at the first update; 4.x needs batch, device and dtype up front
+        return StaticCache(config=self.model.config, max_cache_len=length, max_batch_size=batch, device=device,
+                           dtype=dtype)
+
+
 @torch.inference_mode()
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
-                 rng: torch.Generator | None = None, finished: torch.Tensor | None = None):
+                 rng: torch.Generator | None = None, finished: torch.Tensor | None = None,
+                 static: StaticDecode | None = None):
     """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
 
     Rows already finished (a stop token, or marked by the caller in `finished`,
     e.g. a cancelled request) get `pad_id`; the loop ends when every row is done.
-    The caller may set `finished[row] = True` between steps.
+    The caller may set `finished[row] = True` between steps. `static`: decode
+    with fixed shapes (see `StaticDecode`); the same computation (compiled
+    bf16 kernels round differently, so near ties can break the other way).
     """
     from transformers import DynamicCache
 
@@ -149,7 +182,14 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     batch = input_ids.shape[0]
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    past = DynamicCache()
+    step_forward = model
+    if static is None:
+        past = DynamicCache()
+    else:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        past = static.new_cache(batch, input_ids.shape[1] + max_new_tokens, input_ids.device, dtype)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
+        step_forward = static.forward
     cache_kw = _cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -166,18 +206,20 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
         finished |= (done | torch.isin(token, stop)).cpu()  # one host sync per token, to stop early
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                       use_cache=True, **{cache_kw: past}).logits[:, -1, :]
+        if static is None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
+        # (a CUDA-graph replay overwrites its outputs: the logits are used up before the next step)
+        logits = step_forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                              use_cache=True, **{cache_kw: past}).logits[:, -1, :]
         next_pos = next_pos + 1
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
-           rng: torch.Generator | None = None) -> list[list[int]]:
+           rng: torch.Generator | None = None, static: StaticDecode | None = None) -> list[list[int]]:
     """All new tokens of every row, each cut before its first stop token."""
     steps = list(decode_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                              pad_id=pad_id, sampling=sampling, rng=rng))
+                              pad_id=pad_id, sampling=sampling, rng=rng, static=static))
     tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(input_ids.shape[0])]
     return [row[: next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in tokens]
 
@@ -190,7 +232,8 @@ class Generated:
 
 
 def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: set[int], pad_id: int,
-                   sampling: SamplingConfig, on_text=None, cancelled=None) -> list[Generated]:
+                   sampling: SamplingConfig, on_text=None, cancelled=None,
+                   static: StaticDecode | None = None) -> list[Generated]:
     """Decode prompts (token lists) as one batch, with stop strings, streaming and cancellation.
 
     on_text(row, delta): called as a row's text grows (text that could still turn
@@ -216,7 +259,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
             emitted[row] = upto
 
     for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
-                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished):
+                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static):
         for row, token in enumerate(step.tolist()):
             if reasons[row] is not None:
                 continue
@@ -246,8 +289,10 @@ class Generator:
     """Answer questions from an index with a (PEFT-wrapped or plain) causal LM."""
 
     def __init__(self, model, tokenizer, index=None, retrieval: RetrievalConfig | None = None, *,
-                 max_new_tokens: int = 24, batch_size: int = 8):
+                 max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False):
         self.model = model
+        # compile_decode (CUDA): each decode step one CUDA-graph replay; the first batch of a shape compiles
+        self.static = StaticDecode(model) if compile_decode else None
         self.tokenizer = tokenizer
         self.index = index
         self.retrieval = retrieval or RetrievalConfig()
@@ -307,7 +352,7 @@ class Generator:
                 shift = lambda f: None if f is None else (lambda row, *a: f(start + row, *a))  # noqa: E731
                 done = generate_batch(self.model, self.tokenizer, [p.input_ids for p in batch], stop_ids=self.stop_ids,
                                       pad_id=self.pad_id, sampling=sampling, on_text=shift(on_text),
-                                      cancelled=shift(cancelled))
+                                      cancelled=shift(cancelled), static=self.static)
                 answers.extend(self.make_answer(p, g) for p, g in zip(batch, done))
         finally:
             self.model.train(was_training)
