@@ -13,7 +13,6 @@ server's event loop. Reports JSON:
   uncached:  distinct questions at concurrency 1, 8, 32 (after a warm-up round), batching on
              (max_batch_size 32, --max-wait-ms) and off (1): generated tokens/s, p50, p99,
              statuses, mean batch size; and the on/off speed-up at each concurrency
-             (--compile-decode, CUDA: a third variant, batching on with compiled decode steps)
 
 Goals (issue 5): cached >= 1000 req/s with p99 < 100 ms at 200 clients on 2 cores; at
 concurrency 32 batching >= 4x the tokens/s of batching off; no 5xx anywhere.
@@ -183,8 +182,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=50, help="batching: how long a batch waits (server default 50)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--compile-decode", action="store_true",
-                        help="CUDA: also run batching on with compiled decode steps (StaticDecode)")
     parser.add_argument("--out", help="also write the JSON report here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
     args = parser.parse_args()
@@ -227,10 +224,7 @@ def main() -> None:
         report["uncached"] = []
         for concurrency in (1, 8, 32):
             row = {"concurrency": concurrency}
-            variants = [("batching_on", 32, False), ("batching_off", 1, False)]
-            variants += [("batching_on_compiled", 32, True)] if args.compile_decode else []
-            for label, max_batch, compiled in variants:
-                bank.compile_decode = compiled
+            for label, max_batch in (("batching_on", 32), ("batching_off", 1)):
                 total = 2 * concurrency if args.quick else max(4 * concurrency, 16)
                 app = create_app(server_settings(max_batch, cache=False, max_wait_ms=args.max_wait_ms), bank)
                 with serve_in_thread(app) as url:
@@ -241,9 +235,6 @@ def main() -> None:
                     passes, rows = (after - before for after, before in zip(batch_sizes(app), (passes, rows)))
                     row[label]["mean_batch_size"] = round(rows / passes, 2) if passes else None
             row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
-            if args.compile_decode:
-                row["compiled_vs_on"] = round(row["batching_on_compiled"]["tokens_per_s"]
-                                              / max(row["batching_on"]["tokens_per_s"], 1e-9), 2)
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)
     text = json.dumps(report, indent=2)

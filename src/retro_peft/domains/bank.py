@@ -28,8 +28,8 @@ from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
 from retro_peft.adapters.model import AdapterMismatchError, base_fingerprint, load_base_model, read_retro_config
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, StaticDecode,
-                                             generate_batch, stream_answer)
+from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
+                                             stream_answer)
 from retro_peft.index import open_index
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ class Domain:
 
 class AdapterBank:
     def __init__(self, base_model: str = "smollm2-135m", *, max_adapters: int = 8, device: str | None = None,
-                 dtype: torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32,
-                 compile_decode: bool = False):
+                 dtype: torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32):
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
@@ -70,10 +69,6 @@ class AdapterBank:
         self._resident: OrderedDict[str, None] = OrderedDict()  # adapters in memory, least recent first
         self._mixed: MixedLoRA | None = None
         self._encoder = None  # one query encoder shared by every index with the same encoder
-        # compile_decode (CUDA): answer_many's decode steps as CUDA-graph replays; built for the model
-        # object in use (it becomes a PeftModel when the first adapter loads)
-        self.compile_decode = compile_decode
-        self._static: StaticDecode | None = StaticDecode(self.model) if compile_decode else None
         # Rows routed to no domain: the base model, no retrieval.
         self._base_generator = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0),
                                          max_new_tokens=max_new_tokens)
@@ -218,16 +213,10 @@ class AdapterBank:
                 with self._adapters_for([domains[r] for r in group]):
                     done = generate_batch(self.model, self.tokenizer, [prompts[r].input_ids for r in group],
                                           stop_ids=self._base_generator.stop_ids, pad_id=self.tokenizer.pad_token_id,
-                                          sampling=sampling, on_text=shift(on_text), cancelled=shift(cancelled),
-                                          static=self._static_decode())
+                                          sampling=sampling, on_text=shift(on_text), cancelled=shift(cancelled))
                 for r, g in zip(group, done):
                     answers[r] = generators[domains[r]].make_answer(prompts[r], g)
         return answers
-
-    def _static_decode(self) -> StaticDecode | None:
-        if self.compile_decode and (self._static is None or self._static.model is not self.model):
-            self._static = StaticDecode(self.model)
-        return self._static
 
     def route(self, question: str) -> str | None:
         """The domain for `domain="auto"`: see `retro_peft.domains.routing`; None = base model, no retrieval."""

@@ -144,12 +144,9 @@ class StaticDecode:
     (causal masking hides the slots not written yet), so every step has the same
     shapes and `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph.
     The first call per batch shape compiles (tens of seconds); later calls replay.
-    Cache lengths are rounded up to a multiple of `LENGTH_STEP`, so that batches
-    of nearby prompt lengths share a graph. `compile=False` runs the same static
-    path eagerly (any device): the tests check it against the ordinary path.
+    `compile=False` runs the same static path eagerly (any device): the tests
+    check it against the ordinary path.
     """
-
-    LENGTH_STEP = 64
 
     def __init__(self, model, compile: bool = True):
         self.model = model
@@ -157,9 +154,6 @@ class StaticDecode:
         if compile and device.type != "cuda":
             raise InputError(f"compiled decoding replays CUDA graphs: it needs a CUDA device, the model is on {device}")
         self.forward = torch.compile(model.forward, mode="reduce-overhead") if compile else model.forward
-
-    def cache_length(self, tokens: int) -> int:
-        return -(-tokens // self.LENGTH_STEP) * self.LENGTH_STEP
 
     def new_cache(self, batch: int, length: int, device, dtype):
         from transformers import StaticCache
@@ -193,9 +187,8 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
         past = DynamicCache()
     else:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        length = static.cache_length(input_ids.shape[1] + max_new_tokens)
-        past = static.new_cache(batch, length, input_ids.device, dtype)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, length - input_ids.shape[1]))], dim=1)
+        past = static.new_cache(batch, input_ids.shape[1] + max_new_tokens, input_ids.device, dtype)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
         step_forward = static.forward
     cache_kw = _cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.

@@ -120,8 +120,6 @@ class ServeSettings(BaseSettings):
 
     model: str = "smollm2-135m"
     device: str | None = None
-    compile_decode: bool = Field(False, description="CUDA only: batched decode steps as CUDA-graph replays "
-                                 "(StaticDecode); the first passes of each new shape compile")
     max_adapters: int = Field(8, ge=1)
     domains: list[DomainConfig] | None = None
     host: str = "127.0.0.1"
