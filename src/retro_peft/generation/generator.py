@@ -145,7 +145,10 @@ class StaticDecode:
     shapes and `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph.
     The first call per batch shape compiles (tens of seconds); later calls replay.
     `compile=False` runs the same static path eagerly (any device): the tests
-    check it against the ordinary path.
+    check it against the ordinary path. Use a compiled one from one thread: torch
+    keeps CUDA-graph state per thread, and another thread fails an assertion in
+    `torch._inductor.cudagraph_trees` (seen when a second server app in the same
+    process started its own batcher thread).
     """
 
     def __init__(self, model, compile: bool = True):
