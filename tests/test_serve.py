@@ -241,6 +241,20 @@ def test_malformed_requests_get_openai_errors_not_500(url):
     assert httpx.get(f"{url}/v1/nothing-here").json()["error"]["type"] == "not_found_error"
 
 
+def test_an_internal_error_is_a_500_and_keeps_the_connection(bank, monkeypatch):
+    def broken(*args, **kwargs):
+        raise AssertionError("a bug inside generation")
+
+    monkeypatch.setattr(bank, "answer_many", broken)
+    with serve_in_thread(create_app(settings(), bank)) as base_url, httpx.Client() as http:
+        for i in range(3):  # one keep-alive connection: each request after a 500 must still be answered
+            reply = http.post(f"{base_url}/v1/completions", json={"model": "a", "prompt": f"Question {i}?",
+                                                                   "max_tokens": 2},
+                              headers={"Authorization": f"Bearer {KEY}"})
+            assert reply.status_code == 500 and reply.json()["error"]["code"] == "internal_error"
+        assert metric(base_url, "retro_peft_requests_total", route="/v1/completions", status="500", domain="a") == 3
+
+
 def test_health_and_metrics(url, client):
     assert httpx.get(f"{url}/health/live").json()["status"] == "ok"
     ready = httpx.get(f"{url}/health/ready").json()

@@ -575,7 +575,7 @@ class RequestContext:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], context["response_started"] = message["status"], True
                 extra = [(b"x-request-id", rid.encode("latin-1"))]
                 extra += [(k.encode(), str(v).encode()) for k, v in context["extra_headers"].items()]
                 message["headers"] = list(message.get("headers", [])) + extra
@@ -592,9 +592,9 @@ class RequestContext:
                 if await self._cache_hit(scope, headers, body, context, receive, send_with_headers):
                     path = scope["path"]
                 else:
-                    await self.app(scope, receive, send_with_headers)
+                    await self._app_answering_500(scope, receive, send_with_headers)
             else:
-                await self.app(scope, receive, send_with_headers)
+                await self._app_answering_500(scope, receive, send_with_headers)
         finally:
             path = path or getattr(scope.get("route"), "path", "unmatched")
             domain = str(context.get("domain", ""))[:64] if path.startswith("/v1/") else ""
@@ -607,6 +607,19 @@ class RequestContext:
                                               "status": status[0], "domain": domain,
                                               "duration_ms": round(seconds * 1000, 2)})
             request_id.reset(token)
+
+    async def _app_answering_500(self, scope, receive, send) -> None:
+        """The app; an unexpected error becomes a 500 in OpenAI's shape here, and goes no further: past this
+        point Starlette would answer the same 500 but re-raise, and uvicorn then resets the keep-alive
+        connection, so the client's next request on it fails (seen: ReadError after a 500)."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if scope["state"].get("response_started"):  # too late for a status: let uvicorn close it
+                raise
+            log.exception("unexpected error")
+            await ApiError(500, "internal server error", "server_error", "internal_error").response()(
+                scope, receive, send)
 
     async def _cache_hit(self, scope, headers, body: bytes, context, receive, send) -> bool:
         """Answer a known request from the response cache; False (nothing sent, nothing counted): full path."""
