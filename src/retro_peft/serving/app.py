@@ -309,7 +309,9 @@ async def _generate(state: ServerState, request: Request, principal: Principal, 
     key = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
         key = cache_key(kind, [model, questions, sampling.max_new_tokens, sampling.stop, retrieval])
-        state.known_requests.put(await _request_bytes(request), (key, kind, body.model))
+        identity = getattr(request.state, "request_identity", None)  # set by RequestContext
+        if identity is not None:
+            state.known_requests.put(identity, (key, kind, body.model))
         cached = await state.response_cache.aget(key)
         state.metrics.cache.labels("response", "hit" if cached is not None else "miss").inc()
         if cached is not None:
@@ -353,11 +355,6 @@ async def _generate(state: ServerState, request: Request, principal: Principal, 
         await state.response_cache.aset(key, encoded)
         request.state.extra_headers["x-cache"] = "miss"
     return Response(_with_id(encoded, kind), media_type="application/json")
-
-
-async def _request_bytes(request: Request) -> tuple:
-    """What makes two requests the same one before validation: route, content type and body bytes."""
-    return request.scope["path"], request.headers.get("content-type"), await request.body()  # read once, kept
 
 
 async def _route(state: ServerState, question: str) -> str | None:
@@ -589,7 +586,9 @@ class RequestContext:
             elif (self.state.known_requests is not None and scope["method"] == "POST"
                   and scope["path"] in self.CACHEABLE):
                 body, receive = await _buffered(receive)
-                if await self._cache_hit(scope, headers, body, context, receive, send_with_headers):
+                if body is not None:  # what makes two requests the same before validation
+                    context["request_identity"] = (scope["path"], headers.get(b"content-type"), body)
+                if await self._cache_hit(scope, context, headers, receive, send_with_headers):
                     path = scope["path"]
                 else:
                     await self._app_answering_500(scope, receive, send_with_headers)
@@ -617,21 +616,18 @@ class RequestContext:
         except Exception:
             if scope["state"].get("response_started"):  # too late for a status: let uvicorn close it
                 raise
-            log.exception("unexpected error")
-            await ApiError(500, "internal server error", "server_error", "internal_error").response()(
-                scope, receive, send)
+            await errors.unexpected_error()(scope, receive, send)
 
-    async def _cache_hit(self, scope, headers, body: bytes, context, receive, send) -> bool:
+    async def _cache_hit(self, scope, context, headers, receive, send) -> bool:
         """Answer a known request from the response cache; False (nothing sent, nothing counted): full path."""
         state = self.state
-        if body is None:
-            return False
-        known = state.known_requests.get((scope["path"], headers.get(b"content-type", b"").decode("latin-1") or None,
-                                          body))
-        if known is None or state.batcher is None:
+        known = state.known_requests.get(context.get("request_identity"))
+        if known is None:
             return False
         key, kind, model = known
-        if model != AUTO and model not in state.bank.domains:
+        try:
+            state.resolve_domain(model)  # still served (and the model loaded)
+        except ApiError:
             return False
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         try:

@@ -58,8 +58,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return ApiError(500, "internal server error", "server_error", "internal_error").response()
+        return unexpected_error()
+
+
+def unexpected_error() -> JSONResponse:
+    """Log the exception being handled; the 500 in OpenAI's shape."""
+    log.exception("unexpected error")
+    return ApiError(500, "internal server error", "server_error", "internal_error").response()
 
 
 def _describe(error: dict) -> str:
