@@ -64,6 +64,26 @@ def check_target_modules(model, config: RetroAdapterConfig) -> None:
                          f"{type(model).__name__} does not have; its linear layers are: {', '.join(leaves)}")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype to answer in: `dtype` by name ("auto" or None: bfloat16 on CUDA, float32 elsewhere).
+
+    bfloat16 on a CPU is a choice, not the default: on CPUs with native bf16 matrix
+    units (AVX512-BF16, AMX) it halves the prefill time, elsewhere it is slower than
+    float32, and it rounds differently with the batch's shape, so greedy answers can
+    differ from float32's and, in a batch, from the same request alone.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device is not None and str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """(model, tokenizer, resolved path) for a packaged short name, a local folder or a Hugging Face id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

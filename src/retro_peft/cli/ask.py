@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -72,7 +74,7 @@ def run(args) -> int:
     if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
         route = Router({n: index for n, (index, _adapter) in targets.items()}).route(args.text)
         name = route.domain
-    bank = AdapterBank(_base_model(args, targets), max_new_tokens=args.max_tokens)
+    bank = AdapterBank(_base_model(args, targets), max_new_tokens=args.max_tokens, dtype=args.dtype)
     if name is not None:
         index, adapter = targets[name]
         bank.load(name, index, adapter)

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
-from retro_peft.adapters.model import AdapterMismatchError, base_fingerprint, load_base_model, read_retro_config
+from retro_peft.adapters.model import (AdapterMismatchError, base_fingerprint, inference_dtype, load_base_model,
+                                      read_retro_config)
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
@@ -53,12 +54,13 @@ class Domain:
 
 class AdapterBank:
     def __init__(self, base_model: str = "smollm2-135m", *, max_adapters: int = 8, device: str | None = None,
-                 dtype: torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32):
+                 dtype: str | torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32):
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
-        if dtype is None:  # serving: bf16 on a GPU (adapters keep their own dtype), fp32 on a CPU
-            dtype = torch.bfloat16 if device is not None and str(device).startswith("cuda") else torch.float32
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # bf16 on a GPU, fp32 on a CPU unless asked (adapters keep their own dtype)
+        dtype = inference_dtype(device, dtype)
         self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)
         self.model.eval()
         self.fingerprint = base_fingerprint(self.model)

@@ -89,7 +89,7 @@ class ServerState:
                 specs = self._configured_domains()
                 self.domains = {d.name: "loading" for d in specs}
                 self.bank = AdapterBank(self.settings.model, max_adapters=self.settings.max_adapters,
-                                        device=self.settings.device)
+                                        device=self.settings.device, dtype=self.settings.dtype)
                 for spec in specs:
                     self.descriptions[spec.name] = spec.description
                     try:
