@@ -5,9 +5,11 @@ shared by the module's servers (used by one server at a time).
 """
 
 import asyncio
+import http.client
 import json
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -17,9 +19,10 @@ from peft import LoraConfig
 from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroLoraConfig
 from retro_peft.adapters.model import RetroPeftModel
 from retro_peft.domains.bank import AdapterBank
+from retro_peft.errors import InputError
 from retro_peft.serving.app import create_app
 from retro_peft.serving.cache import RequestKeys
-from retro_peft.serving.settings import ServeSettings
+from retro_peft.serving.settings import ServeSettings, load_settings
 from retro_peft.serving.testing import serve_in_thread
 
 from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
@@ -194,7 +197,9 @@ def test_retrieve_and_auto_routing(url, client):
     again = httpx.post(f"{url}/v1/retrieve", headers=headers, json={"model": "b", "query": "piano inventor", "k": 2})
     assert again.headers["x-cache"] == "hit" and again.json()["data"] == data
     routed = client.completions.create(model="auto", prompt="Who invented the piano?", max_tokens=4)
-    assert routed.model in {"a", "b", "plain", "base"}
+    # The piano passage is in index b, which `plain` shares; `a` (Normans, tea, Rhine) or base would be wrong.
+    assert routed.model in {"b", "plain"}
+    assert routed.choices[0].model_extra["citations"][0]["doc_id"] == "piano"
 
 
 def test_retrieval_options_k_mode_and_filters_apply_to_generation(url):
@@ -231,6 +236,8 @@ def test_malformed_requests_get_openai_errors_not_500(url):
          400),
         ("/v1/retrieve", json.dumps({"model": "a", "query": "x", "k": 10_000}).encode(), 400),
         ("/v1/retrieve", json.dumps({"model": "a", "query": "x", "mode": "psychic"}).encode(), 400),
+        ("/v1/retrieve", json.dumps({"model": "auto", "query": "  "}).encode(), 400),  # routed before searching
+        ("/v1/retrieve", json.dumps({"model": "a", "query": "  "}).encode(), 400),
         ("/v1/completions", b"x" * (2 << 20), 413),
     ]
     for path, body, status in cases:
@@ -239,6 +246,59 @@ def test_malformed_requests_get_openai_errors_not_500(url):
         error = response.json()["error"]
         assert error["message"] and error["type"], response.text
     assert httpx.get(f"{url}/v1/nothing-here").json()["error"]["type"] == "not_found_error"
+    # /v1/retrieve is retro-peft's own endpoint: a misspelt field is refused, not ignored (results unfiltered)
+    typo = httpx.post(f"{url}/v1/retrieve", headers=headers,
+                      json={"model": "b", "query": "piano", "filter": {"doc_id": "chess"}})
+    assert typo.status_code == 400 and typo.json()["error"]["param"] == "filter", typo.text
+
+
+def chunked_post(url: str, path: str, chunks: list[bytes]) -> tuple[int, dict]:
+    """POST with `Transfer-Encoding: chunked` and no Content-Length (http.client does so for an iterable body)."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.request("POST", path, body=iter(chunks),
+                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(url):
+    # No Content-Length to check up front: the bytes received are counted (default limit 1 MiB).
+    for path in ("/v1/completions", "/v1/retrieve"):
+        status, body = chunked_post(url, path, [b"x" * (64 << 10)] * 32)
+        assert (status, body["error"]["code"]) == (413, "body_too_large"), (path, body)
+    search = json.dumps({"model": "b", "query": "piano inventor", "k": 1}).encode()
+    status, body = chunked_post(url, "/v1/retrieve", [search[:10], search[10:]])
+    assert status == 200 and body["data"][0]["doc_id"] == "piano", body
+
+
+def test_routing_errors_are_400_not_500(tmp_path, small_encoder_dir, bank):
+    # `auto` compares scores across domains, so their indexes must share an encoder (EncoderMismatchError).
+    mixed = AdapterBank(bank.base_model_name, max_new_tokens=4)
+    mixed.load("mini", tiny_index(tmp_path / "idx-mini", DOCS[:3]).path)
+    mixed.load("tiny", tiny_index(tmp_path / "idx-tiny", DOCS[3:], encoder=str(small_encoder_dir)).path)
+    with serve_in_thread(create_app(settings(), mixed)) as mixed_url:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for path, body in [("/v1/retrieve", {"model": "auto", "query": "piano"}),
+                           ("/v1/completions", {"model": "auto", "prompt": "Who invented the piano?"})]:
+            response = httpx.post(f"{mixed_url}{path}", headers=headers, json=body)
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "model" and "encoder" in error["message"], error
+        # a named domain needs no routing
+        assert httpx.post(f"{mixed_url}/v1/retrieve", headers=headers,
+                          json={"model": "tiny", "query": "piano"}).status_code == 200
+
+
+def test_a_bad_log_level_is_a_settings_error(monkeypatch):
+    monkeypatch.setenv("RETRO_PEFT_LOG_LEVEL", "verbose")
+    with pytest.raises(InputError, match="log_level"):
+        load_settings()
+    monkeypatch.setenv("RETRO_PEFT_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "debug"
 
 
 def test_an_internal_error_is_a_500_and_keeps_the_connection(bank, monkeypatch):

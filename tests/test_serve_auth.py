@@ -143,6 +143,33 @@ def test_keys_from_the_environment_and_no_auth_must_be_explicit(monkeypatch):
     create_app(load_settings())  # keys from the environment are enough
 
 
+def test_jwt_settings_that_cannot_verify_any_token_fail_at_start_up(tmp_path):
+    pem = tmp_path / "public.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n")
+    cases = [({"public_key_file": str(pem)}, r"algorithm 'HS256' cannot use auth\.jwt\.public_key_file .*asymmetric"),
+             # a malformed PEM, or no `cryptography` package to read one
+             ({"public_key_file": str(pem), "algorithms": ["RS256"]}, r"algorithm 'RS256'"),
+             ({"secret": SECRET, "algorithms": ["HS999"]}, r"algorithm 'HS999'"),
+             ({"secret": ""}, r"auth\.jwt\.secret: HMAC key must not be empty"),
+             ({"secret": SECRET, "algorithms": []}, r"auth\.jwt\.algorithms is empty")]
+    for jwt_settings, message in cases:
+        with pytest.raises(InputError, match=message):
+            create_app(ServeSettings(auth={"jwt": jwt_settings}))
+
+
+def test_a_key_error_while_verifying_a_token_is_401_not_500(url, monkeypatch):
+    # Start-up checks the key against every configured algorithm; should PyJWT still reject it while
+    # verifying (InvalidKeyError is a PyJWTError but not an InvalidTokenError), the token is refused, not a 500.
+    credential = token(sub="key-error")
+
+    def reject(self, key):
+        raise jwt.InvalidKeyError("the key does not fit")
+
+    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key", reject)
+    refused = post(url, "/v1/completions", credential)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_token"), refused.text
+
+
 # -- Redis ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

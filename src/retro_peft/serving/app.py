@@ -358,7 +358,11 @@ async def _generate(state: ServerState, request: Request, principal: Principal, 
 
 
 async def _route(state: ServerState, question: str) -> str | None:
-    return await run_in_threadpool(state.bank.route, question)
+    try:
+        return await run_in_threadpool(state.bank.route, question)
+    except RetroPeftError as e:  # e.g. domains built with different encoders cannot be compared
+        raise ApiError(400, f"{AUTO!r} cannot route this question: {e}; name a domain instead", param="model",
+                       code="invalid_value") from None
 
 
 async def _wait_all(state: ServerState, request: Request, jobs) -> list[Answer] | None:
@@ -516,6 +520,8 @@ async def _retrieve(state: ServerState, request: Request, body: schemas.Retrieve
     model = state.resolve_domain(body.model)
     if body.k > state.settings.http.max_k:
         raise ApiError(400, f"k is at most {state.settings.http.max_k}", param="k", code="invalid_value")
+    if not body.query.strip():  # as an empty prompt: refused before routing or searching
+        raise ApiError(400, "the query is empty", param="query", code="invalid_value")
     domain = await _route(state, body.query) if model == AUTO else model
     if domain is None:  # no domain fits the question
         return schemas.RetrieveResponse(model=BASE, data=[])
@@ -579,13 +585,16 @@ class RequestContext:
             await send(message)
 
         try:
-            length = headers.get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_body:
-                error = ApiError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
-                await error.response()(scope, receive, send_with_headers)
-            elif (self.state.known_requests is not None and scope["method"] == "POST"
-                  and scope["path"] in self.CACHEABLE):
-                body, receive = await _buffered(receive)
+            length = headers.get(b"content-length")
+            cacheable = (self.state.known_requests is not None and scope["method"] == "POST"
+                         and scope["path"] in self.CACHEABLE)
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                raise BodyTooLarge
+            if length is None or cacheable:
+                # Without a Content-Length (chunked) the server bounds nothing: read and count the body here,
+                # before anything holds it whole.
+                body, receive = await _buffered(receive, self.max_body)
+            if cacheable:
                 if body is not None:  # what makes two requests the same before validation
                     context["request_identity"] = (scope["path"], headers.get(b"content-type"), body)
                 if await self._cache_hit(scope, context, headers, receive, send_with_headers):
@@ -594,6 +603,9 @@ class RequestContext:
                     await self._app_answering_500(scope, receive, send_with_headers)
             else:
                 await self._app_answering_500(scope, receive, send_with_headers)
+        except BodyTooLarge:
+            error = ApiError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
+            await error.response()(scope, receive, send_with_headers)
         finally:
             path = path or getattr(scope.get("route"), "path", "unmatched")
             domain = str(context.get("domain", ""))[:64] if path.startswith("/v1/") else ""
@@ -653,15 +665,22 @@ class RequestContext:
         return True
 
 
-async def _buffered(receive):
+class BodyTooLarge(Exception):
+    """The request body is over `http.max_body_bytes` (raised before the app has seen the request)."""
+
+
+async def _buffered(receive, limit: int):
     """The whole request body (None if the client left before sending it) and a `receive` that
-    replays what was read before passing on the client's own messages."""
-    chunks, more = [], True
+    replays what was read before passing on the client's own messages. BodyTooLarge past `limit` bytes."""
+    chunks, more, size = [], True, 0
     while more:
         message = await receive()
         if message["type"] != "http.request":  # gone mid-body: the app sees the disconnect
             return None, _replay(message, receive)
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise BodyTooLarge
         more = message.get("more_body", False)
     body = b"".join(chunks)
     return body, _replay({"type": "http.request", "body": body, "more_body": False}, receive)

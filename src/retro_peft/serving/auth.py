@@ -25,7 +25,7 @@ import jwt
 
 from retro_peft.errors import InputError
 from retro_peft.serving.errors import ApiError
-from retro_peft.serving.settings import SCOPES, ApiKeyConfig, AuthConfig
+from retro_peft.serving.settings import SCOPES, ApiKeyConfig, AuthConfig, JwtConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class Authenticator:
                 self._jwt_key = Path(config.jwt.public_key_file).read_text()
             except OSError as e:
                 raise InputError(f"JWT public key file: {e}") from None
+        if self._jwt_key is not None:
+            _check_jwt_key(config.jwt, self._jwt_key)
         self.open = not self._keys and self._jwt_key is None
         if self.open and not config.allow_unauthenticated:
             raise InputError("no API keys and no JWT secret are configured: add auth.keys, RETRO_PEFT_API_KEYS or "
@@ -119,11 +121,24 @@ class Authenticator:
             raise _unauthorized("the token has expired", "token_expired") from None
         except jwt.ImmatureSignatureError:
             raise _unauthorized("the token is not valid yet (nbf)", "invalid_token") from None
-        except jwt.InvalidTokenError as e:
+        except jwt.PyJWTError as e:  # InvalidTokenError, and InvalidKeyError (not one of them) for the token's alg
             raise _unauthorized(f"invalid token: {e}", "invalid_token") from None
         raw = claims.get("scope", claims.get("scopes", []))
         scopes = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
         return Principal(f"jwt:{claims.get('sub', 'unknown')}", frozenset(s for s in scopes if s in SCOPES), "jwt")
+
+
+def _check_jwt_key(config: JwtConfig, key: str) -> None:
+    """Prepare the key for every accepted algorithm now: a key that does not fit one (a PEM public key for
+    HS256, a malformed PEM, an empty secret) would otherwise fail on every token instead of at start-up."""
+    source = "auth.jwt.secret" if config.secret is not None else f"auth.jwt.public_key_file ({config.public_key_file})"
+    if not config.algorithms:
+        raise InputError("auth.jwt.algorithms is empty: no token could be verified")
+    for name in config.algorithms:
+        try:
+            jwt.get_algorithm_by_name(name).prepare_key(key)
+        except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError) as e:
+            raise InputError(f"auth.jwt.algorithms: algorithm {name!r} cannot use {source}: {e}") from None
 
 
 def _unauthorized(message: str, code: str) -> ApiError:

@@ -4,7 +4,8 @@ Bounds that depend on the server's settings (max_tokens, k, stop strings) are
 checked in `app.py` against the settings, so the schema stays valid for every
 configuration; the fixed ones (temperature, top_p, n) are declared here.
 Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored,
-as OpenAI-compatible servers do.
+as OpenAI-compatible servers do; /v1/retrieve is retro-peft's own, so there an
+unknown field (a misspelt `filters`) is an error.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class ChatResponse(BaseModel):
     usage: Usage
 
 
-class RetrieveRequest(_Request):
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # no client sends extra fields here: one is a typo
     model: str = Field(..., min_length=1, max_length=128, description="a domain name, or `auto`")
     query: str = Field(..., min_length=1)
     k: int = Field(5, ge=1)

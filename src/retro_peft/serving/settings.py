@@ -129,7 +129,7 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     graceful_shutdown_s: float = Field(30.0, ge=0)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # logging and uvicorn both know these
     log_json: bool = True
     api_keys: SecretStr | None = None  # RETRO_PEFT_API_KEYS
 
