@@ -124,6 +124,36 @@ def test_adapter_on_another_base_model_is_refused(tiny, tokenizer, tmp_path):
         RetroPeftModel.load(out, base_model="smollm2-135m")
 
 
+def test_an_overwrite_is_all_or_nothing_and_keeps_the_checkpoints(tiny, tokenizer, tmp_path, monkeypatch):
+    import retro_peft.adapters.model as adapter_model
+
+    out = RetroPeftModel.create(tiny, RetroLoraConfig(), seed=1).save(tmp_path / "adapter")
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    second = RetroPeftModel.create(tiny, RetroLoraConfig(), seed=2)
+    _train_a_little(second)
+
+    def die(*_a, **_k):  # the process dies just before the new folder would be swapped in
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adapter_model, "replace_folder", die)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no half-written folder left behind
+
+    second.save(out)
+    assert (out / "checkpoints" / "step-000002").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    ids, mask = _probe(tokenizer)
+    with torch.inference_mode():
+        assert torch.equal(RetroPeftModel.load(out).model(input_ids=ids, attention_mask=mask).logits,
+                           second.model(input_ids=ids, attention_mask=mask).logits)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 999}))  # a config from elsewhere
+    with pytest.raises(InputError, match="adapter_config.json does not match"):
+        RetroPeftModel.load(out)
+
+
 def test_damaged_or_foreign_adapter_folders_are_input_errors(tiny, tmp_path):
     out = RetroPeftModel.create(tiny, RetroLoraConfig()).save(tmp_path / "adapter")
     model = RetroPeftModel.create(tiny, RetroLoraConfig(), seed=5)  # other (random) lora_A, same shapes

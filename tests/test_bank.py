@@ -142,3 +142,13 @@ def test_bfloat16_on_a_cpu_is_a_choice_and_bad_dtypes_are_named(setup):
     answers = bank.answer_many(QUESTIONS, ["a", "b", "plain", None])  # mixed adapters over a bf16 base
     assert all(a.completion_tokens > 0 for a in answers)
     # (no batched == single check here: bf16 rounds differently with the batch's shape; float32 is the CPU default)
+
+
+def test_a_batch_with_more_adapters_than_fit_in_memory_decodes_in_parts(setup):
+    bank = _bank(setup, max_adapters=2)
+    domains = ["a", "b", "c", None, "c", "b", "a", "plain"]
+    questions = (QUESTIONS * 2)[: len(domains)]
+    batched = bank.answer_many(questions, domains)
+    assert len(bank._resident) <= 2
+    fresh = _bank(setup)  # room for all three
+    assert [a.text for a in batched] == [a.text for a in fresh.answer_many(questions, domains)]

@@ -1,6 +1,5 @@
 """`retro-peft demo`: the shipped corpus and QA pairs, the report, and a real (quick) run."""
 
-import argparse
 import json
 import os
 
@@ -88,19 +87,10 @@ def test_config_validation():
 
 
 def _run_demo_cli(argv: list[str]) -> int:
-    """Through `retro-peft` once `demo` is registered there; through its own subparser until then."""
-    from retro_peft.cli import build_parser, main
+    """Through the real `retro-peft` entry point."""
+    from retro_peft.cli import main
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "demo" in commands:
-        return main(argv)
-    from retro_peft.cli import demo as demo_cli
-
-    parser = argparse.ArgumentParser(prog="retro-peft")
-    demo_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """Domains: the registry, the `domain` CLI and routing, on real MiniLM/FAISS/bm25s indexes."""
 
-import argparse
 import json
 
 import pytest
@@ -107,21 +106,10 @@ def test_bad_inputs(home, wiki_indexes, tmp_path, adapter_dir):
 
 
 def cli(monkeypatch, *argv) -> int:
-    """`retro_peft.cli.main`, with the `domain` subcommand registered if the CLI does not have it yet."""
-    import retro_peft.cli as cli_module
-    from retro_peft.cli import domain as domain_cli
+    """`retro-peft ...` through the real entry point (its parser must have the `domain` subcommand)."""
+    from retro_peft.cli import main
 
-    original = cli_module.build_parser
-
-    def build():
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "domain" not in sub.choices:
-            domain_cli.register(sub)
-        return parser
-
-    monkeypatch.setattr(cli_module, "build_parser", build)
-    return cli_module.main(list(map(str, argv)))
+    return main(list(map(str, argv)))
 
 
 def test_cli(home, wiki_indexes, adapter_dir, monkeypatch, capsys):

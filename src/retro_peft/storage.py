@@ -84,3 +84,51 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_folder(new: Path, target: Path, *, carry_over: set[str] = frozenset()) -> None:
+    """Put the complete folder `new` at `target` in one step, so readers see the old folder or the new one.
+
+    `new` must be a sibling of `target` (same file system). Entries of the old
+    folder named in `carry_over` that `new` lacks (a training run's checkpoints)
+    are moved into the new folder afterwards; until then they wait, whole, in the
+    old folder's temporary name next to it.
+    """
+    new, target = Path(new), Path(target)
+    fsync_tree(new)
+    if not target.exists():
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        return
+    if _exchange(new, target):
+        old = new  # the names swapped: `new` now holds the old folder
+    else:  # a moment without `target`, but the old folder stays whole under another name
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+    fsync_dir(target.parent)
+    for name in carry_over:
+        if (old / name).exists() and not (target / name).exists():
+            os.rename(old / name, target / name)
+    fsync_dir(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,7 @@ import torch
 
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.storage import fsync_dir, fsync_tree, sha256_file
+from retro_peft.storage import replace_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,17 @@ class RetroPeftModel:
 
     # -- saving -------------------------------------------------------------------------
     def save(self, out_dir, *, index=None, training_data_sha256: str | None = None, extra: dict | None = None) -> Path:
-        """Write the adapter folder; each file atomically, retro_config.json last."""
+        """Write the adapter folder whole: built next to `out_dir`, then swapped in as one rename.
+
+        A save that dies half-way leaves the previous adapter (or none) in place, never a mix.
+        A training run's checkpoints in the old folder move into the new one.
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
-            weights_sha = sha256_file(tmp / "adapter_model.safetensors")
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card; the folder is the three files
             info = {
                 "format_version": FORMAT_VERSION,
                 "method": self.config.method,
@@ -188,15 +192,13 @@ class RetroPeftModel:
                 "index": _index_info(index) if index is not None else self.info.get("index"),
                 "template": self.config.retrieval.template,
                 "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
-                "adapter_model_sha256": weights_sha,
+                "adapter_model_sha256": sha256_file(tmp / "adapter_model.safetensors"),
+                "adapter_config_sha256": sha256_file(tmp / "adapter_config.json"),
                 "final_ranks": self.final_ranks(),
                 **(extra or {}),
             }
             (tmp / RETRO_CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            fsync_tree(tmp)
-            for name in (*ADAPTER_FILES, RETRO_CONFIG):
-                os.replace(tmp / name, out_dir / name)
-            fsync_dir(out_dir)
+            replace_folder(tmp, out_dir, carry_over={"checkpoints"})
             self.info = info
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,8 +269,11 @@ def read_retro_config(adapter_dir) -> dict:
         raise InputError(f"{path} is not valid JSON ({e.msg})") from None
     if not isinstance(info, dict) or "adapter" not in info or "base_model" not in info:
         raise InputError(f"{path} lacks the 'adapter' or 'base_model' section")
-    recorded = info.get("adapter_model_sha256")
-    if recorded and sha256_file(adapter_dir / "adapter_model.safetensors") != recorded:
-        raise InputError(f"{adapter_dir}/adapter_model.safetensors does not match {RETRO_CONFIG} "
-                         "(a save was interrupted or the files were mixed up)")
+    # both files, so a config from one save and weights from another never load together
+    for name, key in (("adapter_model.safetensors", "adapter_model_sha256"),
+                      ("adapter_config.json", "adapter_config_sha256")):
+        recorded = info.get(key)
+        if recorded and sha256_file(adapter_dir / name) != recorded:
+            raise InputError(f"{adapter_dir}/{name} does not match {RETRO_CONFIG} "
+                             "(the files were changed or mixed up after the save)")
     return info

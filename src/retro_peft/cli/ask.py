@@ -74,7 +74,8 @@ def run(args) -> int:
     if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
         route = Router({n: index for n, (index, _adapter) in targets.items()}).route(args.text)
         name = route.domain
-    bank = AdapterBank(_base_model(args, targets), max_new_tokens=args.max_tokens, dtype=args.dtype)
+    chosen = {name: targets[name]} if name is not None else {}  # the routed domain's adapter names the base
+    bank = AdapterBank(_base_model(args, chosen), max_new_tokens=args.max_tokens, dtype=args.dtype)
     if name is not None:
         index, adapter = targets[name]
         bank.load(name, index, adapter)

@@ -43,6 +43,8 @@ def run(args) -> int:
     from retro_peft.storage import atomic_write_bytes
     from retro_peft.training import evaluate
 
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be positive, got {args.limit}")
     if not args.no_retrieval and not args.index:

@@ -206,19 +206,35 @@ class AdapterBank:
             rows = [r for r, d in enumerate(domains) if d == name]
             for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows], search=search)):
                 prompts[row] = prompt
-            if name is not None:
-                self._ensure_resident(name)
         answers: list = [None] * len(questions)
         for start in range(0, len(questions), self.batch_size):
-            for group in self._decode_groups(list(range(start, min(start + self.batch_size, len(questions)))), domains):
-                shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
-                with self._adapters_for([domains[r] for r in group]):
-                    done = generate_batch(self.model, self.tokenizer, [prompts[r].input_ids for r in group],
-                                          stop_ids=self._base_generator.stop_ids, pad_id=self.tokenizer.pad_token_id,
-                                          sampling=sampling, on_text=shift(on_text), cancelled=shift(cancelled))
-                for r, g in zip(group, done):
-                    answers[r] = generators[domains[r]].make_answer(prompts[r], g)
+            for part in self._resident_parts(list(range(start, min(start + self.batch_size, len(questions)))), domains):
+                for name in dict.fromkeys(domains[r] for r in part if domains[r] is not None):
+                    self._ensure_resident(name)
+                for group in self._decode_groups(part, domains):
+                    shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
+                    with self._adapters_for([domains[r] for r in group]):
+                        done = generate_batch(self.model, self.tokenizer, [prompts[r].input_ids for r in group],
+                                              stop_ids=self._base_generator.stop_ids,
+                                              pad_id=self.tokenizer.pad_token_id, sampling=sampling,
+                                              on_text=shift(on_text), cancelled=shift(cancelled))
+                    for r, g in zip(group, done):
+                        answers[r] = generators[domains[r]].make_answer(prompts[r], g)
         return answers
+
+    def _resident_parts(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
+        """Split rows so that each part needs at most max_adapters adapters in memory at once
+        (loading one part's adapters must not evict another adapter of the same part)."""
+        by: dict = {}
+        for r in rows:
+            by.setdefault(self._adapter_of(domains[r]), []).append(r)
+        names = [a for a in by if a is not None]
+        if len(names) <= self.max_adapters:
+            return [rows]
+        parts = [[r for a in names[i:i + self.max_adapters] for r in by[a]]
+                 for i in range(0, len(names), self.max_adapters)]
+        parts[0] += by.get(None, [])  # base-model rows ride along with the first part
+        return [sorted(part) for part in parts]
 
     def route(self, question: str) -> str | None:
         """The domain for `domain="auto"`: see `retro_peft.domains.routing`; None = base model, no retrieval."""

@@ -293,6 +293,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, index=None, retrieval: RetrievalConfig | None = None, *,
                  max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model
         # compile_decode (CUDA): each decode step one CUDA-graph replay; the first batch of a shape compiles
         self.static = StaticDecode(model) if compile_decode else None
