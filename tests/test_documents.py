@@ -85,3 +85,65 @@ def test_qa_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InputError, match="holds no questions"):
         load_qa(tmp_path / "empty.jsonl")
+
+
+def _squad(paragraph=None, qa=None, article=None):
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": 0}], **(qa or {})}
+    paragraph = {"context": "Rollo led the Normans.", "qas": [qa], **(paragraph or {})}
+    return {"data": [{"title": "Normans", "paragraphs": [paragraph]} if article is None else article]}
+
+
+_NO_CONTEXT = _squad()
+del _NO_CONTEXT["data"][0]["paragraphs"][0]["context"]
+_NO_QUESTION = _squad()
+del _NO_QUESTION["data"][0]["paragraphs"][0]["qas"][0]["question"]
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        (_NO_CONTEXT, r"article 0 \('Normans'\), paragraph 0: each paragraph needs a 'context' string"),
+        (_squad(paragraph={"context": 5}), r"paragraph 0: each paragraph needs a 'context' string"),
+        (_squad(article="Normans"), r"article 0: expected an object with 'title' and 'paragraphs'"),
+        (_squad(article={"title": "Normans", "paragraphs": "text"}), r"article 0 \('Normans'\): 'paragraphs' must be a list"),
+        (_NO_QUESTION, r"paragraph 0, question 0: needs a non-empty 'question' string"),
+        (_squad(qa={"answers": ["Rollo"]}), r"question 0: 'answers' must be a list of objects with a 'text' string"),
+        (_squad(qa={"is_impossible": "false"}), r"question 0: 'is_impossible' must be true or false, got 'false'"),
+    ],
+)
+def test_malformed_squad_qa_files_name_the_article_paragraph_and_field(tmp_path, obj, message):
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(InputError, match=message):
+        load_qa(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("obj", [_NO_CONTEXT, _squad(paragraph={"context": 5}), _squad(article="Normans")])
+def test_malformed_squad_documents_name_the_article_and_paragraph(tmp_path, obj):
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(InputError, match=r"bad\.json: article 0"):
+        load_documents([tmp_path / "bad.json"])
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"question": "Q", "answers": ["a"], "gold_doc_ids": 5}, "qa.jsonl:1: 'gold_doc_ids' must be a list of document ids"),
+        ({"question": "Q", "answers": ["a"], "gold_doc_ids": [{"id": "d"}]}, "qa.jsonl:1: 'gold_doc_ids' must be a list"),
+        ({"question": "Q", "answers": [], "is_impossible": "false"},
+         "qa.jsonl:1: 'is_impossible' must be true or false, got 'false'"),
+    ],
+)
+def test_malformed_jsonl_qa_fields_name_the_line_and_field(tmp_path, line, message):
+    (tmp_path / "qa.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(InputError, match=message):
+        load_qa(tmp_path / "qa.jsonl")
+
+
+def test_well_formed_qa_fields_still_load(tmp_path):
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "Q", "answers": ["a"], "gold_doc_ids": ["d", 7]}) + "\n"
+                                       + json.dumps({"question": "R", "is_impossible": True, "gold_doc_ids": "e"}) + "\n")
+    first, second = load_qa(tmp_path / "qa.jsonl")
+    assert first.gold_doc_ids == ("d", "7") and not first.is_impossible
+    assert second.is_impossible and second.gold_doc_ids == ("e",)
+    (tmp_path / "ok.json").write_text(json.dumps(_squad(qa={"is_impossible": False})))
+    assert load_qa(tmp_path / "ok.json")[0].answers == ("Rollo",)

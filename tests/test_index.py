@@ -8,6 +8,8 @@ from retro_peft.index import Document, IndexConfig, MaxSimReranker, build_index,
 from retro_peft.index.embedding import EmbeddingCache, embed_with_cache
 from retro_peft.qa import QAItem
 
+from conftest import run_cli
+
 
 @pytest.fixture
 def index(corpus, tmp_path):
@@ -150,6 +152,15 @@ def test_qdrant_embedded_backend_matches_faiss(corpus, tmp_path):
     assert "opera" not in {h.doc_id for h in reopened.search("music theatre", k=10, mode="dense")}
 
 
+def test_qdrant_embedded_store_in_use_elsewhere_is_a_clear_error(corpus, tmp_path):
+    pytest.importorskip("qdrant_client")
+    build_index(tmp_path / "q", [corpus / "docs"], IndexConfig(backend="qdrant"))  # this process now holds the store
+    out = run_cli("index", "query", tmp_path / "q", "cats")
+    assert out.returncode == 2, out.stderr
+    assert f"embedded Qdrant store {tmp_path / 'q' / 'qdrant'} is in use by another process" in out.stderr
+    assert "--qdrant-url" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_embedding_cache_skips_known_chunks(encoder, tmp_path):
     cache = EmbeddingCache(encoder, tmp_path)
     texts = ["alpha beta", "gamma delta"]
@@ -171,3 +182,47 @@ def test_retrieval_metrics(index):
         m = report[mode]
         assert set(m) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
         assert m["recall@1"] == 1.0 and m["mrr@10"] == 1.0 and m["ndcg@10"] == 1.0
+
+
+def test_a_stale_writer_is_refused_and_the_first_writers_documents_survive(index, tmp_path):
+    path = tmp_path / "idx"
+    first, second = open_index(path), open_index(path)  # two writers, e.g. two `index add` processes
+    first.add([Document("tea", "Tea is brewed from the leaves of Camellia sinensis.", {"title": "Tea"})])
+    with pytest.raises(IndexFormatError, match=r"changed since it was opened \(generation 1 -> 2\); reopen it"):
+        second.add([Document("coffee", "Coffee is brewed from roasted coffee beans.", {"title": "Coffee"})])
+    with pytest.raises(IndexFormatError, match="changed since it was opened"):
+        second.delete(["opera"])
+    reopened = open_index(path)  # verifies every checksum
+    assert reopened.manifest["generation"] == 2
+    assert sorted(reopened.doc_ids()) == ["cats.md", "glacier", "opera", "rust.txt", "tea", "volcano"]
+    assert reopened.search("Camellia sinensis leaves", k=1)[0].doc_id == "tea"
+    files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    assert files == sorted(["manifest.json", *reopened.manifest["files"]])
+    # reopened, the refused writer's change goes through
+    assert open_index(path).add([Document("coffee", "Coffee is brewed from roasted coffee beans.", {})])["added"] == 1
+
+
+def test_a_build_racing_another_build_does_not_overwrite_it(corpus, tmp_path, monkeypatch):
+    from retro_peft.index import index as index_module
+
+    path = tmp_path / "idx"
+    real_embed = index_module._embed
+
+    def embed_while_another_build_commits(encoder, chunks, progress):
+        # Another process builds the same index while this one is embedding (after its existence check).
+        if not (path / "manifest.json").exists():
+            monkeypatch.setattr(index_module, "_embed", real_embed)
+            build_index(path, [corpus / "more.jsonl"])
+        return real_embed(encoder, chunks, progress)
+
+    monkeypatch.setattr(index_module, "_embed", embed_while_another_build_commits)
+    with pytest.raises(IndexFormatError, match="changed since it was opened"):
+        build_index(path, [corpus / "docs"])
+    assert sorted(open_index(path).doc_ids()) == ["glacier", "opera", "volcano"]
+
+
+def test_unknown_filter_fields_match_nothing_and_are_not_cached(index):
+    assert index.search("lava", k=5, filters={"no-such-field": "x"}) == []
+    assert index.search("lava", k=5, filters={"topic": "geo", "other-field": ["a", "b"]}) == []
+    assert set(index._filter_cache) == {"topic"}
+    assert {h.doc_id for h in index.search("lava", k=5, filters={"topic": "geo"})} == {"volcano", "glacier"}

@@ -37,6 +37,33 @@ def is_squad(obj) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("data"), list)
 
 
+def squad_paragraphs(obj, path: Path, articles: slice | None = None):
+    """(where, title, paragraph index, paragraph) for each paragraph of a SQuAD object, its fields checked.
+
+    `where` names the file, article and paragraph for error messages; the
+    paragraph's `context` is a string. The SQuAD document loader and `load_qa`
+    both read through here, so they agree on ids and on what a bad file is.
+    """
+    if not is_squad(obj):
+        raise InputError(f"{path} is JSON but not SQuAD format (expected a top-level 'data' list)")
+    data = obj["data"]
+    for ai in range(len(data))[articles or slice(None)]:
+        article = data[ai]
+        if not isinstance(article, dict):
+            raise InputError(f"{path}: article {ai}: expected an object with 'title' and 'paragraphs'")
+        title = article.get("title", "")
+        if not isinstance(title, str):
+            raise InputError(f"{path}: article {ai}: 'title' must be a string")
+        paragraphs = article.get("paragraphs", [])
+        if not isinstance(paragraphs, list):
+            raise InputError(f"{path}: article {ai} ({title!r}): 'paragraphs' must be a list")
+        for pi, paragraph in enumerate(paragraphs):
+            where = f"{path}: article {ai} ({title!r}), paragraph {pi}"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise InputError(f"{where}: each paragraph needs a 'context' string")
+            yield where, title, pi, paragraph
+
+
 def load_qa(path: str | Path, *, articles: slice | None = None, require_answers: bool = False) -> list[QAItem]:
     """Read a QA file; `articles` selects SQuAD articles (e.g. `slice(0, 3)` for the training split)."""
     path = Path(path)
@@ -57,24 +84,38 @@ def load_qa(path: str | Path, *, articles: slice | None = None, require_answers:
 
 
 def _load_squad(obj, path: Path, articles: slice | None) -> list[QAItem]:
-    if not is_squad(obj):
-        raise InputError(f"{path} is JSON but not SQuAD format (expected a top-level 'data' list)")
     items = []
-    for article in obj["data"][articles or slice(None)]:
-        title = article.get("title", "")
-        for pi, paragraph in enumerate(article.get("paragraphs", [])):
-            for qa in paragraph.get("qas", []):
-                answers = tuple(dict.fromkeys(a["text"] for a in qa.get("answers", []) if a.get("text")))
-                impossible = bool(qa.get("is_impossible", False)) or not answers
-                items.append(QAItem(
-                    id=str(qa.get("id", f"{title}/{pi}/{len(items)}")),
-                    question=qa["question"],
-                    answers=() if impossible else answers,
-                    gold_doc_ids=(squad_doc_id(title, pi),),
-                    is_impossible=impossible,
-                    metadata={"title": title},
-                ))
+    for where, title, pi, paragraph in squad_paragraphs(obj, path, articles):
+        qas = paragraph.get("qas", [])
+        if not isinstance(qas, list):
+            raise InputError(f"{where}: 'qas' must be a list")
+        for qi, qa in enumerate(qas):
+            if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not qa["question"].strip():
+                raise InputError(f"{where}, question {qi}: needs a non-empty 'question' string")
+            raw = qa.get("answers", [])
+            if not isinstance(raw, list) or not all(isinstance(a, dict) and isinstance(a.get("text", ""), str) for a in raw):
+                raise InputError(f"{where}, question {qi}: 'answers' must be a list of objects with a 'text' string")
+            answers = tuple(dict.fromkeys(a["text"] for a in raw if a.get("text")))
+            impossible = _flag(qa, "is_impossible", f"{where}, question {qi}") or not answers
+            items.append(QAItem(
+                id=str(qa.get("id", f"{title}/{pi}/{len(items)}")),
+                question=qa["question"],
+                answers=() if impossible else answers,
+                gold_doc_ids=(squad_doc_id(title, pi),),
+                is_impossible=impossible,
+                metadata={"title": title},
+            ))
     return items
+
+
+def _flag(obj: dict, name: str, where: str) -> bool:
+    # A JSON boolean only (null or absent: false): the string "false" would otherwise count as true.
+    value = obj.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: {name!r} must be true or false, got {value!r}")
+    return value
 
 
 def _load_jsonl(path: Path) -> list[QAItem]:
@@ -88,12 +129,14 @@ def _load_jsonl(path: Path) -> list[QAItem]:
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise InputError(f"{path}:{lineno}: 'answers' must be a list of strings")
         answers = tuple(a for a in answers if a.strip())
-        impossible = bool(obj.get("is_impossible", False))
+        impossible = _flag(obj, "is_impossible", f"{path}:{lineno}")
         if not answers and not impossible:
             raise InputError(f"{path}:{lineno}: question has no answers (set \"is_impossible\": true for an unanswerable one)")
         gold = obj.get("gold_doc_ids", [])
         if isinstance(gold, str):
             gold = [gold]
+        if not isinstance(gold, list) or not all(isinstance(g, (str, int)) and not isinstance(g, bool) for g in gold):
+            raise InputError(f"{path}:{lineno}: 'gold_doc_ids' must be a list of document ids (strings)")
         items.append(QAItem(
             id=str(obj.get("id", f"{path.stem}:{lineno}")),
             question=obj["question"].strip(),

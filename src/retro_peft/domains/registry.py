@@ -114,10 +114,9 @@ def _file(name: str) -> Path:
 
 
 def _check_index(index: str | Path) -> str:
-    try:
-        path = paths.resolve_index_path(index)
-    except ValueError:
-        raise InputError("a domain needs an index: the index name is empty") from None
+    if not str(index).strip():
+        raise InputError("a domain needs an index: the index name is empty")
+    path = paths.resolve_index_path(index)
     try:
         open_index(path, verify=False).close()
     except RetroPeftError as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_peft.errors import InputError
+from retro_peft.errors import IndexFormatError, InputError
 from retro_peft.storage import atomic_write_bytes
 
 BACKENDS = ("faiss", "qdrant")
@@ -196,5 +196,14 @@ def _qdrant_client(spec: dict, folder: Path):
     # The embedded Qdrant locks its folder: share one client per folder in a process.
     path = str((folder / "qdrant").resolve())
     if path not in _LOCAL_CLIENTS:
-        _LOCAL_CLIENTS[path] = QdrantClient(path=path)
+        try:
+            _LOCAL_CLIENTS[path] = QdrantClient(path=path)
+        except RuntimeError as e:
+            if "already accessed" not in str(e):
+                raise
+            # Another process (a server, a running `index add`) holds the folder's lock.
+            raise IndexFormatError(
+                f"the embedded Qdrant store {path} is in use by another process (it locks {path}/.lock): "
+                "stop that process, or build the index with --qdrant-url to share it through a Qdrant server"
+            ) from None
     return _LOCAL_CLIENTS[path]

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from retro_peft.errors import InputError
 from retro_peft.jsonl import read_jsonl
-from retro_peft.qa import is_squad, squad_doc_id
+from retro_peft.qa import squad_doc_id, squad_paragraphs
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 
@@ -89,11 +89,5 @@ def _squad_documents(path: Path) -> list[Document]:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
-    if not is_squad(obj):
-        raise InputError(f"{path} is JSON but not SQuAD format (expected a top-level 'data' list)")
-    docs = []
-    for article in obj["data"]:
-        title = article.get("title", "")
-        for pi, paragraph in enumerate(article.get("paragraphs", [])):
-            docs.append(Document(squad_doc_id(title, pi), paragraph["context"], {"title": title}))
-    return docs
+    return [Document(squad_doc_id(title, pi), paragraph["context"], {"title": title})
+            for _where, title, pi, paragraph in squad_paragraphs(obj, path)]

@@ -106,6 +106,7 @@ class Index:
         self._dense = dense
         self._encoder = encoder
         self._filter_cache: dict[str, dict[str, np.ndarray]] = {}
+        self._fields: set[str] | None = None  # metadata field names present in the chunks, and doc_id
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -214,8 +215,14 @@ class Index:
         """Rows whose metadata matches every `field: value` (compared as strings; a list: any of its values)."""
         if not filters:
             return None
-        allowed = None
+        if self._fields is None:
+            self._fields = {"doc_id"}.union(*(c.metadata for c in self._chunks))
+        allowed, none = None, np.zeros(0, np.int64)
         for name, value in filters.items():
+            if name not in self._fields:
+                # Matches nothing. Not cached: field names come from requests, and the
+                # cache must stay bounded by the fields the chunks really have.
+                return none
             if name not in self._filter_cache:
                 groups: dict[str, list[int]] = {}
                 for row, c in enumerate(self._chunks):
@@ -223,7 +230,7 @@ class Index:
                     if v is not None:
                         groups.setdefault(str(v), []).append(row)
                 self._filter_cache[name] = {v: np.array(rs, dtype=np.int64) for v, rs in groups.items()}
-            by_value, none = self._filter_cache[name], np.zeros(0, np.int64)
+            by_value = self._filter_cache[name]
             if isinstance(value, (list, tuple, set, frozenset)):  # any of them matches
                 rows = np.unique(np.concatenate([by_value.get(str(v), none) for v in value] or [none]))
             else:  # the common case: the cached (sorted) rows as they are, no copy
@@ -279,6 +286,7 @@ class Index:
                                                         _dense_options(self.manifest))
         self.manifest, self._chunks, self._vectors, self._sparse, self._dense = manifest, chunks, vectors, sparse, dense
         self._filter_cache.clear()
+        self._fields = None
         if old_dense.spec.get("collection") != dense.spec.get("collection"):
             old_dense.drop()
 
@@ -400,7 +408,14 @@ def _dense_options(manifest: dict) -> dict:
 
 
 def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: np.ndarray, options: dict):
-    """Write a complete new generation, then switch the manifest to it, then clean up."""
+    """Write a complete new generation, then switch the manifest to it, then clean up.
+
+    The caller holds the write lock. `previous` is the manifest the caller read
+    (generation 0 for a new index); if another writer committed since, this
+    writes nothing: writing from a stale manifest would drop that writer's
+    documents and reuse its generation's file names, which the live manifest names.
+    """
+    _check_unchanged(path, int(previous.get("generation", 0)))
     gen = int(previous.get("generation", 0)) + 1
     names = {"chunks": f"chunks-{gen:06d}.jsonl", "vectors": f"vectors-{gen:06d}.npy", "sparse": f"sparse-{gen:06d}"}
     lines = (json.dumps({"id": c.id, "doc_id": c.doc_id, "text": c.text, "metadata": c.metadata}, ensure_ascii=False)
@@ -431,6 +446,14 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
         if _is_generation_file(entry.name) and entry.name not in manifest["files"]:
             remove(entry)
     return manifest, sparse, dense
+
+
+def _check_unchanged(path: Path, generation: int) -> None:
+    current = _read_manifest(path)["generation"] if (path / "manifest.json").exists() else 0
+    if current != generation:
+        raise IndexFormatError(
+            f"index {path} changed since it was opened (generation {generation} -> {current}); reopen it and retry"
+        )
 
 
 def _is_generation_file(name: str) -> bool:
