@@ -145,9 +145,13 @@ def test_qdrant_embedded_backend_matches_faiss(corpus, tmp_path):
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-4)
     assert [h.doc_id for h in qdrant_index.search("lava", k=1, mode="dense", filters={"topic": "arts"})] == ["opera"]
     qdrant_index.add([Document("tea", "Tea is brewed from leaves.", {})])
+    reader = open_index(tmp_path / "q")  # e.g. a server replica, holding generation 2
     qdrant_index.delete(["opera"])
+    assert reader.search("brewed leaves", k=1, mode="dense")[0].doc_id == "tea"  # its collection is kept
     reopened = open_index(tmp_path / "q")
     assert reopened.manifest["dense"]["collection"].endswith("-g000003")
+    names = sorted(c.name[-8:] for c in reopened._dense.client.get_collections().collections)
+    assert names == ["-g000002", "-g000003"]  # older generations are dropped
     assert reopened.search("brewed leaves", k=1, mode="dense")[0].doc_id == "tea"
     assert "opera" not in {h.doc_id for h in reopened.search("music theatre", k=10, mode="dense")}
 

@@ -33,6 +33,10 @@ class DenseBackend(ABC):
     def drop(self) -> None:
         """Release storage outside the index folder (Qdrant collections)."""
 
+    def drop_older(self) -> None:
+        """Release outside storage of generations before the previous one. The previous one stays: other
+        processes (server replicas) may still be searching the manifest they opened."""
+
     def close(self) -> None:
         pass
 
@@ -179,6 +183,13 @@ class QdrantBackend(DenseBackend):
     def drop(self):
         if self.client.collection_exists(self.spec["collection"]):
             self.client.delete_collection(self.spec["collection"])
+
+    def drop_older(self):
+        prefix, current = self.spec["collection"].rsplit("-g", 1)
+        for c in self.client.get_collections().collections:
+            head, _, gen = c.name.rpartition("-g")
+            if head == prefix and gen.isdigit() and int(gen) < int(current) - 1:
+                self.client.delete_collection(c.name)
 
     def close(self):
         if self.spec.get("url"):  # embedded clients are shared per folder, see _qdrant_client

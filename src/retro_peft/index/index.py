@@ -280,15 +280,13 @@ class Index:
         return removed
 
     def _commit(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
-        old_dense = self._dense
         with _write_lock(self.path):
             manifest, sparse, dense = _write_generation(self.path, self.manifest, chunks, vectors,
                                                         _dense_options(self.manifest))
         self.manifest, self._chunks, self._vectors, self._sparse, self._dense = manifest, chunks, vectors, sparse, dense
         self._filter_cache.clear()
         self._fields = None
-        if old_dense.spec.get("collection") != dense.spec.get("collection"):
-            old_dense.drop()
+        dense.drop_older()
 
     def close(self) -> None:
         self._dense.close()
@@ -326,9 +324,10 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     path.mkdir(parents=True, exist_ok=True)
     with _write_lock(path):
         manifest, sparse, dense = _write_generation(path, base, chunks, vectors, options)
-    if old and old["dense"].get("collection") and old["dense"].get("collection") != dense.spec.get("collection"):
-        with contextlib.suppress(Exception):
-            open_dense(old["dense"], vectors[:0], path).drop()
+    with contextlib.suppress(Exception):
+        if old and old["dense"].get("collection") and not dense.spec.get("collection"):
+            open_dense(old["dense"], vectors[:0], path).drop()  # rebuilt on another backend
+        dense.drop_older()
     return Index(path, manifest, chunks, vectors, sparse, dense, encoder)
 
 
