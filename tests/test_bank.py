@@ -152,3 +152,12 @@ def test_a_batch_with_more_adapters_than_fit_in_memory_decodes_in_parts(setup):
     assert len(bank._resident) <= 2
     fresh = _bank(setup)  # room for all three
     assert [a.text for a in batched] == [a.text for a in fresh.answer_many(questions, domains)]
+
+
+def test_a_prompt_past_the_models_context_is_refused_before_decoding(setup):
+    bank = _bank(setup)
+    context = bank.model.config.max_position_embeddings
+    long_question = "Who invented the piano " + "and why " * context + "?"
+    with pytest.raises(InputError, match=f"exceeds the model's context of {context} tokens"):
+        bank.answer_many([QUESTIONS[0], long_question], ["a", "b"])
+    assert bank.answer(QUESTIONS[0], "a").completion_tokens > 0  # nothing else is affected

@@ -1,6 +1,9 @@
 """Domains: the registry, the `domain` CLI and routing, on real MiniLM/FAISS/bm25s indexes."""
 
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -36,13 +39,21 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A real retro-peft adapter folder (random LoRA on a tiny Llama), saved once."""
+    from helpers_adapters import smollm2_tokenizer, tiny_llama_folder
+
+    from retro_peft.adapters import RetroLoraConfig, RetroPeftModel
+
+    folder = tmp_path_factory.mktemp("adapter")
+    tiny = tiny_llama_folder(folder / "llama", smollm2_tokenizer())
+    return RetroPeftModel.create(str(tiny), RetroLoraConfig(), seed=0).save(folder / "adapter")
+
+
 @pytest.fixture
-def adapter_dir(tmp_path):
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
-    return folder
+def adapter_dir(tmp_path, saved_adapter):
+    return Path(shutil.copytree(saved_adapter, tmp_path / "adapter"))
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -90,16 +101,40 @@ def test_bad_inputs(home, wiki_indexes, tmp_path, adapter_dir):
         add_domain("nothing", tmp_path / "missing-index")
     with pytest.raises(InputError, match="index does not open"):
         add_domain("nothing", "never-built")
-    (adapter_dir / "adapter_model.safetensors").unlink()
-    with pytest.raises(InputError, match="not a PEFT adapter folder: it has no adapter_model.safetensors"):
+    (adapter_dir / "retro_config.json").unlink()  # a PEFT adapter, but not one retro-peft saved
+    with pytest.raises(InputError, match="PEFT adapter without retro_config.json"):
         add_domain("x", wiki_indexes["geo"], adapter=adapter_dir)
-    with pytest.raises(InputError, match="does not exist"):
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError, match="not an adapter folder: adapter_model.safetensors is missing"):
+        add_domain("x", wiki_indexes["geo"], adapter=adapter_dir)
+    with pytest.raises(InputError, match="adapter folder not found"):
         add_domain("x", wiki_indexes["geo"], adapter=tmp_path / "no-adapter")
     assert [d.name for d in list_domains()] == ["math"]  # nothing half-registered
 
     (home / "domains" / "broken.json").write_text("{not json")
     with pytest.raises(InputError, match="broken.json is unreadable"):
         get_domain("broken")
+
+
+def test_an_unreadable_domain_file_is_skipped_in_listings_and_can_be_removed(home, wiki_indexes, caplog,
+                                                                             monkeypatch, capsys):
+    add_domain("math", wiki_indexes["math"])
+    (home / "domains" / "broken.json").write_text("{not json")
+    (home / "domains" / "future.json").write_text(json.dumps(
+        {"format": "retro-peft-domain", "format_version": 99, "name": "future", "index": "x"}))
+    with caplog.at_level(logging.WARNING, logger="retro_peft"):
+        assert [d.name for d in list_domains()] == ["math"]  # one bad file does not hide the others
+    assert "broken.json is unreadable" in caplog.text and "format version 99" in caplog.text
+    with pytest.raises(InputError, match="format version 99"):
+        get_domain("future")  # asked for by name, it is still the clear error
+    assert cli(monkeypatch, "domain", "list") == 0 and capsys.readouterr().out.startswith("math\t")
+
+    assert remove_domain("broken") is None  # what cannot be read can still be removed
+    assert cli(monkeypatch, "domain", "remove", "future") == 0
+    assert "removed domain future" in capsys.readouterr().out
+    assert sorted(f.name for f in (home / "domains").iterdir()) == ["math.json"]
+    with pytest.raises(InputError, match="unknown domain 'broken'"):
+        remove_domain("broken")
 
 
 # -- CLI -----------------------------------------------------------------------------------------

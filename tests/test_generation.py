@@ -5,9 +5,9 @@ from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_
 
 from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
-from retro_peft.generation import (Generator, Passage, StaticDecode, build_prompt, decode, is_abstention,
-                                   normalize_answer)
-from retro_peft.generation.generator import left_pad, stop_token_ids
+from retro_peft.generation import (Generator, Passage, SamplingConfig, StaticDecode, build_prompt, decode,
+                                   is_abstention, normalize_answer)
+from retro_peft.generation.generator import cite, left_pad, stop_token_ids
 from retro_peft.generation.prompt import encode
 
 single_thread()
@@ -74,6 +74,17 @@ def test_empty_question_is_an_input_error(tokenizer):
         build_prompt(tokenizer, "  ", PASSAGES, RetrievalConfig())
 
 
+def test_a_prompt_past_the_models_context_is_an_input_error(tiny_model, tokenizer):
+    context = tiny_model.config.max_position_embeddings
+    generator = Generator(tiny_model, tokenizer, max_new_tokens=8)
+    question = "Where does the Rhine flow? " + "Tell me more. " * (context // 8)
+    n = len(generator.prompts([question])[0].input_ids)
+    assert n <= context  # the prompt alone fits; with the tokens to generate it does not
+    with pytest.raises(InputError, match=f"exceeds the model's context of {context} tokens"):
+        generator.answer(question, sampling=SamplingConfig(max_new_tokens=context - n + 1))
+    assert generator.answer(question, sampling=SamplingConfig(max_new_tokens=context - n)).completion_tokens > 0
+
+
 def test_batched_greedy_decoding_equals_one_request_at_a_time(tiny_model, tokenizer):
     retrieval = RetrievalConfig(context_tokens=160)
     questions = ["Where does the Rhine flow?", "Who made tea? Please answer in detail with all names.",
@@ -96,6 +107,17 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(tiny_model, tokeni
     one = [gen.answer(q, passages=p) for q, p in zip(questions, passages)]
     assert [(a.text, a.completion_tokens, a.prompt_tokens) for a in many] == \
            [(a.text, a.completion_tokens, a.prompt_tokens) for a in one]
+
+
+def test_sampled_rows_depend_only_on_their_own_seed_not_their_batch(tiny_model, tokenizer):
+    # The serving batcher batches requests with equal SamplingConfig: each must get the text it gets alone.
+    gen = Generator(tiny_model, tokenizer, retrieval=RetrievalConfig(context_tokens=160), batch_size=4)
+    question, seeded = "Where does the Rhine flow?", lambda s: SamplingConfig(max_new_tokens=12, temperature=0.8, seed=s)
+    alone = gen.answer(question, passages=PASSAGES[:1], sampling=seeded(1)).text
+    together = [a.text for a in gen.answer_many([question, question], passages=[PASSAGES[:1]] * 2, sampling=seeded(1))]
+    assert together == [alone, alone]
+    others = {gen.answer(question, passages=PASSAGES[:1], sampling=seeded(s)).text for s in (2, 3, 4)}
+    assert others - {alone}  # the seed still matters
 
 
 def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_model, tokenizer):
@@ -146,3 +168,12 @@ def test_abstention_and_answer_normalisation():
     assert is_abstention("i dont know, sorry", "I don't know.")
     assert not is_abstention("Normandy", "I don't know.")
     assert normalize_answer("The  North Sea!") == "north sea"
+
+
+def test_citations_match_the_answer_as_whole_words_only():
+    numbers = Passage("n#1", "n", "Sampling at 0.8 on 448 tokens.", "Numbers", 2.0)
+    oxygen = Passage("o#1", "o", "Oxygen has atomic number 8.", "Oxygen", 1.0)
+    assert cite("8", [numbers, oxygen]) == [("o#1", "o", "Oxygen", 1.0)]  # not "0.8" or "448"
+    assert cite("North Sea", PASSAGES) == [("a#1", "a", "Rhine", 2.0)]  # several words, inside a sentence
+    assert cite("Sea.", PASSAGES) == [("a#1", "a", "Rhine", 2.0)]  # at the passage's end, punctuation aside
+    assert len(cite("8", [numbers])) == 1  # no passage holds it: every passage the prompt held

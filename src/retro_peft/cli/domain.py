@@ -65,5 +65,8 @@ def _show(args) -> int:
 
 def _remove(args) -> int:
     spec = remove_domain(args.name)
-    print(f"removed domain {spec.name} (index {spec.index} and adapter left in place)")
+    if spec is None:  # its file was unreadable: nothing to say about its index or adapter
+        print(f"removed domain {args.name} (its file was unreadable)")
+    else:
+        print(f"removed domain {spec.name} (index {spec.index} and adapter left in place)")
     return 0

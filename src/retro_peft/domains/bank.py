@@ -31,6 +31,7 @@ from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
                                              stream_answer)
+from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.index import open_index
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class AdapterBank:
             rows = [r for r, d in enumerate(domains) if d == name]
             for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows], search=search)):
                 prompts[row] = prompt
+        check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list = [None] * len(questions)
         for start in range(0, len(questions), self.batch_size):
             for part in self._resident_parts(list(range(start, min(start + self.batch_size, len(questions)))), domains):

@@ -16,6 +16,7 @@ crash never leaves half a domain.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -29,8 +30,8 @@ from retro_peft.storage import atomic_write_json
 FORMAT = "retro-peft-domain"
 FORMAT_VERSION = 1
 AUTO = "auto"  # reserved: "pick the domain for me" wherever a domain name is accepted
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,27 +87,49 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
 
 
 def get_domain(name: str) -> DomainSpec:
-    check_domain_name(name)
-    file = _file(name)
-    if not file.exists():
-        known = [d.name for d in list_domains()]
-        listing = ", ".join(known) if known else "none registered yet (retro-peft domain add)"
-        raise InputError(f"unknown domain {name!r}; known domains: {listing}")
-    return _read(file)
+    return _read(_existing_file(name))
 
 
 def list_domains() -> list[DomainSpec]:
-    folder = domains_dir()
-    if not folder.is_dir():
-        return []
-    return [_read(f) for f in sorted(folder.glob("*.json")) if _NAME.fullmatch(f.stem)]
+    """Every readable domain. An unreadable or newer-format file is skipped with a warning, so that one
+    bad file does not break `domain list`, routing or `serve`; `get_domain` of its name raises the error."""
+    specs = []
+    for file in _files():
+        try:
+            specs.append(_read(file))
+        except RetroPeftError as e:
+            log.warning("skipping domain %r: %s", file.stem, e)
+    return specs
 
 
-def remove_domain(name: str) -> DomainSpec:
-    """Forget a domain (its index and adapter are left untouched). Returns what was removed."""
-    spec = get_domain(name)
-    _file(name).unlink()
+def remove_domain(name: str) -> DomainSpec | None:
+    """Forget a domain (its index and adapter are left untouched).
+
+    Returns what was removed, or None when its file was unreadable: a corrupt or newer-format domain
+    must still be removable, so the file is deleted whether or not it parses.
+    """
+    file = _existing_file(name)
+    try:
+        spec = _read(file)
+    except RetroPeftError:
+        spec = None
+    file.unlink()
     return spec
+
+
+def _files() -> list[Path]:
+    folder = domains_dir()
+    return sorted(f for f in folder.glob("*.json") if _NAME.fullmatch(f.stem)) if folder.is_dir() else []
+
+
+def _existing_file(name: str) -> Path:
+    check_domain_name(name)
+    file = _file(name)
+    if not file.exists():
+        known = [f.stem for f in _files()]  # names only: an unreadable file must not hide this message
+        listing = ", ".join(known) if known else "none registered yet (retro-peft domain add)"
+        raise InputError(f"unknown domain {name!r}; known domains: {listing}")
+    return file
 
 
 def _file(name: str) -> Path:
@@ -126,12 +149,12 @@ def _check_index(index: str | Path) -> str:
 
 
 def _check_adapter(adapter: str | Path) -> str:
+    # Imported here: it loads torch, which `domain list` and `show` do not need.
+    from retro_peft.adapters.model import read_retro_config
+
     path = Path(adapter).expanduser().resolve()
-    if not path.is_dir():
-        raise InputError(f"adapter folder {path} does not exist")
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise InputError(f"{path} is not a PEFT adapter folder: it has no {' and no '.join(missing)}")
+    # The checks the domain's loading does (files, retro_config.json, hashes): refused now, not at serve time.
+    read_retro_config(path)
     return str(path)
 
 

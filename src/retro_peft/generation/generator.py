@@ -20,7 +20,8 @@ import torch
 
 from retro_peft.adapters.config import RetrievalConfig
 from retro_peft.errors import InputError
-from retro_peft.generation.prompt import Passage, Prompt, build_prompt, end_of_turn_ids
+from retro_peft.generation.prompt import (Passage, Prompt, build_prompt, check_fits, end_of_turn_ids,
+                                          model_context)
 
 
 @dataclass
@@ -122,7 +123,10 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig,
+                  rng: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row. rng: one generator per row, so a row's draws never depend on the rows beside it
+    (a single generator would be advanced by each row in turn); a single one is shared by all rows."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -131,6 +135,10 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Gen
         outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(rng, (list, tuple)):
+        if len(rng) != probs.shape[0]:
+            raise InputError(f"sampling needs one generator per row: {len(rng)} for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, rng)])
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
@@ -169,7 +177,7 @@ class StaticDecode:
 @torch.inference_mode()
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
-                 rng: torch.Generator | None = None, finished: torch.Tensor | None = None,
+                 rng: torch.Generator | list[torch.Generator] | None = None, finished: torch.Tensor | None = None,
                  static: StaticDecode | None = None):
     """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
 
@@ -245,8 +253,10 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     """
     device = next(model.parameters()).device
     input_ids, mask = left_pad(sequences, pad_id, device)
-    rng = None if sampling.greedy else torch.Generator(device=device).manual_seed(sampling.seed)
     n = len(sequences)
+    # One generator per row, each seeded with the request's seed: a request's sample is the same alone or
+    # batched (the batcher groups requests with equal SamplingConfig, so equal seeds are per-request seeds).
+    rng = None if sampling.greedy else [torch.Generator(device=device).manual_seed(sampling.seed) for _ in range(n)]
     finished = torch.zeros(n, dtype=torch.bool)
     tokens: list[list[int]] = [[] for _ in range(n)]
     texts, emitted, reasons = [""] * n, [0] * n, [None] * n
@@ -348,6 +358,7 @@ class Generator:
                 raise InputError("the question is empty")
         sampling = self.sampling(sampling)
         prompts = self.prompts(questions, passages, search)
+        check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list[Answer] = []
         was_training = self.model.training
         self.model.eval()
@@ -393,7 +404,8 @@ def stream_answer(run):
 
 
 def cite(answer: str, passages: list[Passage]) -> list[tuple[str, str, str, float]]:
-    """The passages that contain the answer; if none does, every passage the prompt held."""
+    """The passages that contain the answer (as whole words); if none does, every passage the prompt held."""
     norm = normalize_answer(answer)
-    hits = [p for p in passages if norm and norm in normalize_answer(p.text)] or list(passages)
+    # Padded with spaces so that the answer matches whole words only: "8" is not in "0.8" (normalised "08") or "448".
+    hits = [p for p in passages if norm and f" {norm} " in f" {normalize_answer(p.text)} "] or list(passages)
     return [(p.chunk_id, p.doc_id, p.title, p.score) for p in hits]

@@ -142,3 +142,22 @@ def build_prompt(tokenizer, question: str, passages: list[Passage], retrieval: R
     kept = list(passages) if fitted else fit_passages(tokenizer, question, passages, retrieval)
     text = render(tokenizer, question, kept, retrieval)
     return Prompt(input_ids=encode(tokenizer, text), text=text, passages=kept)
+
+
+def model_context(model) -> int | None:
+    """The longest sequence the model was built for (None if its config does not say)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_fits(prompts: list[Prompt], max_new_tokens: int, context: int | None) -> None:
+    """Refuse a prompt that, with the tokens to generate, would run past the model's context:
+    positions beyond it were never trained (rotary models answer garbage, others fail)."""
+    if context is None:
+        return
+    for prompt in prompts:
+        if len(prompt.input_ids) + max_new_tokens > context:
+            from retro_peft.errors import InputError
+
+            raise InputError(f"the prompt is {len(prompt.input_ids)} tokens; with {max_new_tokens} new tokens it "
+                             f"exceeds the model's context of {context} tokens (shorten the question, or lower "
+                             f"max_new_tokens / context_tokens)")
