@@ -86,6 +86,17 @@ def test_config_validation():
     assert quick.steps == 5 and quick.eval_limit
 
 
+def test_demo_refuses_a_folder_as_report_before_any_work(tmp_path, monkeypatch, capsys):
+    import retro_peft.demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started working before checking its output paths")
+
+    monkeypatch.setattr(retro_peft.demo, "build_demo_index", no_work)
+    assert _run_demo_cli(["demo", "--quick", "--out", str(tmp_path / "adapter"), "--report", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+
+
 def _run_demo_cli(argv: list[str]) -> int:
     """Through the real `retro-peft` entry point."""
     from retro_peft.cli import main

@@ -89,6 +89,7 @@ def test_examples_follow_raft_and_put_loss_on_the_answer_only(items, index, toke
         if item.is_impossible:
             assert ex.target == "I don't know." and not ex.has_gold
         elif ex.has_gold:
+            # The target is the first answer the prompt's passages hold (here every item's answers[0]).
             assert ex.target == item.answers[0] and item.gold_doc_ids[0] in docs
         else:
             assert ex.target == "I don't know." and item.gold_doc_ids[0] not in docs
@@ -112,6 +113,36 @@ def test_oracle_fraction_extremes(items, index, tokenizer, p):
     answerable = [ex for ex, it in zip(examples, items) if not it.is_impossible]
     # P=1 with k=1: the gold chunk is inserted even where hybrid search ranks another first.
     assert all(ex.has_gold for ex in answerable) if p == 1.0 else not any(ex.has_gold for ex in answerable)
+
+
+WORD_DOCS = [
+    {"id": "usa", "title": "United States", "text": "The United States declared its independence from Britain in 1776."},
+    {"id": "ww2", "title": "Second World War", "text": "The Second World War ended in 1945 after six years of fighting."},
+    {"id": "moon", "title": "Moon", "text": "The Earth has 1 natural satellite, the Moon, which circles it every 27 days."},
+]
+
+
+@pytest.fixture(scope="module")
+def word_index(tmp_path_factory):
+    return tiny_index(tmp_path_factory.mktemp("words") / "idx", docs=WORD_DOCS)
+
+
+def test_target_is_the_answer_the_kept_passages_hold(word_index, tokenizer):
+    item = QAItem("us", "Which country declared independence in 1776?", ("USA", "United States"), ("usa",))
+    retrieval = RetrievalConfig(k=1, distractors=0, oracle_fraction=1.0, context_tokens=300)
+    (ex,) = build_examples([item], word_index, tokenizer, retrieval)
+    # The gold passage says "United States", never "USA": training on "USA" would teach an unsupported answer.
+    assert ex.has_gold and ex.target == "United States"
+
+
+def test_an_answer_counts_as_mentioned_only_as_whole_words(word_index, tokenizer):
+    item = QAItem("moons", "How many moons does the Earth have?", ("1",), ("moon",))
+    retrieval = RetrievalConfig(k=3, distractors=0, oracle_fraction=0.0, context_tokens=400)
+    (ex,) = build_examples([item], word_index, tokenizer, retrieval)
+    docs = {c.id: c.doc_id for c in word_index.chunks()}
+    # The no-gold share drops every chunk that gives the answer away; "1945" and "1776" do not say "1".
+    assert not ex.has_gold and ex.target == "I don't know."
+    assert {docs[c] for c in ex.chunk_ids} == {"usa", "ww2"}
 
 
 def test_training_data_without_any_answer_is_refused(index, tokenizer):
@@ -202,6 +233,35 @@ def test_resume_refuses_other_training_data(tiny, items, index, tokenizer, tmp_p
     other = build_examples(items, index, tokenizer, RETRIEVAL, seed=7)
     with pytest.raises(InputError, match="training data differs"):
         train(_fresh(tiny), other, config, out_dir=tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", -1, "seed must be a non-negative integer"),
+    ("length_window", 0, "length_window must be a positive integer"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("max_grad_norm", -1.0, "max_grad_norm must be >= 0"),
+    ("device", "gpu", "unknown device 'gpu'"),
+])
+def test_train_config_refuses_bad_values(field, value, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tiny, items, index, tokenizer, qa_file,
+                                                                       tmp_path, capsys):
+    examples = build_examples(items, index, tokenizer, RETRIEVAL)
+    config = TrainConfig(steps=3, batch_size=4, checkpoint_every=1)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_fresh(tiny), examples, config, out_dir=out, progress=False,
+              on_step=lambda s, _: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else None)
+    # Pruning keeps the highest step numbers of any run: a new run's checkpoints would go, the old run's stay.
+    with pytest.raises(InputError, match="holds checkpoints of an earlier run"):
+        train(_fresh(tiny), examples, config, out_dir=out, progress=False)
+    assert latest_checkpoint(out).name == "step-000002"
+    assert main(["train", "--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file),
+                 "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_adalora_prunes_ranks_and_reports_them(tiny, items, index, tokenizer, tmp_path):
@@ -302,6 +362,32 @@ def test_cli_bad_input_fails_before_training(tiny, index, qa_file, tmp_path, sma
         err = capsys.readouterr().err
         assert code == 2 and "error: " in err and message in err and "Traceback" not in err, err
         assert not out.exists()  # nothing was written: it failed before training
+
+
+def test_cli_bad_arguments_and_output_paths_fail_before_the_model_is_loaded(index, qa_file, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, wherever the test runs
+    missing = str(tmp_path / "no-model")  # loading it would fail: the error must come first
+    a_file, a_folder = tmp_path / "file.txt", tmp_path / "folder"
+    a_file.write_text("keep me\n")
+    a_folder.mkdir()
+    train_cli = ["train", "--model", missing, "--index", str(index.path), "--qa", str(qa_file)]
+    eval_cli = ["eval", "--model", missing, "--qa", str(qa_file), "--no-retrieval"]
+    cases = [
+        (train_cli + ["--out", str(tmp_path / "o1"), "--seed", "-1"], "seed must be a non-negative integer"),
+        (train_cli + ["--out", str(tmp_path / "o2"), "--lr", "0"], "learning rate must be positive"),
+        (train_cli + ["--out", str(tmp_path / "o3"), "--device", "gpu"], "unknown device 'gpu'"),
+        (train_cli + ["--out", str(tmp_path / "o4"), "--device", "cuda"], "CUDA is not available"),
+        (train_cli + ["--out", str(a_file)], "is an existing file"),
+        (train_cli + ["--out", str(a_file / "adapter")], "is a file, not a folder"),
+        (eval_cli + ["--device", "gpu"], "unknown device 'gpu'"),
+        (eval_cli + ["--predictions", str(a_folder)], "is a folder; give a file name"),
+    ]
+    for argv, message in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (argv, err)
+    assert a_file.read_text() == "keep me\n" and not any(tmp_path.glob("o?"))
 
 
 def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, tmp_path, small_encoder_dir, capsys):

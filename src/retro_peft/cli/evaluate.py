@@ -42,7 +42,11 @@ def run(args) -> int:
     from retro_peft.qa import load_qa
     from retro_peft.storage import atomic_write_bytes
     from retro_peft.training import evaluate
+    from retro_peft.training.trainer import check_device, check_output_file
 
+    check_device(args.device)
+    if args.predictions:  # else a bad path fails only after the whole evaluation
+        check_output_file(args.predictions, "--predictions")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:

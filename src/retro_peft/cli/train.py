@@ -62,16 +62,20 @@ def run(args) -> int:
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
+    from retro_peft.training.trainer import check_output_dir
 
     out = Path(args.out)
     # Every check that can fail runs before the model is loaded or a step is taken.
     if (out / "retro_config.json").exists() and not args.resume:
         raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
+    check_output_dir(out, resume=args.resume)
     retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
                                 context_tokens=args.context_tokens, mode=args.mode)
     config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
+    # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
+    lr = args.lr if args.lr is not None else config.default_lr
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                               lr=args.lr or config.default_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               lr=lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                eval_every=args.eval_every, device=args.device,
                                compile=args.compile)
     train_config.validate()

@@ -46,9 +46,23 @@ def _passage_from_chunk(chunk) -> Passage:
     return Passage(chunk_id=str(chunk.id), doc_id=str(chunk.doc_id), text=chunk.text, title=str(meta.get("title") or ""))
 
 
+def _mentions(text: str, answer: str) -> bool:
+    """`answer` occurs in `text` as whole words (both normalised): "1" is not in "1945", nor "8" in "448"."""
+    return bool(answer) and f" {answer} " in f" {text} "
+
+
 def _contains(passage: Passage, answers: tuple[str, ...]) -> bool:
     text = normalize_answer(passage.text)
-    return any(a and a in text for a in (normalize_answer(x) for x in answers))
+    return any(_mentions(text, normalize_answer(a)) for a in answers)
+
+
+def _supported_answer(passages: list[Passage], answers: tuple[str, ...]) -> str:
+    """The first answer that one of `passages` holds (else the first answer).
+
+    The target must be what the prompt shows: a gold chunk may hold "United States" but not "USA".
+    """
+    texts = [normalize_answer(p.text) for p in passages]
+    return next((a for a in answers if any(_mentions(t, normalize_answer(a)) for t in texts)), answers[0]).strip()
 
 
 def _holds_answer(passage: Passage, item: QAItem) -> bool:
@@ -111,9 +125,10 @@ def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_d
         chosen = retrieved[: retrieval.k]
     chosen += _distractors(item, chosen, chunks, retrieval.distractors, rng, answerable)
     kept = fit_passages(tokenizer, item.question, chosen, retrieval)  # priority: gold, retrieved, distractors
-    has_gold = any(_holds_answer(p, item) for p in kept) if not closed_book else answerable
+    golds = [p for p in kept if _holds_answer(p, item)]
+    has_gold = bool(golds) if not closed_book else answerable
     rng.shuffle(kept)  # the gold chunk's position must not give it away
-    target = item.answers[0].strip() if has_gold else retrieval.abstention
+    target = _supported_answer(golds, item.answers) if has_gold else retrieval.abstention
     prompt = build_prompt(tokenizer, item.question, kept, retrieval, fitted=True)
     answer_ids = encode(tokenizer, target) + end_of_turn_ids(tokenizer, retrieval)
     return TrainingExample(

@@ -60,14 +60,22 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer (see compile_layers); pays off on long CUDA runs
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "length_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise InputError(f"learning rate must be positive, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # numpy's default_rng refuses negative seeds and torch.manual_seed overflows past 64 bits,
+        # both only once the model is loaded.
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0")
+        check_device(self.device)
 
 
 @dataclass
@@ -85,6 +93,27 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_device(name: str | None) -> torch.device:
+    """The torch device `name` names (None: cuda if available, else cpu); refused here if torch cannot use it.
+
+    Otherwise a typo or a CPU-only torch surfaces as torch's own error once the model is loaded.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # the loops only know these two (autocast, fused AdamW)
+        raise InputError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -166,7 +195,9 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         raise InputError("no training examples")
     if resume and out_dir is None:
         raise InputError("resume needs the output folder that holds the checkpoints")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if out_dir is not None:
+        check_output_dir(out_dir, resume=resume)
+    device = check_device(config.device)
     peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
     adalora = isinstance(model.config, RetroAdaLoraConfig)
     if adalora:
@@ -297,6 +328,45 @@ def _fit_adalora_schedule(peft_model, steps: int) -> None:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
+
+def check_output_dir(out_dir, *, resume: bool = False) -> None:
+    """Refuse, before any work, an output folder the run could not write or whose old checkpoints it would spoil.
+
+    Otherwise the first checkpoint (or the final save) fails after the training, or a file
+    there is silently replaced by the adapter folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is an existing file; choose a folder")
+    _check_parent_writable(out, "output folder")  # the adapter is built next to `out` and renamed into place
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {out} is not writable")
+    folder = out / CHECKPOINTS
+    # Pruning keeps the highest step numbers whatever run wrote them: a new run's checkpoints
+    # would be deleted in favour of the old run's, and a later resume refused.
+    if not resume and folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir()):
+        raise InputError(f"{folder} holds checkpoints of an earlier run: resume it (--resume) "
+                         "or choose another output folder (--out)")
+
+
+def check_output_file(path, what: str = "output file") -> None:
+    """Refuse, before any work, a file path that cannot be written (a folder, or no writable folder above it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    _check_parent_writable(path, what)
+
+
+def _check_parent_writable(path: Path, what: str) -> None:
+    """The nearest existing folder above `path` (where missing folders would be created) must be writable."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():  # also walks up past a file used as a folder (`file/x` does not exist)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: {parent} is not writable")
+
 
 def latest_checkpoint(out_dir) -> Path | None:
     folder = Path(out_dir) / CHECKPOINTS
