@@ -7,7 +7,7 @@ from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation import (Generator, Passage, SamplingConfig, StaticDecode, build_prompt, decode,
                                    is_abstention, normalize_answer)
-from retro_peft.generation.generator import cite, left_pad, stop_token_ids
+from retro_peft.generation.generator import cite, left_pad, mentions, stop_token_ids
 from retro_peft.generation.prompt import encode
 
 single_thread()
@@ -177,3 +177,7 @@ def test_citations_match_the_answer_as_whole_words_only():
     assert cite("North Sea", PASSAGES) == [("a#1", "a", "Rhine", 2.0)]  # several words, inside a sentence
     assert cite("Sea.", PASSAGES) == [("a#1", "a", "Rhine", 2.0)]  # at the passage's end, punctuation aside
     assert len(cite("8", [numbers])) == 1  # no passage holds it: every passage the prompt held
+    # Other punctuation separates words: the demo guide's "32-token overlap" holds the answer "32".
+    assert mentions("Chunks overlap by a 32-token window.", "32") and mentions("retro-peft's index", "Retro-PEFT")
+    assert mentions("It stores the hash of the chunk text.", "hash of chunk text")  # articles aside
+    assert not mentions("In 1945 and 1776.", "1") and not mentions("top-p 0.8", "8") and not mentions("x", "")

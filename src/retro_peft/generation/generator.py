@@ -43,6 +43,21 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+# Words for "does this text hold the answer": a number keeps its decimal point or separators ("0.8" is one
+# word, so "8" is not in it), other punctuation separates ("32-token" holds "32"); case and articles aside.
+_WORD = re.compile(r"\d+(?:[.,]\d+)*|[^\W_]+")
+
+
+def _words(text: str) -> str:
+    return " ".join(w for w in _WORD.findall(text.lower()) if w not in ("a", "an", "the"))
+
+
+def mentions(text: str, answer: str) -> bool:
+    """`answer` occurs in `text` as whole words: "1" is not in "1945", "8" not in "0.8" or "448"."""
+    answer = _words(answer)
+    return bool(answer) and f" {answer} " in f" {_words(text)} "
+
+
 def is_abstention(text: str, phrase: str) -> bool:
     """The answer is (or starts with) the abstention phrase, after normalisation."""
     norm, target = normalize_answer(text), normalize_answer(phrase)
@@ -405,7 +420,5 @@ def stream_answer(run):
 
 def cite(answer: str, passages: list[Passage]) -> list[tuple[str, str, str, float]]:
     """The passages that contain the answer (as whole words); if none does, every passage the prompt held."""
-    norm = normalize_answer(answer)
-    # Padded with spaces so that the answer matches whole words only: "8" is not in "0.8" (normalised "08") or "448".
-    hits = [p for p in passages if norm and f" {norm} " in f" {normalize_answer(p.text)} "] or list(passages)
+    hits = [p for p in passages if mentions(p.text, answer)] or list(passages)
     return [(p.chunk_id, p.doc_id, p.title, p.score) for p in hits]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from retro_peft.adapters.config import RetrievalConfig
 from retro_peft.errors import InputError
-from retro_peft.generation.generator import normalize_answer
+from retro_peft.generation.generator import mentions
 from retro_peft.generation.prompt import Passage, build_prompt, encode, end_of_turn_ids, fit_passages
 from retro_peft.qa import QAItem
 
@@ -46,14 +46,8 @@ def _passage_from_chunk(chunk) -> Passage:
     return Passage(chunk_id=str(chunk.id), doc_id=str(chunk.doc_id), text=chunk.text, title=str(meta.get("title") or ""))
 
 
-def _mentions(text: str, answer: str) -> bool:
-    """`answer` occurs in `text` as whole words (both normalised): "1" is not in "1945", nor "8" in "448"."""
-    return bool(answer) and f" {answer} " in f" {text} "
-
-
 def _contains(passage: Passage, answers: tuple[str, ...]) -> bool:
-    text = normalize_answer(passage.text)
-    return any(_mentions(text, normalize_answer(a)) for a in answers)
+    return any(mentions(passage.text, a) for a in answers)
 
 
 def _supported_answer(passages: list[Passage], answers: tuple[str, ...]) -> str:
@@ -61,8 +55,7 @@ def _supported_answer(passages: list[Passage], answers: tuple[str, ...]) -> str:
 
     The target must be what the prompt shows: a gold chunk may hold "United States" but not "USA".
     """
-    texts = [normalize_answer(p.text) for p in passages]
-    return next((a for a in answers if any(_mentions(t, normalize_answer(a)) for t in texts)), answers[0]).strip()
+    return next((a for a in answers if any(mentions(p.text, a) for p in passages)), answers[0]).strip()
 
 
 def _holds_answer(passage: Passage, item: QAItem) -> bool:
