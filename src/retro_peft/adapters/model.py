@@ -64,6 +64,27 @@ def check_target_modules(model, config: RetroAdapterConfig) -> None:
                          f"{type(model).__name__} does not have; its linear layers are: {', '.join(leaves)}")
 
 
+def check_device(name: str | None) -> torch.device:
+    """The torch device `name` names (None: cuda if available, else cpu); refused here if torch cannot use it.
+
+    Otherwise a typo or a CPU-only torch surfaces as torch's own error once the model is loaded.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # the loops only know these two (autocast, fused AdamW)
+        raise InputError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

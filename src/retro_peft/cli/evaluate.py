@@ -32,19 +32,17 @@ def register(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    import torch
-
     from retro_peft.adapters import RetrievalConfig, RetroPeftModel
-    from retro_peft.adapters.model import check_index, inference_dtype, load_base_model, read_retro_config
+    from retro_peft.adapters.model import check_device, check_index, inference_dtype, load_base_model, read_retro_config
     from retro_peft.cli.train import parse_articles
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa
     from retro_peft.storage import atomic_write_bytes
     from retro_peft.training import evaluate
-    from retro_peft.training.trainer import check_device, check_output_file
+    from retro_peft.training.trainer import check_output_file
 
-    check_device(args.device)
+    device = str(check_device(args.device))
     if args.predictions:  # else a bad path fails only after the whole evaluation
         check_output_file(args.predictions, "--predictions")
     if args.batch_size < 1:
@@ -58,7 +56,6 @@ def run(args) -> int:
     index = open_index(args.index) if args.index and not args.no_retrieval else None
     if info and index is not None:
         check_index(info, index)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = inference_dtype(device, args.dtype)
     if args.adapter:
         model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
-from retro_peft.adapters.model import (AdapterMismatchError, base_fingerprint, inference_dtype, load_base_model,
-                                      read_retro_config)
+from retro_peft.adapters.model import (AdapterMismatchError, base_fingerprint, check_device, inference_dtype,
+                                      load_base_model, read_retro_config)
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
@@ -59,7 +59,7 @@ class AdapterBank:
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(check_device(device))
         # bf16 on a GPU, fp32 on a CPU unless asked (adapters keep their own dtype)
         dtype = inference_dtype(device, dtype)
         self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)

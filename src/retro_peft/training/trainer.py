@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
+from retro_peft.adapters.model import check_device
 from retro_peft.errors import InputError
 from retro_peft.storage import fsync_dir, fsync_tree
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
@@ -93,27 +94,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_device(name: str | None) -> torch.device:
-    """The torch device `name` names (None: cuda if available, else cpu); refused here if torch cannot use it.
-
-    Otherwise a typo or a CPU-only torch surfaces as torch's own error once the model is loaded.
-    """
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):  # the loops only know these two (autocast, fused AdamW)
-        raise InputError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}); use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 # -- data order ------------------------------------------------------------------------------------
