@@ -18,6 +18,12 @@ disabled so every row generates exactly `--new-tokens` tokens.
 - compiled (`--compile-decode`, CUDA): the batches of 1, 8 and 32 again with
   `StaticDecode` (static KV cache, each decode step one CUDA-graph replay), after
   an untimed run that compiles and records the graphs (its time is reported).
+- frozen KV cache (`--kv-cache`): prompts shaped like retrieval-augmented ones (a
+  shared head, 3 of 64 stored passages, a question tail; random tokens), decoded
+  one at a time and in batches of 8 and 32 twice: with a full prefill, and with
+  the passages' stored states put together by `FrozenKVCache.assemble` (timed)
+  so that only the tail is prefilled. Also the time to the first token of one
+  request, both ways.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from retro_peft.domains.mixed_lora import MixedLoRA  # noqa: E402
-from retro_peft.generation.generator import StaticDecode, decode, left_pad  # noqa: E402
+from retro_peft.generation.generator import StaticDecode, decode, decode_steps, left_pad  # noqa: E402
 
 RANDOM_CONFIGS = {
     # Llama-3.2-1B's shape with SmolLM2's vocabulary.
@@ -103,6 +109,41 @@ def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, de
     return statistics.median(rates)
 
 
+def kv_requests(n: int, length: int, vocab: int, passages: int = 3, pool: int = 64, seed: int = 1):
+    """Prompts built like retrieval-augmented ones: a shared head, `passages` of a pool of chunks (each after
+    its marker), then a question tail; about `length` tokens in all (75-100%, like `prompts`)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda m: torch.randint(100, vocab - 1, (m,), generator=g).tolist()  # noqa: E731
+    head, tail_len = rand(40), 40
+    body = max(8, (length - 40 - tail_len) // passages - 3)
+    markers = {f"<marker {i}>": rand(3) for i in range(1, passages + 1)}
+    chunks = {f"chunk:{i}": rand(int(torch.randint(int(body * 0.7), body + 1, (1,), generator=g))) for i in range(pool)}
+    rows = []
+    for _ in range(n):
+        picks = torch.randperm(pool, generator=g)[:passages].tolist()
+        keys = ["<head>"] + [k for i, c in enumerate(picks, 1) for k in (f"<marker {i}>", f"chunk:{c}")]
+        rows.append((keys, rand(int(torch.randint(tail_len // 2, tail_len + 1, (1,), generator=g)))))
+    return head, {**markers, **chunks}, rows
+
+
+def kv_tokens_per_second(model, cache, rows, batch_size: int, new_tokens: int, device: str, repeats: int) -> float:
+    """Like `tokens_per_second`, each batch's context assembled from the frozen cache (timed) and only the
+    tails prefilled."""
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            past, context_mask = cache.assemble([keys for keys, _ in chunk], device)
+            ids, mask = left_pad([tail for _, tail in chunk], 0, device)
+            decode(model, ids, torch.cat([context_mask, mask], dim=1), max_new_tokens=new_tokens, stop_ids=set(),
+                   pad_id=0, past=past)
+        sync(device)
+        rates.append(len(rows) * new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 class PeftMixed:
     """Calls the model with PEFT's own mixed-batch argument `adapter_names`."""
 
@@ -114,6 +155,64 @@ class PeftMixed:
 
     def __call__(self, **kw):
         return self.model(**kw, adapter_names=self.names)
+
+
+def time_to_first_token(model, cache, rows, device: str) -> float:
+    """Median ms from a single request's arrival (its token ids, or its stored segments + tail) to its first
+    new token: context assembly (with a cache) and prefill."""
+    times = []
+    for keys, tail in rows:
+        sync(device)
+        start = time.perf_counter()
+        past = None
+        ids, mask = left_pad([tail], 0, device)
+        if cache is not None:
+            past, context_mask = cache.assemble([keys], device)
+            mask = torch.cat([context_mask, mask], dim=1)
+        next(decode_steps(model, ids, mask, max_new_tokens=1, stop_ids=set(), pad_id=0, past=past))
+        sync(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def kv_section(model, args, vocab: int) -> dict:
+    """Batch sizes 1/8/32 and one at a time with the frozen KV cache, against full prefill of the same prompts."""
+    from retro_peft.kvcache import FrozenKVCache
+
+    head, segments, rows = kv_requests(args.requests, args.prompt_tokens, vocab)
+    start = time.perf_counter()
+    cache = FrozenKVCache.from_segments(model, head, {k: v for k, v in segments.items()}).attach(model)
+    build_s = time.perf_counter() - start
+    full = [[t for k in keys for t in ([*head] if k == "<head>" else segments[k])] + tail for keys, tail in rows]
+    kv_tokens_per_second(model, cache, rows[:2], 2, 2, args.device, 1)  # warm-up
+    out = {"segments": len(segments), "build_s": build_s, "prompt_tokens_mean": statistics.mean(map(len, full)),
+           "tail_tokens_mean": statistics.mean(len(t) for _, t in rows)}
+    out["full_one_at_a_time_tok_s"] = tokens_per_second(model, full, 1, args.new_tokens, args.device, args.repeats)
+    out["kv_one_at_a_time_tok_s"] = kv_tokens_per_second(model, cache, rows, 1, args.new_tokens, args.device,
+                                                         args.repeats)
+    out["full_batched_tok_s"], out["kv_batched_tok_s"] = {}, {}
+    for bsz in (8, 32):
+        if bsz <= args.requests:
+            out["full_batched_tok_s"][bsz] = tokens_per_second(model, full, bsz, args.new_tokens, args.device,
+                                                               args.repeats)
+            out["kv_batched_tok_s"][bsz] = kv_tokens_per_second(model, cache, rows, bsz, args.new_tokens,
+                                                                args.device, args.repeats)
+    out["ttft_ms"] = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], args.device),
+                      "kv": time_to_first_token(model, cache, rows, args.device)}
+    one = out["kv_one_at_a_time_tok_s"]
+    out["kv_batched_vs_kv_one"] = {b: r / one for b, r in out["kv_batched_tok_s"].items()}
+    out["kv_vs_full_same_batch"] = {1: one / out["full_one_at_a_time_tok_s"],
+                                    **{b: r / out["full_batched_tok_s"][b] for b, r in out["kv_batched_tok_s"].items()}}
+    print(f"\ntime to first token, one request (median of {len(rows)}): full prefill {out['ttft_ms']['full']:.1f} ms, "
+          f"frozen KV cache {out['ttft_ms']['kv']:.1f} ms")
+    print(f"\nfrozen KV cache ({len(segments)} stored segments, built in {build_s:.1f} s; prompts "
+          f"{out['prompt_tokens_mean']:.0f} tokens, of which {out['tail_tokens_mean']:.0f} prefilled)")
+    print("| decoding | full prefill tokens/s | frozen KV cache tokens/s | cache vs full |\n|---|---:|---:|---:|")
+    print(f"| one at a time | {out['full_one_at_a_time_tok_s']:.1f} | {one:.1f} | {out['kv_vs_full_same_batch'][1]:.2f}x |")
+    for bsz, rate in out["kv_batched_tok_s"].items():
+        print(f"| batch {bsz} | {out['full_batched_tok_s'][bsz]:.1f} | {rate:.1f} ({rate / one:.2f}x one at a time) | "
+              f"{out['kv_vs_full_same_batch'][bsz]:.2f}x |")
+    return out
 
 
 def main(argv=None) -> int:
@@ -129,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     p.add_argument("--compile-decode", action="store_true", help="also decode with StaticDecode (CUDA graphs; CUDA only)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="also decode from a frozen KV cache (stored passage states; only the question prefilled)")
+    p.add_argument("--kv-only", action="store_true", help="run only the frozen KV cache section")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
@@ -145,6 +247,12 @@ def main(argv=None) -> int:
                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "requests": args.requests}
+
+    if args.kv_only:
+        results["kv_cache"] = kv_section(model, args, vocab)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+        return 0
 
     tokens_per_second(model, reqs[:2], 2, 2, args.device, 1)  # warm-up
     one = tokens_per_second(model, reqs, 1, args.new_tokens, args.device, args.repeats)
@@ -165,6 +273,9 @@ def main(argv=None) -> int:
                                                                                  for b in compiled},
                                       "vs_one_at_a_time": {b: r / one for b, r in compiled.items()},
                                       "first_run_s": compile_s}
+
+    if args.kv_cache:
+        results["kv_cache"] = kv_section(model, args, vocab)
 
     b = min(32, args.requests)
     names = [f"d{i % args.adapters}" for i in range(args.requests)]

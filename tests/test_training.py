@@ -340,6 +340,19 @@ def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     closed = json.loads(capsys.readouterr().out)
     assert closed["retrieval_recall"] is None and closed["n"] == 2
 
+    # --kv-cache: built into the file by the first run, read back by the second (same answers), refused for
+    # another model (the base model without the adapter) and without retrieval.
+    kv = tmp_path / "kv" / "adapter.safetensors"
+    with_kv = ["eval", *map(str, common), "--adapter", str(out), "--limit", "3", "--kv-cache", str(kv)]
+    assert main([*with_kv, "--predictions", str(tmp_path / "p1.jsonl")]) == 0 and kv.is_file()
+    assert main([*with_kv, "--predictions", str(tmp_path / "p2.jsonl")]) == 0
+    assert (tmp_path / "p1.jsonl").read_text() == (tmp_path / "p2.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["eval", *map(str, common), "--limit", "1", "--kv-cache", str(kv)]) == 2
+    assert "other model weights" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny), "--qa", str(qa_file), "--no-retrieval", "--kv-cache", str(kv)]) == 2
+    assert "needs --index" in capsys.readouterr().err
+
     # Re-training into a finished folder is refused, not silently overwritten.
     assert main(["train", *map(str, common), "--out", str(out), "--steps", "2"]) == 2
     assert "already holds a trained adapter" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from retro_peft.errors import InputError
 
@@ -24,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
                         "native bf16, e.g. AVX512-BF16)")
+    p.add_argument("--kv-cache", metavar="FILE",
+                   help="answer from the frozen KV cache in FILE (stored passage states; built there first if FILE "
+                        "does not exist): only the question is prefilled")
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.set_defaults(func=run)
@@ -45,6 +49,8 @@ def run(args) -> int:
     device = str(check_device(args.device))
     if args.predictions:  # else a bad path fails only after the whole evaluation
         check_output_file(args.predictions, "--predictions")
+    if args.kv_cache and not os.path.exists(args.kv_cache):  # it will be built and written there
+        check_output_file(args.kv_cache, "--kv-cache")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
@@ -65,8 +71,15 @@ def run(args) -> int:
         retrieval = RetrievalConfig()
     overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
     retrieval = dataclasses.replace(retrieval, **overrides)
+    kv_cache = None
+    if args.kv_cache:
+        if index is None:
+            raise InputError("--kv-cache stores passage states: it needs --index (and retrieval)")
+        from retro_peft.kvcache import load_or_build
+
+        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval)
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, kv_cache=kv_cache)
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)
     if args.predictions:
         atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())

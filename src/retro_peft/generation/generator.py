@@ -85,7 +85,7 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.x names the KV cache argument `cache`; older versions `past_key_values`."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
@@ -193,8 +193,13 @@ class StaticDecode:
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
                  rng: torch.Generator | list[torch.Generator] | None = None, finished: torch.Tensor | None = None,
-                 static: StaticDecode | None = None):
+                 static: StaticDecode | None = None, past=None):
     """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
+
+    past: a cache that already holds each row's context (the frozen KV cache's
+    `assemble`); `attention_mask` then covers the context and `input_ids`, and
+    only `input_ids` is prefilled. Padding may sit inside the mask (context
+    padding, then input padding): positions count real tokens only.
 
     Rows already finished (a stop token, or marked by the caller in `finished`,
     e.g. a cancelled request) get `pad_id`; the loop ends when every row is done.
@@ -207,16 +212,18 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
     batch = input_ids.shape[0]
     # Left padding shifts every row; positions must count real tokens only.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
     step_forward = model
+    if static is not None and past is not None:
+        raise InputError("static decoding starts from an empty cache; it cannot take a precomputed context")
     if static is None:
-        past = DynamicCache()
+        past = DynamicCache() if past is None else past
     else:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         past = static.new_cache(batch, input_ids.shape[1] + max_new_tokens, input_ids.device, dtype)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
         step_forward = static.forward
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, logits_to_keep=1, **{cache_kw: past}).logits[:, -1, :]
@@ -242,10 +249,10 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
-           rng: torch.Generator | None = None, static: StaticDecode | None = None) -> list[list[int]]:
-    """All new tokens of every row, each cut before its first stop token."""
+           rng: torch.Generator | None = None, static: StaticDecode | None = None, past=None) -> list[list[int]]:
+    """All new tokens of every row, each cut before its first stop token (`past`: see `decode_steps`)."""
     steps = list(decode_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                              pad_id=pad_id, sampling=sampling, rng=rng, static=static))
+                              pad_id=pad_id, sampling=sampling, rng=rng, static=static, past=past))
     tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(input_ids.shape[0])]
     return [row[: next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in tokens]
 
@@ -259,8 +266,11 @@ class Generated:
 
 def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: set[int], pad_id: int,
                    sampling: SamplingConfig, on_text=None, cancelled=None,
-                   static: StaticDecode | None = None) -> list[Generated]:
+                   static: StaticDecode | None = None, context=None) -> list[Generated]:
     """Decode prompts (token lists) as one batch, with stop strings, streaming and cancellation.
+
+    context: (cache, mask) holding each row's precomputed context (`FrozenKVCache.assemble`);
+    `sequences` are then what follows it.
 
     on_text(row, delta): called as a row's text grows (text that could still turn
     into a stop string, or an incomplete character, is held back until it cannot).
@@ -268,6 +278,10 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     """
     device = next(model.parameters()).device
     input_ids, mask = left_pad(sequences, pad_id, device)
+    past = None
+    if context is not None:
+        past, context_mask = context
+        mask = torch.cat([context_mask.to(mask.device), mask], dim=1)
     n = len(sequences)
     # One generator per row, each seeded with the request's seed: a request's sample is the same alone or
     # batched (the batcher groups requests with equal SamplingConfig, so equal seeds are per-request seeds).
@@ -287,7 +301,8 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
             emitted[row] = upto
 
     for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
-                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static):
+                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static,
+                             past=past):
         for row, token in enumerate(step.tolist()):
             if reasons[row] is not None:
                 continue
@@ -317,10 +332,16 @@ class Generator:
     """Answer questions from an index with a (PEFT-wrapped or plain) causal LM."""
 
     def __init__(self, model, tokenizer, index=None, retrieval: RetrievalConfig | None = None, *,
-                 max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False):
+                 max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False, kv_cache=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if kv_cache is not None and compile_decode:
+            raise InputError("compile_decode and kv_cache cannot be combined yet")
         self.model = model
+        # kv_cache: a FrozenKVCache of `index` for this model; prompts then prefill only their question
+        self.kv_cache = None if kv_cache is None else kv_cache.attach(model)
+        if self.kv_cache is not None:
+            self.kv_cache.check(index=index, tokenizer=tokenizer, retrieval=retrieval or RetrievalConfig())
         # compile_decode (CUDA): each decode step one CUDA-graph replay; the first batch of a shape compiles
         self.static = StaticDecode(model) if compile_decode else None
         self.tokenizer = tokenizer
@@ -372,7 +393,13 @@ class Generator:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
         sampling = self.sampling(sampling)
-        prompts = self.prompts(questions, passages, search)
+        if self.kv_cache is not None:
+            cached = self.kv_cache.prompts(self.tokenizer, questions,
+                                           self.retrieve(questions, search) if passages is None else passages,
+                                           self.retrieval)
+            prompts = [c.prompt for c in cached]
+        else:
+            prompts = self.prompts(questions, passages, search)
         check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list[Answer] = []
         was_training = self.model.training
@@ -381,9 +408,14 @@ class Generator:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start:start + self.batch_size]
                 shift = lambda f: None if f is None else (lambda row, *a: f(start + row, *a))  # noqa: E731
-                done = generate_batch(self.model, self.tokenizer, [p.input_ids for p in batch], stop_ids=self.stop_ids,
+                sequences, context = [p.input_ids for p in batch], None
+                if self.kv_cache is not None:
+                    rows = cached[start:start + self.batch_size]
+                    sequences = [c.tail_ids for c in rows]
+                    context = self.kv_cache.assemble([c.keys for c in rows], self.device)
+                done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids,
                                       pad_id=self.pad_id, sampling=sampling, on_text=shift(on_text),
-                                      cancelled=shift(cancelled), static=self.static)
+                                      cancelled=shift(cancelled), static=self.static, context=context)
                 answers.extend(self.make_answer(p, g) for p, g in zip(batch, done))
         finally:
             self.model.train(was_training)

@@ -47,9 +47,18 @@ def instruction(abstention: str, closed_book: bool = False) -> str:
     return f'Answer the question in a few words, using only the passages. If they do not contain the answer, reply "{abstention}"'
 
 
-def format_passage(number: int, passage: Passage) -> str:
+def passage_marker(number: int) -> str:
+    return f"[{number}]"
+
+
+def passage_body(passage: Passage) -> str:
+    """The passage as the prompt shows it after its marker (the frozen KV cache stores these tokens)."""
     title = f"({passage.title}) " if passage.title else ""
-    return f"[{number}] {title}{passage.text.strip()}"
+    return f" {title}{passage.text.strip()}"
+
+
+def format_passage(number: int, passage: Passage) -> str:
+    return passage_marker(number) + passage_body(passage)
 
 
 def _user_message(question: str, passage_lines: list[str], abstention: str) -> str:

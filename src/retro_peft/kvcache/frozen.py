@@ -1,0 +1,417 @@
+"""Frozen KV cache: the attention states of every indexed chunk, computed once.
+
+A retrieval-augmented prompt is mostly passages that some earlier prompt already
+held. Here each passage's key/value states are computed once, stored, and put
+together at query time, so a prompt prefills only its question and instruction.
+
+A prompt (`generation.prompt.render`) is cut into segments:
+
+    head | "[1]" | " (title) text" | "\\n[2]" | " (title) text" | ... | tail
+
+head: the template up to the passages ("...user\\nPassages:\\n"), the same for
+every question. Computed once each: the markers "[n]", right after the head,
+and every passage body with the states it has as the first passage of a prompt
+(after the head and "[1]"). At query time a row's context is the head, then each
+marker and body at its real position: the stored keys are rotated by the
+position shift (RoPE rotations compose: R(p + d) = R(d) R(p)); values carry no
+position. Only the tail (question, instruction, answer cue) runs through the
+model, attending to all of it.
+
+Block attention, not the full prompt's attention: a passage attends to the head
+and "[1]", not to the passages before it. With one passage the two are the same
+computation (a test checks it); with several, answers can differ from a full
+prefill (measured in BENCHMARKS.md). Passages are kept whole (a passage that
+does not fit the token budget is dropped, not cut).
+
+Supported: rotary (rotate-half) models with full attention, Llama-style (the
+packaged SmolLM2 is a Llama). The states belong to one base model, adapter,
+index and template: the file records their fingerprints and `load` refuses a
+mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retro_peft.errors import InputError
+from retro_peft.generation.generator import cache_kwarg
+from retro_peft.generation.prompt import (Passage, Prompt, build_prompt, encode, passage_body, passage_marker,
+                                          render)
+from retro_peft.storage import fsync_dir
+
+FORMAT = "retro-peft-kvcache"
+FORMAT_VERSION = 1
+SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
+MAX_PASSAGES = 32  # markers "[1]".."[32]" are stored; a prompt never holds more passages
+HEAD = "<head>"
+
+
+def marker_key(n: int) -> str:
+    return f"<marker {n}>"
+
+
+def _chunk_key(passage: Passage) -> str:
+    return f"chunk:{passage.chunk_id}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+@dataclass
+class CachedPrompt:
+    """A prompt as the frozen cache runs it: stored segments (`keys`), then `tail_ids` through the model.
+
+    `prompt.input_ids` is the whole prompt (segments + tail), for counting and for the full-prefill
+    reference. A prompt with no passages, or with a passage the cache does not hold, has no keys:
+    it is prefilled in full.
+    """
+
+    prompt: Prompt
+    keys: list[str]
+    tail_ids: list[int]
+
+
+def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _new_cache(keys: list[torch.Tensor], values: list[torch.Tensor]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer)
+    return cache
+
+
+def _rotary(model):
+    """The model's rotary embedding (its `inv_freq`), after checking the model is one this cache supports."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODELS:
+        raise InputError(f"the frozen KV cache supports {', '.join(SUPPORTED_MODELS)} models (rotary, full "
+                         f"attention); this model is {getattr(config, 'model_type', None)!r}")
+    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None):
+        raise InputError("the frozen KV cache needs full attention; this model uses a sliding window")
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise InputError("the frozen KV cache needs a rotary embedding (`rotary_emb.inv_freq`); the model has none")
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise InputError("the frozen KV cache cannot move keys under a scaled rotary embedding "
+                         f"(attention_scaling {rotary.attention_scaling})")
+    return rotary
+
+
+def rotate(keys: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move rotary-encoded keys [..., tokens, head_dim] by `shift` [tokens] positions (HF's rotate-half layout)."""
+    angle = shift.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    angle = torch.cat([angle, angle], dim=-1)
+    k = keys.to(torch.float32)
+    half = k.shape[-1] // 2
+    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * angle.cos() + rotated * angle.sin()).to(keys.dtype)
+
+
+def weights_fingerprint(model) -> str:
+    """The base model and, for a PEFT model, its active adapter's weights: what the states depend on."""
+    from retro_peft.adapters.model import base_fingerprint
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hashlib.sha256(json.dumps(base_fingerprint(inner), sort_keys=True).encode())
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        # the adapter's weights, not its name: a bank may load it under another name
+        for name, tensor in sorted(get_peft_model_state_dict(model, adapter_name=model.active_adapter).items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def index_fingerprint(index) -> str:
+    """The chunks (ids and texts) the states were computed from; any change to the index changes it."""
+    h = hashlib.sha256()
+    for chunk in index.chunks():
+        h.update(f"{chunk.id}\0{chunk.text}\0{(chunk.metadata or {}).get('title', '')}\0".encode())
+    return h.hexdigest()
+
+
+def template_segments(tokenizer, retrieval) -> tuple[str, list[str]]:
+    """The head text and the separator texts (marker n with what precedes it) of this template."""
+    probe = Passage("probe", "probe", "probe text")
+    heads = set()
+    for question in ("first probe question?", "another probe, longer question?"):
+        full = render(tokenizer, question, [probe], retrieval)
+        cut = full.find(passage_marker(1) + passage_body(probe))
+        if cut < 0:
+            raise InputError("the prompt template does not hold passages the frozen KV cache can cut out")
+        heads.add(full[:cut])
+    if len(heads) != 1:
+        raise InputError("the prompt template puts question text before the passages: no shared head to cache")
+    head = heads.pop()
+    two = render(tokenizer, "probe?", [probe, probe], retrieval)
+    if not two[len(head) + len(passage_marker(1) + passage_body(probe)):].startswith("\n" + passage_marker(2)):
+        raise InputError("the prompt template does not separate passages the way the frozen KV cache expects")
+    return head, [passage_marker(1)] + ["\n" + passage_marker(n) for n in range(2, MAX_PASSAGES + 1)]
+
+
+class FrozenKVCache:
+    """Stored key/value states of a head, passage markers and passage bodies (see the module docstring).
+
+    keys, values: [layers, kv_heads, tokens, head_dim], every segment's tokens one after another;
+    spans: {segment key: (start, length, position it was computed at)}.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spans: dict[str, tuple[int, int, int]],
+                 token_ids: dict[str, list[int]], meta: dict, digests: dict[str, str] | None = None):
+        self.keys, self.values, self.spans, self.token_ids, self.meta = keys, values, spans, token_ids, meta
+        self.digests = digests or {}  # chunk segment -> digest of the passage text its states were computed from
+        self._inv_freq = None
+
+    # -- building ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.inference_mode()
+    def from_segments(cls, model, head_ids: list[int], segments: dict[str, list[int]], *,
+                      lead: dict[str, list[int]] | None = None, batch_size: int = 8, meta: dict | None = None,
+                      progress: bool = False) -> "FrozenKVCache":
+        """Compute the states of `head_ids`, then of every segment after the head and its `lead` tokens
+        (lead[key], default none: what the segment sees between the head and itself; not stored)."""
+        from tqdm.auto import tqdm
+
+        _rotary(model)
+        if not head_ids:
+            raise InputError("the frozen KV cache needs a non-empty head")
+        lead = lead or {}
+        empty = [k for k, ids in segments.items() if not ids]
+        if empty:
+            raise InputError(f"segment {empty[0]!r} has no tokens")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            from transformers import DynamicCache
+
+            cache_kw = cache_kwarg(model)
+            head_cache = DynamicCache()
+            model(input_ids=torch.tensor([head_ids], device=device), use_cache=True, logits_to_keep=1,
+                  **{cache_kw: head_cache})
+            layers = model.config.num_hidden_layers
+            head_states = [_layer_states(head_cache, i) for i in range(layers)]
+            n = len(head_ids)
+            parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
+            parts_v = [torch.stack([v[0] for _, v in head_states])]
+            spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
+            items = list(segments.items())
+            for first in tqdm(range(0, len(items), batch_size), disable=not progress, desc="kv cache"):
+                group = items[first:first + batch_size]
+                inputs = [lead.get(key, []) + seg for key, seg in group]
+                width = max(len(x) for x in inputs)
+                ids = torch.zeros((len(group), width), dtype=torch.long)
+                mask = torch.zeros((len(group), n + width), dtype=torch.long)
+                mask[:, :n] = 1
+                for row, x in enumerate(inputs):  # right padding: real tokens never see it (causal)
+                    ids[row, :len(x)] = torch.tensor(x)
+                    mask[row, n:n + len(x)] = 1
+                past = _new_cache([k.expand(len(group), -1, -1, -1).contiguous() for k, _ in head_states],
+                                  [v.expand(len(group), -1, -1, -1).contiguous() for _, v in head_states])
+                positions = torch.arange(n, n + width, device=device).expand(len(group), -1)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+                      use_cache=True, logits_to_keep=1, **{cache_kw: past})
+                states = [_layer_states(past, i) for i in range(layers)]
+                k_all = torch.stack([k[:, :, n:] for k, _ in states], dim=1)  # [rows, layers, kv_heads, width, d]
+                v_all = torch.stack([v[:, :, n:] for _, v in states], dim=1)
+                for row, (key, seg) in enumerate(group):
+                    skip = len(lead.get(key, []))
+                    parts_k.append(k_all[row, :, :, skip:skip + len(seg)].clone())
+                    parts_v.append(v_all[row, :, :, skip:skip + len(seg)].clone())
+                    spans[key] = (start, len(seg), n + skip)
+                    token_ids[key] = list(seg)
+                    start += len(seg)
+        finally:
+            model.train(was_training)
+        meta = dict(meta or {}, weights=weights_fingerprint(model), dtype=str(parts_k[0].dtype).replace("torch.", ""))
+        return cls(torch.cat(parts_k, dim=2).cpu(), torch.cat(parts_v, dim=2).cpu(), spans, token_ids, meta)
+
+    @classmethod
+    def build(cls, model, tokenizer, index, retrieval, *, batch_size: int = 8, progress: bool = False) -> "FrozenKVCache":
+        """States for every chunk of `index` as `retrieval`'s template shows it to `model` (with its active adapter)."""
+        head, separators = template_segments(tokenizer, retrieval)
+        segments = {marker_key(n): encode(tokenizer, sep) for n, sep in enumerate(separators, 1)}
+        digests = {}
+        for chunk in index.chunks():
+            passage = Passage(chunk.id, chunk.doc_id, chunk.text, title=str((chunk.metadata or {}).get("title") or ""))
+            segments[_chunk_key(passage)] = encode(tokenizer, passage_body(passage))
+            digests[_chunk_key(passage)] = _digest(passage_body(passage))
+        meta = {"index": index_fingerprint(index), "template": _template_fingerprint(tokenizer, retrieval)}
+        first = encode(tokenizer, separators[0])  # every body is computed as the first passage, after "[1]"
+        lead = {key: first for key in digests}
+        cache = cls.from_segments(model, encode(tokenizer, head), segments, lead=lead, batch_size=batch_size,
+                                  meta=meta, progress=progress)
+        cache.digests = digests
+        return cache
+
+    # -- storage --------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file, written whole or not at all (temporary file, fsync, rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; the frozen KV cache is one file (for example {path}/kv.safetensors)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": self.meta,
+                  "spans": self.spans, "token_ids": self.token_ids, "digests": self.digests}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu()}, tmp,
+                      metadata={"retro_peft": json.dumps(header)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, *, tokenizer=None, index=None, retrieval=None) -> "FrozenKVCache":
+        """Read a saved cache; with `model` / `index` / `tokenizer` + `retrieval`, refuse one built for others."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"frozen KV cache not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("retro_peft", "{}"))
+                if header.get("format") != FORMAT:
+                    raise InputError(f"{path} is not a retro-peft frozen KV cache")
+                if header.get("format_version") != FORMAT_VERSION:
+                    raise InputError(f"{path} has format version {header.get('format_version')}; "
+                                     f"this retro-peft reads version {FORMAT_VERSION}: rebuild it")
+                keys, values = f.get_tensor("keys"), f.get_tensor("values")
+        except (SafetensorError, json.JSONDecodeError, OSError) as e:
+            raise InputError(f"{path} is not a readable frozen KV cache ({e})") from None
+        spans = {k: (int(a), int(b), int(c)) for k, (a, b, c) in header["spans"].items()}
+        cache = cls(keys, values, spans, header["token_ids"], header["meta"], header.get("digests"))
+        cache.check(model=model, tokenizer=tokenizer, index=index, retrieval=retrieval, source=str(path))
+        return cache
+
+    def check(self, *, model=None, tokenizer=None, index=None, retrieval=None, source: str = "the cache") -> None:
+        """Refuse to serve states computed for another model/adapter, index or template."""
+        if model is not None:
+            if self.meta.get("weights") != weights_fingerprint(model):
+                raise InputError(f"{source} was built for other model weights (base model or adapter); rebuild it")
+            dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).replace("torch.", "")
+            if self.meta.get("dtype") != dtype:
+                raise InputError(f"{source} holds {self.meta.get('dtype')} states; the model runs in {dtype}")
+        if index is not None and self.meta.get("index") != index_fingerprint(index):
+            raise InputError(f"{source} was built from another version of index {getattr(index, 'path', '')}; "
+                             "rebuild it after changing the index")
+        if tokenizer is not None and retrieval is not None and \
+                self.meta.get("template") != _template_fingerprint(tokenizer, retrieval):
+            raise InputError(f"{source} was built with another prompt template or tokenizer; rebuild it")
+
+    # -- use ------------------------------------------------------------------------------------------------
+
+    def prompts(self, tokenizer, questions: list[str], passages: list[list[Passage]], retrieval) -> list[CachedPrompt]:
+        """Each question's prompt: whole passages (in rank order) while the token budget holds, then the tail.
+
+        A row whose passages are not all stored (passages given by the caller, not from the index) gets the
+        ordinary prompt (`build_prompt`), prefilled in full.
+        """
+        head, separators = template_segments(tokenizer, retrieval)
+        out = []
+        for question, row in zip(questions, passages):
+            kept = list(row)[:MAX_PASSAGES]
+            if not kept or any(self.digests.get(_chunk_key(p)) != _digest(passage_body(p)) for p in kept):
+                prompt = build_prompt(tokenizer, question, list(row), retrieval)
+                out.append(CachedPrompt(prompt, [], prompt.input_ids))
+                continue
+            if not question or not question.strip():
+                raise InputError("the question is empty")
+            while kept:
+                text = render(tokenizer, question, kept, retrieval)
+                prefix = head + "".join(separators[n - 1] + passage_body(p) for n, p in enumerate(kept, 1))
+                if not text.startswith(prefix):
+                    raise InputError("the prompt template changed the passages' text: the frozen KV cache cannot "
+                                     "cut it into stored segments")
+                keys = [HEAD] + [k for n, p in enumerate(kept, 1) for k in (marker_key(n), _chunk_key(p))]
+                tail = encode(tokenizer, text[len(prefix):])
+                ids = [t for k in keys for t in self.token_ids[k]] + tail
+                if len(ids) <= retrieval.context_tokens:
+                    out.append(CachedPrompt(Prompt(input_ids=ids, text=text, passages=kept), keys, tail))
+                    break
+                kept.pop()  # whole passages only: drop the lowest-ranked one
+            else:  # not even one passage fits
+                prompt = build_prompt(tokenizer, question, [], retrieval)
+                out.append(CachedPrompt(prompt, [], prompt.input_ids))
+        return out
+
+    def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
+        """The batch's context as a KV cache: each row's segments at their positions, rows left-padded.
+
+        Returns (cache, mask [rows, width]); a row with no segments is all padding.
+        """
+        if self._inv_freq is None:
+            raise InputError("attach the model first (FrozenKVCache.attach(model))")
+        width = max((sum(self.spans[k][1] for k in keys) for keys in rows), default=0)
+        layers, kv_heads, _, head_dim = self.keys.shape
+        dtype = dtype or self.keys.dtype
+        keys = torch.zeros((layers, len(rows), kv_heads, width, head_dim), dtype=dtype, device=device)
+        values = torch.zeros_like(keys)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for r, segs in enumerate(rows):
+            if not segs:
+                continue
+            index, shift, pos = [], [], 0
+            for key in segs:
+                start, length, computed_at = self.spans[key]
+                index.append(torch.arange(start, start + length))
+                shift.append(torch.full((length,), pos - computed_at))  # computed at `computed_at`, now at `pos`
+                pos += length
+            index, shift = torch.cat(index).to(self.keys.device), torch.cat(shift).to(self.keys.device)
+            k = rotate(self.keys[:, :, index], shift, self._inv_freq)
+            keys[:, r, :, width - pos:] = k.to(device=device, dtype=dtype)
+            values[:, r, :, width - pos:] = self.values[:, :, index].to(device=device, dtype=dtype)
+            mask[r, width - pos:] = 1
+        return _new_cache(list(keys.unbind(0)), list(values.unbind(0))), mask
+
+    def attach(self, model) -> "FrozenKVCache":
+        """Check the states are this model's, and put them on its device (assembly then runs there)."""
+        self.check(model=model)
+        device = next(model.parameters()).device
+        self._inv_freq = _rotary(model).inv_freq.detach().to(device)
+        self.keys, self.values = self.keys.to(device), self.values.to(device)
+        return self
+
+
+def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, progress: bool = True) -> FrozenKVCache:
+    """The cache stored at `path` for this model (and active adapter), index and template; computed and
+    saved there first if the file does not exist. A file built for anything else is refused, not replaced."""
+    path = Path(path)
+    if path.exists():
+        return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval)
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress)
+    cache.save(path)
+    return cache
+
+
+def _template_fingerprint(tokenizer, retrieval) -> str:
+    head, separators = template_segments(tokenizer, retrieval)
+    probe = [encode(tokenizer, head)] + [encode(tokenizer, s) for s in separators[:2]] + \
+        [encode(tokenizer, passage_body(Passage("p", "p", "Probe text, 123.", "Title")))]
+    return hashlib.sha256(json.dumps([getattr(tokenizer, "name_or_path", ""), probe]).encode()).hexdigest()

@@ -1,0 +1,178 @@
+"""Frozen KV cache: stored passage states put together at query time, against the full prefill."""
+
+import pytest
+import torch
+from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
+
+from retro_peft.adapters import RetrievalConfig
+from retro_peft.errors import InputError
+from retro_peft.generation import Generator, Passage
+from retro_peft.generation.generator import cache_kwarg
+from retro_peft.kvcache import FrozenKVCache
+from retro_peft.kvcache.frozen import rotate
+
+single_thread()
+
+QUESTIONS = ["Where does the Rhine flow?", "What is tea made from?", "Who were the Normans?", "What do cats do?"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+def tiny(tmp_path_factory, tokenizer, seed):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("kv") / "llama", tokenizer, seed=seed, initializer_range=0.5)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tokenizer):
+    return tiny(tmp_path_factory, tokenizer, seed=3)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return tiny_index(tmp_path_factory.mktemp("kv-index") / "idx")
+
+
+def first_logits(model, tokenizer, generator, question):
+    """Logits of the first answer token: through the frozen cache if the generator has one, else full prefill."""
+    from transformers import DynamicCache
+
+    retrieved = generator.retrieve([question])
+    with torch.inference_mode():
+        if generator.kv_cache is None:
+            ids = generator.prompts([question], retrieved)[0].input_ids
+            return model(input_ids=torch.tensor([ids])).logits[0, -1], ids
+        row = generator.kv_cache.prompts(tokenizer, [question], retrieved, generator.retrieval)[0]
+        past, mask = generator.kv_cache.assemble([row.keys], "cpu")
+        assert isinstance(past, DynamicCache)
+        tail = torch.tensor([row.tail_ids])
+        mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
+        positions = torch.arange(mask.shape[1] - tail.shape[1], mask.shape[1])[None]
+        out = model(input_ids=tail, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): past})
+        return out.logits[0, -1], row.prompt.input_ids
+
+
+def test_with_one_passage_the_frozen_cache_is_the_full_prefill(model, tokenizer, index):
+    retrieval = RetrievalConfig(k=1)
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    full = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8)
+    frozen = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, kv_cache=cache)
+    for question in QUESTIONS:
+        want, want_ids = first_logits(model, tokenizer, full, question)
+        got, got_ids = first_logits(model, tokenizer, frozen, question)
+        assert got_ids == want_ids  # the segments tokenize exactly like the whole prompt
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert [a.text for a in frozen.answer_many(QUESTIONS)] == [a.text for a in full.answer_many(QUESTIONS)]
+
+
+def test_moving_keys_equals_computing_them_at_the_new_position(model, tokenizer):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rotary = model.model.rotary_emb
+    k = torch.randn(1, 2, 5, 8)
+    at = torch.arange(10, 15)[None]
+    cos, sin = rotary(k, at)
+    _, k_at = apply_rotary_pos_emb(k, k, cos, sin)
+    cos, sin = rotary(k, at + 37)
+    _, k_moved = apply_rotary_pos_emb(k, k, cos, sin)
+    torch.testing.assert_close(rotate(k_at, torch.full((5,), 37), rotary.inv_freq), k_moved, atol=1e-5, rtol=1e-5)
+    # and inside the model: layer 0's keys of a passage placed second equal those computed there directly
+    head, body = [5, 6, 7, 8], [11, 12, 13]
+    cache = FrozenKVCache.from_segments(model, head, {"<marker 1>": [9], "b": body}).attach(model)
+    past, _ = cache.assemble([["<head>", "<marker 1>", "b", "<marker 1>", "b"]], "cpu")
+    layer = past.layers[0] if hasattr(past, "layers") else None
+    keys = layer.keys if layer is not None else past.key_cache[0]
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        direct = DynamicCache()
+        model(input_ids=torch.tensor([head + [9] + body + [9] + body]), **{cache_kwarg(model): direct})
+        direct_keys = direct.layers[0].keys if hasattr(direct, "layers") else direct.key_cache[0]
+    torch.testing.assert_close(keys[..., -3:, :], direct_keys[..., -3:, :], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_answers_equal_one_at_a_time_with_the_frozen_cache(model, tokenizer, index):
+    retrieval = RetrievalConfig(k=3, context_tokens=400)
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    questions = QUESTIONS + ["Tell me about rivers"]
+    own = [Passage("x#1", "x", "Passages the caller brings are not in the cache.", "Own")]
+    batched = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=10, batch_size=8,
+                        kv_cache=cache)
+    single = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=10, batch_size=1,
+                       kv_cache=cache)
+    passages = batched.retrieve(questions)
+    passages[-1] = own  # one row in the batch is prefilled in full (its passage has no stored states)
+    got = batched.answer_many(questions, passages=passages)
+    assert [a.text for a in got] == [a.text for a in single.answer_many(questions, passages=passages)]
+    assert all(len(a.passages) == 3 for a in got[:-1]) and got[-1].passages == own
+    plain = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=10)
+    assert got[-1].text == plain.answer(questions[-1], passages=own).text
+
+
+def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):
+    roomy = RetrievalConfig(k=3, context_tokens=1000)
+    cache = FrozenKVCache.build(model, tokenizer, index, roomy)
+    retrieved = Generator(model, tokenizer, index=index, retrieval=roomy, kv_cache=cache).retrieve(QUESTIONS)
+    whole = cache.prompts(tokenizer, QUESTIONS, retrieved, roomy)
+    assert all(len(row.prompt.passages) == 3 for row in whole)
+    budget = min(len(row.prompt.input_ids) for row in whole) - 1
+    tight = RetrievalConfig(k=3, context_tokens=budget)
+    chunks = {c.id: c.text for c in index.chunks()}
+    for row, full in zip(cache.prompts(tokenizer, QUESTIONS, retrieved, tight), whole):
+        assert len(row.prompt.input_ids) <= budget and 0 < len(row.prompt.passages) < 3
+        assert row.prompt.passages == full.prompt.passages[:len(row.prompt.passages)]  # the lowest-ranked go
+        assert all(p.text == chunks[p.chunk_id] for p in row.prompt.passages)  # never cut
+
+
+def test_saved_cache_reloads_and_refuses_other_models_indexes_and_templates(model, tokenizer, index, tmp_path,
+                                                                             tmp_path_factory):
+    retrieval = RetrievalConfig(k=2)
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    path = cache.save(tmp_path / "kv.safetensors")
+    loaded = FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval)
+    assert torch.equal(loaded.keys, cache.keys) and torch.equal(loaded.values, cache.values)
+    assert loaded.spans == cache.spans and loaded.digests == cache.digests
+    with pytest.raises(InputError, match="other model weights"):
+        FrozenKVCache.load(path, tiny(tmp_path_factory, tokenizer, seed=4))
+    with pytest.raises(InputError, match="another prompt template"):
+        FrozenKVCache.load(path, tokenizer=tokenizer, retrieval=RetrievalConfig(k=2, template="plain"))
+    other = tiny_index(tmp_path / "other", DOCS[:2])
+    with pytest.raises(InputError, match="another version of index"):
+        Generator(model, tokenizer, index=other, retrieval=retrieval, kv_cache=loaded)
+    with pytest.raises(InputError, match="is a folder"):
+        cache.save(tmp_path)
+    (tmp_path / "broken.safetensors").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(InputError, match="not a readable frozen KV cache"):
+        FrozenKVCache.load(tmp_path / "broken.safetensors")
+    with pytest.raises(InputError, match="not found"):
+        FrozenKVCache.load(tmp_path / "missing.safetensors")
+
+
+def test_a_failed_save_leaves_the_previous_file_whole(model, tokenizer, index, tmp_path, monkeypatch):
+    cache = FrozenKVCache.build(model, tokenizer, index, RetrievalConfig(k=1))
+    path = cache.save(tmp_path / "kv.safetensors")
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):  # the process dies half-way through writing
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["kv.safetensors"]
+
+
+def test_models_the_cache_cannot_move_keys_for_are_refused(tokenizer, index):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(InputError, match="supports llama"):
+        FrozenKVCache.build(gpt2, tokenizer, index, RetrievalConfig(k=1))
