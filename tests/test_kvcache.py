@@ -112,6 +112,9 @@ def test_batched_answers_equal_one_at_a_time_with_the_frozen_cache(model, tokeni
     assert all(len(a.passages) == 3 for a in got[:-1]) and got[-1].passages == own
     plain = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=10)
     assert got[-1].text == plain.answer(questions[-1], passages=own).text
+    # a batch in which no row has stored passages is an ordinary one
+    assert [a.text for a in batched.answer_many(questions[:2], passages=[own, []])] == \
+        [a.text for a in plain.answer_many(questions[:2], passages=[own, []])]
 
 
 def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):

@@ -409,8 +409,8 @@ class Generator:
                 batch = prompts[start:start + self.batch_size]
                 shift = lambda f: None if f is None else (lambda row, *a: f(start + row, *a))  # noqa: E731
                 sequences, context = [p.input_ids for p in batch], None
-                if self.kv_cache is not None:
-                    rows = cached[start:start + self.batch_size]
+                rows = [] if self.kv_cache is None else cached[start:start + self.batch_size]
+                if any(c.keys for c in rows):  # else no row has stored passages: an ordinary batch
                     sequences = [c.tail_ids for c in rows]
                     context = self.kv_cache.assemble([c.keys for c in rows], self.device)
                 done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids,
