@@ -89,24 +89,30 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, device: str, repeats: int,
-                      mixed: tuple[MixedLoRA, list[str]] | None = None, static: StaticDecode | None = None) -> float:
-    """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs."""
+def median_rate(run, tokens: int, device: str, repeats: int) -> float:
+    """Median of `tokens` / wall seconds of `run()` over `repeats` runs."""
     rates = []
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
+        run()
+        sync(device)
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, device: str, repeats: int,
+                      mixed: tuple[MixedLoRA, list[str]] | None = None, static: StaticDecode | None = None) -> float:
+    """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs."""
+    def run():
         for i in range(0, len(batch_prompts), batch_size):
-            chunk = batch_prompts[i:i + batch_size]
-            ids, mask = left_pad(chunk, 0, device)
+            ids, mask = left_pad(batch_prompts[i:i + batch_size], 0, device)
             if mixed is None:
                 decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0, static=static)
             else:
                 with mixed[0].batch(mixed[1][i:i + batch_size]):
                     decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
-        sync(device)
-        rates.append(len(batch_prompts) * new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return median_rate(run, len(batch_prompts) * new_tokens, device, repeats)
 
 
 def kv_requests(n: int, length: int, vocab: int, passages: int = 3, pool: int = 64, seed: int = 1):
@@ -129,19 +135,14 @@ def kv_requests(n: int, length: int, vocab: int, passages: int = 3, pool: int = 
 def kv_tokens_per_second(model, cache, rows, batch_size: int, new_tokens: int, device: str, repeats: int) -> float:
     """Like `tokens_per_second`, each batch's context assembled from the frozen cache (timed) and only the
     tails prefilled."""
-    rates = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+    def run():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             past, context_mask = cache.assemble([keys for keys, _ in chunk], device)
             ids, mask = left_pad([tail for _, tail in chunk], 0, device)
             decode(model, ids, torch.cat([context_mask, mask], dim=1), max_new_tokens=new_tokens, stop_ids=set(),
                    pad_id=0, past=past)
-        sync(device)
-        rates.append(len(rows) * new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return median_rate(run, len(rows) * new_tokens, device, repeats)
 
 
 class PeftMixed:
@@ -282,18 +283,14 @@ def main(argv=None) -> int:
     single = tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats)
     mixed = tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats,
                               mixed=(MixedLoRA(model), names))
-    peft_rates = []
-    for _ in range(args.repeats):
-        sync(args.device)
-        start = time.perf_counter()
+    def peft_mixed():
         for i in range(0, len(reqs), b):
             ids, mask = left_pad(reqs[i:i + b], 0, args.device)
             decode(PeftMixed(model, names[i:i + b]), ids, mask, max_new_tokens=args.new_tokens, stop_ids=set(), pad_id=0)
-        sync(args.device)
-        peft_rates.append(len(reqs) * args.new_tokens / (time.perf_counter() - start))
+    peft_rate = median_rate(peft_mixed, len(reqs) * args.new_tokens, args.device, args.repeats)
     results["mixed"] = {"batch": b, "adapters": args.adapters, "single_adapter_tok_s": single,
-                        "mixed_retro_tok_s": mixed, "mixed_peft_tok_s": statistics.median(peft_rates),
-                        "retro_vs_single": mixed / single, "peft_vs_single": statistics.median(peft_rates) / single}
+                        "mixed_retro_tok_s": mixed, "mixed_peft_tok_s": peft_rate,
+                        "retro_vs_single": mixed / single, "peft_vs_single": peft_rate / single}
 
     switches = []
     for i in range(200):

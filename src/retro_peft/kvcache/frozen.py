@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from retro_peft.errors import InputError
 from retro_peft.generation.generator import cache_kwarg
 from retro_peft.generation.prompt import (Passage, Prompt, build_prompt, encode, passage_body, passage_marker,
                                           render)
-from retro_peft.storage import fsync_dir
+from retro_peft.storage import atomic_write_with
 
 FORMAT = "retro-peft-kvcache"
 FORMAT_VERSION = 1
@@ -269,21 +267,10 @@ class FrozenKVCache:
         path = Path(path)
         if path.is_dir():
             raise InputError(f"{path} is a folder; the frozen KV cache is one file (for example {path}/kv.safetensors)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": self.meta,
                   "spans": self.spans, "token_ids": self.token_ids, "digests": self.digests}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu()}, tmp,
-                      metadata={"retro_peft": json.dumps(header)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu()}
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"retro_peft": json.dumps(header)}))
         return path
 
     @classmethod
