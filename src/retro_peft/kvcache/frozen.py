@@ -24,7 +24,8 @@ prefill (measured in BENCHMARKS.md). Passages are kept whole (a passage that
 does not fit the token budget is dropped, not cut).
 
 Supported: rotary (rotate-half) models with full attention, Llama-style (the
-packaged SmolLM2 is a Llama). The states belong to one base model, adapter,
+packaged SmolLM2 is a Llama). The whole cache is held in memory (SmolLM2 in
+fp32: 46 KB per token, 1.13 GB for the 194 chunks of the SQuAD benchmark index). The states belong to one base model, adapter,
 index and template: the file records their fingerprints and `load` refuses a
 mismatch.
 """
@@ -209,7 +210,8 @@ class FrozenKVCache:
             parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
             parts_v = [torch.stack([v[0] for _, v in head_states])]
             spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
-            items = list(segments.items())
+            # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
+            items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
             for first in tqdm(range(0, len(items), batch_size), disable=not progress, desc="kv cache"):
                 group = items[first:first + batch_size]
                 inputs = [lead.get(key, []) + seg for key, seg in group]
