@@ -357,26 +357,29 @@ class FrozenKVCache:
         """
         if self._inv_freq is None:
             raise InputError("attach the model first (FrozenKVCache.attach(model))")
-        width = max((sum(self.spans[k][1] for k in keys) for keys in rows), default=0)
-        layers, kv_heads, _, head_dim = self.keys.shape
-        dtype = dtype or self.keys.dtype
-        keys = torch.zeros((layers, len(rows), kv_heads, width, head_dim), dtype=dtype, device=device)
-        values = torch.zeros_like(keys)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        lengths = [sum(self.spans[k][1] for k in keys) for keys in rows]
+        width = max(lengths, default=0)
+        # One gather for the whole batch: slot (row, t) takes stored token index[row, t], moved by shift[row, t]
+        # positions; left-padding slots take token 0 and are masked out.
+        index = torch.zeros((len(rows), width), dtype=torch.long)
+        shift = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, segs in enumerate(rows):
-            if not segs:
-                continue
-            index, shift, pos = [], [], 0
+            pad, pos = width - lengths[r], 0
             for key in segs:
                 start, length, computed_at = self.spans[key]
-                index.append(torch.arange(start, start + length))
-                shift.append(torch.full((length,), pos - computed_at))  # computed at `computed_at`, now at `pos`
+                index[r, pad + pos:pad + pos + length] = torch.arange(start, start + length)
+                shift[r, pad + pos:pad + pos + length] = pos - computed_at  # computed at `computed_at`, now at `pos`
                 pos += length
-            index, shift = torch.cat(index).to(self.keys.device), torch.cat(shift).to(self.keys.device)
-            k = rotate(self.keys[:, :, index], shift, self._inv_freq)
-            keys[:, r, :, width - pos:] = k.to(device=device, dtype=dtype)
-            values[:, r, :, width - pos:] = self.values[:, :, index].to(device=device, dtype=dtype)
-            mask[r, width - pos:] = 1
+            mask[r, pad:] = 1
+        layers, kv_heads, _, head_dim = self.keys.shape
+        flat = index.reshape(-1).to(self.keys.device)
+        keys = rotate(self.keys[:, :, flat], shift.reshape(-1).to(self.keys.device), self._inv_freq)
+        values = self.values[:, :, flat]
+        # [layers, kv_heads, rows * width, head_dim] -> [layers, rows, kv_heads, width, head_dim]
+        keys, values = (x.view(layers, kv_heads, len(rows), width, head_dim).transpose(1, 2)
+                        .to(device=device, dtype=dtype or self.keys.dtype).contiguous() for x in (keys, values))
+        mask = mask.to(device)
         return _new_cache(list(keys.unbind(0)), list(values.unbind(0))), mask
 
     def attach(self, model) -> "FrozenKVCache":
