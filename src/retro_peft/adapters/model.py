@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 RETRO_CONFIG = "retro_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Each PEFT file's checksum in retro_config.json, so a config from one save and weights from another never load
+CHECKSUM_KEYS = {"adapter_model.safetensors": "adapter_model_sha256", "adapter_config.json": "adapter_config_sha256"}
 FORMAT_VERSION = 1
 # Keys of a model config that do not change what the weights compute.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -213,8 +215,7 @@ class RetroPeftModel:
                 "index": _index_info(index) if index is not None else self.info.get("index"),
                 "template": self.config.retrieval.template,
                 "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
-                "adapter_model_sha256": sha256_file(tmp / "adapter_model.safetensors"),
-                "adapter_config_sha256": sha256_file(tmp / "adapter_config.json"),
+                **{key: sha256_file(tmp / name) for name, key in CHECKSUM_KEYS.items()},
                 "final_ranks": self.final_ranks(),
                 **(extra or {}),
             }
@@ -290,9 +291,7 @@ def read_retro_config(adapter_dir) -> dict:
         raise InputError(f"{path} is not valid JSON ({e.msg})") from None
     if not isinstance(info, dict) or "adapter" not in info or "base_model" not in info:
         raise InputError(f"{path} lacks the 'adapter' or 'base_model' section")
-    # both files, so a config from one save and weights from another never load together
-    for name, key in (("adapter_model.safetensors", "adapter_model_sha256"),
-                      ("adapter_config.json", "adapter_config_sha256")):
+    for name, key in CHECKSUM_KEYS.items():
         recorded = info.get(key)
         if recorded and sha256_file(adapter_dir / name) != recorded:
             raise InputError(f"{adapter_dir}/{name} does not match {RETRO_CONFIG} "

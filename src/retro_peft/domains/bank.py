@@ -227,9 +227,7 @@ class AdapterBank:
     def _resident_parts(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
         """Split rows so that each part needs at most max_adapters adapters in memory at once
         (loading one part's adapters must not evict another adapter of the same part)."""
-        by: dict = {}
-        for r in rows:
-            by.setdefault(self._adapter_of(domains[r]), []).append(r)
+        by = self._by_adapter(rows, domains)
         names = [a for a in by if a is not None]
         if len(names) <= self.max_adapters:
             return [rows]
@@ -259,10 +257,14 @@ class AdapterBank:
         adapters = {self._adapter_of(domains[r]) for r in rows}
         if len(adapters) <= 1 or all(a is None or self._mixed_lora().supports(a) for a in adapters):
             return [rows]
+        return list(self._by_adapter(rows, domains).values())
+
+    def _by_adapter(self, rows: list[int], domains: list[str | None]) -> dict:
+        """{adapter name or None: its rows}, in first-seen order."""
         by: dict = {}
         for r in rows:
             by.setdefault(self._adapter_of(domains[r]), []).append(r)
-        return list(by.values())
+        return by
 
     def _mixed_lora(self) -> MixedLoRA:
         if self._mixed is None:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +36,8 @@ from retro_peft.index.fusion import reciprocal_rank_fusion, weighted_score_fusio
 from retro_peft.index.rerank import Reranker
 from retro_peft.index.sparse import SparseIndex, tokenize
 from retro_peft.models import DEFAULT_ENCODER
-from retro_peft.storage import atomic_write_bytes, atomic_write_json, fsync_tree, remove, sha256_tree
+from retro_peft.storage import (atomic_write_bytes, atomic_write_json, atomic_write_with, remove, replace_folder,
+                                sha256_tree)
 
 log = logging.getLogger(__name__)
 
@@ -420,16 +419,16 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
     lines = (json.dumps({"id": c.id, "doc_id": c.doc_id, "text": c.text, "metadata": c.metadata}, ensure_ascii=False)
              for c in chunks)
     atomic_write_bytes(path / names["chunks"], ("\n".join(lines) + "\n").encode("utf-8"))
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
-    atomic_write_bytes(path / names["vectors"], buf.getvalue())
+    def write_vectors(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+            np.save(f, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+
+    atomic_write_with(path / names["vectors"], write_vectors)
     sparse = SparseIndex.build([c.text for c in chunks])
     tmp = path / f".{names['sparse']}.tmp"
     remove(tmp)
     sparse.save(tmp)
-    fsync_tree(tmp)
-    remove(path / names["sparse"])
-    os.replace(tmp, path / names["sparse"])
+    replace_folder(tmp, path / names["sparse"])
     dense = build_dense(options["backend"], vectors, path, gen, options)
     dense.spec.update(ann_threshold=options["ann_threshold"], ann_kind=options["ann_kind"])
     files = [names["chunks"], names["vectors"], names["sparse"], *dense.files()]

@@ -590,9 +590,9 @@ class RequestContext:
                          and scope["path"] in self.CACHEABLE)
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 raise BodyTooLarge
-            if length is None or cacheable:
+            if cacheable or (length is None and scope["method"] not in ("GET", "HEAD")):
                 # Without a Content-Length (chunked) the server bounds nothing: read and count the body here,
-                # before anything holds it whole.
+                # before anything holds it whole (GET and HEAD endpoints never read one).
                 body, receive = await _buffered(receive, self.max_body)
             if cacheable:
                 if body is not None:  # what makes two requests the same before validation

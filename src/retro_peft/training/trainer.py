@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
 from retro_peft.adapters.model import check_device
 from retro_peft.errors import InputError
-from retro_peft.storage import fsync_dir, fsync_tree
+from retro_peft.storage import replace_folder
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
 
 log = logging.getLogger(__name__)
@@ -381,12 +381,8 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
                  "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
                  "result": result.to_dict(), "rank_pattern": _bools(rank_pattern)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-        fsync_tree(tmp)
         final = folder / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(folder)
+        replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(p for p in folder.iterdir() if p.name.startswith("step-"))[:-KEEP_CHECKPOINTS]:
