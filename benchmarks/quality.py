@@ -5,6 +5,10 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
 
   (a) base model, closed book          (b) base model + retrieval
   (c) LoRA trained without retrieval   (d) RetroLoRA   (e) RetroAdaLoRA   (f) RetroIA3
+  (g) RetroLoRA trained with block attention (the frozen KV cache's layout)
+
+(d) and (g) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
+passage's states computed apart and stored, only the question prefilled.
 
 For every trained variant: trainable parameters, training time, tokens/s. The
 trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput.py`.
@@ -47,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="evaluate the first N questions of articles 3-4 (default: all 457)")
     p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
+    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     return p.parse_args(argv)
@@ -94,13 +98,15 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     return model, stats, examples
 
 
-def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book):
+def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False):
     from retro_peft.generation import Generator
+    from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
 
-    generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
-                          max_new_tokens=24, batch_size=16)
     start = time.perf_counter()
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval) if kv_cache else None
+    generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
+                          max_new_tokens=24, batch_size=16, kv_cache=cache)
     result = evaluate(generator, eval_items, retrieval=not closed_book)
     scores = result.summary()
     scores["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -138,13 +144,17 @@ def main(argv=None) -> int:
                                                                       closed_book=False)
         del base
     plan = [("c", "c_lora_closed_book", "lora", closed), ("d", "d_retro_lora", "lora", retrieval),
-            ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval)]
+            ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval),
+            ("g", "g_retro_lora_block", "lora", dataclasses.replace(retrieval, block_attention=True))]
     for key, label, method, cfg in plan:
         if key not in variants:
             continue
         model, stats, _ = train_variant(args, method, cfg, train_items, index, base_factory)
         stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
         report["variants"][label] = stats
+        if key in ("d", "g"):  # the same adapter answering through the frozen KV cache
+            report["variants"][label + "_kv_cache"] = evaluate_variant(model.model, model.tokenizer, index, cfg,
+                                                                       eval_items, closed_book=False, kv_cache=True)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -38,11 +38,11 @@ def index(tmp_path_factory):
     return tiny_index(tmp_path_factory.mktemp("kv-index") / "idx")
 
 
-def first_logits(model, tokenizer, generator, question):
+def first_logits(model, tokenizer, generator, question, passages=None):
     """Logits of the first answer token: through the frozen cache if the generator has one, else full prefill."""
     from transformers import DynamicCache
 
-    retrieved = generator.retrieve([question])
+    retrieved = generator.retrieve([question]) if passages is None else [passages]
     with torch.inference_mode():
         if generator.kv_cache is None:
             ids = generator.prompts([question], retrieved)[0].input_ids
@@ -130,6 +130,36 @@ def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):
         assert len(row.prompt.input_ids) <= budget and 0 < len(row.prompt.passages) < 3
         assert row.prompt.passages == full.prompt.passages[:len(row.prompt.passages)]  # the lowest-ranked go
         assert all(p.text == chunks[p.chunk_id] for p in row.prompt.passages)  # never cut
+
+
+def test_block_attention_training_runs_prompts_exactly_as_the_frozen_cache_serves_them(model, tokenizer, index):
+    from retro_peft.qa import QAItem
+    from retro_peft.training import build_examples
+    from retro_peft.training.data import IGNORE
+    from retro_peft.training.trainer import block_attention_forward
+
+    retrieval = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=230, block_attention=True)
+    items = [QAItem(f"q{i}", q, ("x",) if i % 2 else (), is_impossible=not i % 2) for i, q in enumerate(QUESTIONS)]
+    examples = build_examples(items, index, tokenizer, retrieval)
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    serving = Generator(model, tokenizer, index=index, retrieval=retrieval, kv_cache=cache)
+    chunks = {c.id: c for c in index.chunks()}
+    with torch.inference_mode():
+        trained = block_attention_forward(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+    # the batch's logits are kept at the tail positions that predict an answer token in some row
+    tails = [ex.labels[sum(n for _, n in ex.segments):] for ex in examples]
+    kept = sorted({i - 1 for labels in tails for i, t in enumerate(labels) if t != IGNORE})
+    for row, (item, ex) in enumerate(zip(items, examples)):
+        passages = [Passage(c, chunks[c].doc_id, chunks[c].text, chunks[c].metadata.get("title", "")) for c in ex.chunk_ids]
+        assert len(passages) >= 2 and all(p.text == chunks[p.chunk_id].text for p in passages)  # whole passages
+        prompt_tokens = ex.labels.index(next(t for t in ex.labels if t != IGNORE))
+        assert prompt_tokens <= retrieval.context_tokens
+        served = cache.prompts(tokenizer, [item.question], [passages], retrieval)[0]
+        assert served.prompt.input_ids == ex.input_ids[:prompt_tokens]  # same tokens, cut the same way
+        assert [k for k, _ in ex.segments] == served.keys
+        want, _ = first_logits(model, tokenizer, serving, item.question, passages)
+        last = kept.index(prompt_tokens - sum(n for _, n in ex.segments) - 1)  # the prompt's last position
+        torch.testing.assert_close(trained.logits[row, last], want, atol=1e-4, rtol=1e-4)
 
 
 def test_saved_cache_reloads_and_refuses_other_models_indexes_and_templates(model, tokenizer, index, tmp_path,

@@ -180,6 +180,27 @@ def test_a_short_real_training_lowers_the_loss(tiny, items, index, tokenizer):
     assert [s for s, _ in result.eval_losses] == [4, 8] and result.tokens > 0 and result.tokens_per_s > 0
 
 
+def test_block_attention_training_learns_the_frozen_cache_layout(items, index, tokenizer, tmp_path):
+    from retro_peft.training.trainer import evaluate_loss
+
+    # larger random weights than `tiny`: attention patterns that depend on what a passage can see
+    tiny = tiny_llama_folder(tmp_path / "llama", tokenizer, initializer_range=0.5)
+    block = dataclasses.replace(RETRIEVAL, k=3, context_tokens=300, block_attention=True)
+    examples = build_examples(items, index, tokenizer, block)
+    assert all(ex.segments for ex in examples)
+    as_full_prompts = [dataclasses.replace(ex, segments=()) for ex in examples]  # same tokens, one forward pass
+    losses = {}
+    for layout, train_on in (("block", examples), ("full", as_full_prompts)):
+        model = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=block, steps=30), seed=0)
+        before = evaluate_loss(model.model, train_on, 4, tokenizer.pad_token_id, torch.device("cpu"))
+        train(model, train_on, TrainConfig(steps=30, batch_size=4, lr=1e-2, log_every=10), progress=False)
+        losses[layout] = {name: evaluate_loss(model.model, exs, 4, tokenizer.pad_token_id, torch.device("cpu"))
+                          for name, exs in (("block", examples), ("full", as_full_prompts))}
+        assert losses[layout][layout] < before - 1.0, (layout, before, losses)
+    # each adapter reads best the layout it was trained on: block training really is another computation
+    assert losses["block"]["block"] < losses["block"]["full"] and losses["full"]["full"] < losses["full"]["block"], losses
+
+
 def test_compiled_layers_train_like_eager_ones_and_are_eager_again_afterwards(tiny, items, index, tokenizer):
     examples = build_examples(items, index, tokenizer, RETRIEVAL)
     config = TrainConfig(steps=3, batch_size=3, lr=1e-2, log_every=1)
@@ -352,6 +373,16 @@ def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     assert "other model weights" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny), "--qa", str(qa_file), "--no-retrieval", "--kv-cache", str(kv)]) == 2
     assert "needs --index" in capsys.readouterr().err
+
+    # --block-attention: recorded with the adapter, and the adapter answers through the frozen cache.
+    block = tmp_path / "block"
+    assert main(["train", *map(str, common), "--out", str(block), "--steps", "1", "--k", "2", "--context-tokens",
+                 "220", "--checkpoint-every", "0", "--block-attention", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    assert json.loads((block / "retro_config.json").read_text())["adapter"]["retrieval"]["block_attention"] is True
+    assert main(["eval", *map(str, common), "--adapter", str(block), "--limit", "2", "--json",
+                 "--kv-cache", str(tmp_path / "kv" / "block.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
 
     # Re-training into a finished folder is refused, not silently overwritten.
     assert main(["train", *map(str, common), "--out", str(out), "--steps", "2"]) == 2

@@ -32,6 +32,10 @@ class RetrievalConfig:
     context_tokens: int = 700  # budget for the whole prompt; passages are dropped/truncated to fit
     abstention: str = "I don't know."  # the training target when the passages lack the answer
     mode: str = "hybrid"  # index search mode
+    # Train and answer as the frozen KV cache runs a prompt: each passage computed apart (attending to the
+    # template's head, not to the other passages), whole passages only. An adapter trained this way reads
+    # cached passages as well as a full prompt (retro_peft.kvcache).
+    block_attention: bool = False
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 0:
@@ -46,6 +50,8 @@ class RetrievalConfig:
             raise InputError(f"context budget must be at least 32 tokens, got {self.context_tokens!r}")
         if not isinstance(self.abstention, str) or not self.abstention.strip():
             raise InputError("the abstention phrase must be a non-empty string")
+        if not isinstance(self.block_attention, bool):
+            raise InputError(f"block_attention must be true or false, got {self.block_attention!r}")
         if self.mode not in SEARCH_MODES:
             raise InputError(f"unknown search mode {self.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
 

@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--oracle-fraction", type=float, default=0.8, help="P: share of answerable examples that keep the gold passage")
     p.add_argument("--context-tokens", type=int, default=700, help="prompt budget in tokens")
     p.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid", help="search mode")
+    p.add_argument("--block-attention", action="store_true",
+                   help="train in the frozen KV cache's layout (each passage computed apart, whole passages), "
+                        "for an adapter that answers through `eval --kv-cache`")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
     p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -70,7 +73,8 @@ def run(args) -> int:
         raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
     check_output_dir(out, resume=args.resume)
     retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
-                                context_tokens=args.context_tokens, mode=args.mode)
+                                context_tokens=args.context_tokens, mode=args.mode,
+                                block_attention=args.block_attention)
     config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
     # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
     lr = args.lr if args.lr is not None else config.default_lr

@@ -21,7 +21,9 @@ Block attention, not the full prompt's attention: a passage attends to the head
 and "[1]", not to the passages before it. With one passage the two are the same
 computation (a test checks it); with several, answers can differ from a full
 prefill (measured in BENCHMARKS.md). Passages are kept whole (a passage that
-does not fit the token budget is dropped, not cut).
+does not fit the token budget is dropped, not cut). An adapter can be trained in
+this layout (`RetrievalConfig.block_attention`: the trainer computes the passages
+with `segment_states` and assembles them with `assemble`, as serving does).
 
 Supported: rotary (rotate-half) models with full attention, Llama-style (the
 packaged SmolLM2 is a Llama). The whole cache is held in memory (SmolLM2 in
@@ -56,7 +58,7 @@ def marker_key(n: int) -> str:
     return f"<marker {n}>"
 
 
-def _chunk_key(passage: Passage) -> str:
+def chunk_key(passage: Passage) -> str:
     return f"chunk:{passage.chunk_id}"
 
 
@@ -93,7 +95,7 @@ def _new_cache(keys: list[torch.Tensor], values: list[torch.Tensor]):
     return cache
 
 
-def _rotary(model):
+def rotary_embedding(model):
     """The model's rotary embedding (its `inv_freq`), after checking the model is one this cache supports."""
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED_MODELS:
@@ -163,6 +165,93 @@ def template_segments(tokenizer, retrieval) -> tuple[str, list[str]]:
     return head, [passage_marker(1)] + ["\n" + passage_marker(n) for n in range(2, MAX_PASSAGES + 1)]
 
 
+def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *,
+                   lead: dict[str, list[int]] | None = None, batch_size: int = 8, progress: bool = False):
+    """Key/value states of the head, then of each segment computed after the head and its `lead` tokens.
+
+    Returns (keys, values, spans, token_ids) as `FrozenKVCache` holds them, on the model's device. Runs
+    under whatever grad mode the caller is in: the cache builds under inference mode, block-attention
+    training (`training.trainer.block_attention_forward`) with gradients through every segment.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    rotary_embedding(model)
+    if not head_ids:
+        raise InputError("the frozen KV cache needs a non-empty head")
+    lead = lead or {}
+    empty = [k for k, ids in segments.items() if not ids]
+    if empty:
+        raise InputError(f"segment {empty[0]!r} has no tokens")
+    device = next(model.parameters()).device
+    cache_kw = cache_kwarg(model)
+    head_cache = DynamicCache()
+    model(input_ids=torch.tensor([head_ids], device=device), use_cache=True, logits_to_keep=1,
+          **{cache_kw: head_cache})
+    layers = model.config.num_hidden_layers
+    head_states = [_layer_states(head_cache, i) for i in range(layers)]
+    n = len(head_ids)
+    parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
+    parts_v = [torch.stack([v[0] for _, v in head_states])]
+    spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
+    # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
+    items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
+    for first in tqdm(range(0, len(items), batch_size), disable=not progress, desc="kv cache"):
+        group = items[first:first + batch_size]
+        inputs = [lead.get(key, []) + seg for key, seg in group]
+        width = max(len(x) for x in inputs)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), n + width), dtype=torch.long)
+        mask[:, :n] = 1
+        for row, x in enumerate(inputs):  # right padding: real tokens never see it (causal)
+            ids[row, :len(x)] = torch.tensor(x)
+            mask[row, n:n + len(x)] = 1
+        past = _new_cache([k.expand(len(group), -1, -1, -1).contiguous() for k, _ in head_states],
+                          [v.expand(len(group), -1, -1, -1).contiguous() for _, v in head_states])
+        positions = torch.arange(n, n + width, device=device).expand(len(group), -1)
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+              use_cache=True, logits_to_keep=1, **{cache_kw: past})
+        states = [_layer_states(past, i) for i in range(layers)]
+        k_all = torch.stack([k[:, :, n:] for k, _ in states], dim=1)  # [rows, layers, kv_heads, width, d]
+        v_all = torch.stack([v[:, :, n:] for _, v in states], dim=1)
+        for row, (key, seg) in enumerate(group):
+            skip = len(lead.get(key, []))
+            parts_k.append(k_all[row, :, :, skip:skip + len(seg)])
+            parts_v.append(v_all[row, :, :, skip:skip + len(seg)])
+            spans[key] = (start, len(seg), n + skip)
+            token_ids[key] = list(seg)
+            start += len(seg)
+    return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2), spans, token_ids
+
+
+def cut_prompt(tokenizer, question: str, passages: list[Passage], retrieval, layout: tuple[str, list[str]],
+               ids_of) -> tuple[list[Passage], list[str], str, list[int]] | None:
+    """The prompt in stored segments: whole passages in the given (rank) order while the token budget holds.
+
+    layout: `template_segments(tokenizer, retrieval)`; ids_of(segment key, segment text): its token ids.
+    Returns (passages kept, segment keys, prompt text, tail token ids), or None if not even one passage fits.
+    """
+    if not question or not question.strip():
+        raise InputError("the question is empty")
+    head, separators = layout
+    kept = list(passages)[:MAX_PASSAGES]
+    while kept:
+        text = render(tokenizer, question, kept, retrieval)
+        prefix = head + "".join(separators[n - 1] + passage_body(p) for n, p in enumerate(kept, 1))
+        if not text.startswith(prefix):
+            raise InputError("the prompt template changed the passages' text: the frozen KV cache cannot "
+                             "cut it into stored segments")
+        texts = {HEAD: head}
+        for n, p in enumerate(kept, 1):
+            texts[marker_key(n)], texts[chunk_key(p)] = separators[n - 1], passage_body(p)
+        keys = [HEAD] + [k for n, p in enumerate(kept, 1) for k in (marker_key(n), chunk_key(p))]
+        tail = encode(tokenizer, text[len(prefix):])
+        if sum(len(ids_of(k, texts[k])) for k in keys) + len(tail) <= retrieval.context_tokens:
+            return kept, keys, text, tail
+        kept.pop()  # whole passages only: drop the lowest-ranked one
+    return None
+
+
 class FrozenKVCache:
     """Stored key/value states of a head, passage markers and passage bodies (see the module docstring).
 
@@ -185,62 +274,15 @@ class FrozenKVCache:
                       progress: bool = False) -> "FrozenKVCache":
         """Compute the states of `head_ids`, then of every segment after the head and its `lead` tokens
         (lead[key], default none: what the segment sees between the head and itself; not stored)."""
-        from tqdm.auto import tqdm
-
-        _rotary(model)
-        if not head_ids:
-            raise InputError("the frozen KV cache needs a non-empty head")
-        lead = lead or {}
-        empty = [k for k, ids in segments.items() if not ids]
-        if empty:
-            raise InputError(f"segment {empty[0]!r} has no tokens")
-        device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
-            from transformers import DynamicCache
-
-            cache_kw = cache_kwarg(model)
-            head_cache = DynamicCache()
-            model(input_ids=torch.tensor([head_ids], device=device), use_cache=True, logits_to_keep=1,
-                  **{cache_kw: head_cache})
-            layers = model.config.num_hidden_layers
-            head_states = [_layer_states(head_cache, i) for i in range(layers)]
-            n = len(head_ids)
-            parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
-            parts_v = [torch.stack([v[0] for _, v in head_states])]
-            spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
-            # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
-            items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
-            for first in tqdm(range(0, len(items), batch_size), disable=not progress, desc="kv cache"):
-                group = items[first:first + batch_size]
-                inputs = [lead.get(key, []) + seg for key, seg in group]
-                width = max(len(x) for x in inputs)
-                ids = torch.zeros((len(group), width), dtype=torch.long)
-                mask = torch.zeros((len(group), n + width), dtype=torch.long)
-                mask[:, :n] = 1
-                for row, x in enumerate(inputs):  # right padding: real tokens never see it (causal)
-                    ids[row, :len(x)] = torch.tensor(x)
-                    mask[row, n:n + len(x)] = 1
-                past = _new_cache([k.expand(len(group), -1, -1, -1).contiguous() for k, _ in head_states],
-                                  [v.expand(len(group), -1, -1, -1).contiguous() for _, v in head_states])
-                positions = torch.arange(n, n + width, device=device).expand(len(group), -1)
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
-                      use_cache=True, logits_to_keep=1, **{cache_kw: past})
-                states = [_layer_states(past, i) for i in range(layers)]
-                k_all = torch.stack([k[:, :, n:] for k, _ in states], dim=1)  # [rows, layers, kv_heads, width, d]
-                v_all = torch.stack([v[:, :, n:] for _, v in states], dim=1)
-                for row, (key, seg) in enumerate(group):
-                    skip = len(lead.get(key, []))
-                    parts_k.append(k_all[row, :, :, skip:skip + len(seg)].clone())
-                    parts_v.append(v_all[row, :, :, skip:skip + len(seg)].clone())
-                    spans[key] = (start, len(seg), n + skip)
-                    token_ids[key] = list(seg)
-                    start += len(seg)
+            keys, values, spans, token_ids = segment_states(model, head_ids, segments, lead=lead,
+                                                            batch_size=batch_size, progress=progress)
         finally:
             model.train(was_training)
-        meta = dict(meta or {}, weights=weights_fingerprint(model), dtype=str(parts_k[0].dtype).replace("torch.", ""))
-        return cls(torch.cat(parts_k, dim=2).cpu(), torch.cat(parts_v, dim=2).cpu(), spans, token_ids, meta)
+        meta = dict(meta or {}, weights=weights_fingerprint(model), dtype=str(keys.dtype).replace("torch.", ""))
+        return cls(keys.cpu(), values.cpu(), spans, token_ids, meta)
 
     @classmethod
     def build(cls, model, tokenizer, index, retrieval, *, batch_size: int = 8, progress: bool = False) -> "FrozenKVCache":
@@ -250,8 +292,8 @@ class FrozenKVCache:
         digests = {}
         for chunk in index.chunks():
             passage = Passage(chunk.id, chunk.doc_id, chunk.text, title=str((chunk.metadata or {}).get("title") or ""))
-            segments[_chunk_key(passage)] = encode(tokenizer, passage_body(passage))
-            digests[_chunk_key(passage)] = _digest(passage_body(passage))
+            segments[chunk_key(passage)] = encode(tokenizer, passage_body(passage))
+            digests[chunk_key(passage)] = _digest(passage_body(passage))
         meta = {"index": index_fingerprint(index), "template": _template_fingerprint(tokenizer, retrieval)}
         first = encode(tokenizer, separators[0])  # every body is computed as the first passage, after "[1]"
         lead = {key: first for key in digests}
@@ -322,32 +364,22 @@ class FrozenKVCache:
         A row whose passages are not all stored (passages given by the caller, not from the index) gets the
         ordinary prompt (`build_prompt`), prefilled in full.
         """
-        head, separators = template_segments(tokenizer, retrieval)
+        layout = template_segments(tokenizer, retrieval)
         out = []
         for question, row in zip(questions, passages):
             kept = list(row)[:MAX_PASSAGES]
-            if not kept or any(self.digests.get(_chunk_key(p)) != _digest(passage_body(p)) for p in kept):
+            if not kept or any(self.digests.get(chunk_key(p)) != _digest(passage_body(p)) for p in kept):
                 prompt = build_prompt(tokenizer, question, list(row), retrieval)
                 out.append(CachedPrompt(prompt, [], prompt.input_ids))
                 continue
-            if not question or not question.strip():
-                raise InputError("the question is empty")
-            while kept:
-                text = render(tokenizer, question, kept, retrieval)
-                prefix = head + "".join(separators[n - 1] + passage_body(p) for n, p in enumerate(kept, 1))
-                if not text.startswith(prefix):
-                    raise InputError("the prompt template changed the passages' text: the frozen KV cache cannot "
-                                     "cut it into stored segments")
-                keys = [HEAD] + [k for n, p in enumerate(kept, 1) for k in (marker_key(n), _chunk_key(p))]
-                tail = encode(tokenizer, text[len(prefix):])
-                ids = [t for k in keys for t in self.token_ids[k]] + tail
-                if len(ids) <= retrieval.context_tokens:
-                    out.append(CachedPrompt(Prompt(input_ids=ids, text=text, passages=kept), keys, tail))
-                    break
-                kept.pop()  # whole passages only: drop the lowest-ranked one
-            else:  # not even one passage fits
+            cut = cut_prompt(tokenizer, question, kept, retrieval, layout, lambda key, _text: self.token_ids[key])
+            if cut is None:  # not even one passage fits
                 prompt = build_prompt(tokenizer, question, [], retrieval)
                 out.append(CachedPrompt(prompt, [], prompt.input_ids))
+                continue
+            kept, keys, text, tail = cut
+            ids = [t for k in keys for t in self.token_ids[k]] + tail
+            out.append(CachedPrompt(Prompt(input_ids=ids, text=text, passages=kept), keys, tail))
         return out
 
     def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
@@ -382,11 +414,15 @@ class FrozenKVCache:
         mask = mask.to(device)
         return _new_cache(list(keys.unbind(0)), list(values.unbind(0))), mask
 
-    def attach(self, model) -> "FrozenKVCache":
-        """Check the states are this model's, and put them on its device (assembly then runs there)."""
-        self.check(model=model)
+    def attach(self, model, *, check: bool = True) -> "FrozenKVCache":
+        """Check the states are this model's, and put them on its device (assembly then runs there).
+
+        check=False: states the model has just computed (block-attention training), nothing to check.
+        """
+        if check:
+            self.check(model=model)
         device = next(model.parameters()).device
-        self._inv_freq = _rotary(model).inv_freq.detach().to(device)
+        self._inv_freq = rotary_embedding(model).inv_freq.detach().to(device)
         self.keys, self.values = self.keys.to(device), self.values.to(device)
         return self
 

@@ -21,6 +21,7 @@ from retro_peft.adapters.config import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation.generator import mentions
 from retro_peft.generation.prompt import Passage, build_prompt, encode, end_of_turn_ids, fit_passages
+from retro_peft.kvcache.frozen import cut_prompt, template_segments
 from retro_peft.qa import QAItem
 
 IGNORE = -100
@@ -36,6 +37,9 @@ class TrainingExample:
     target: str
     has_gold: bool  # the prompt holds a chunk with the answer (target = answer)
     chunk_ids: list[str]  # the prompt's passages, in prompt order
+    # Block attention (RetrievalConfig.block_attention): how input_ids begin as the frozen KV cache's
+    # segments, ((segment key, tokens), ...): head, then marker and passage per passage; the rest is the tail.
+    segments: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -88,16 +92,19 @@ def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalCo
     by_doc: dict[str, list[Passage]] = {}
     for p in chunks:
         by_doc.setdefault(p.doc_id, []).append(p)
+    # block attention: the template's head and passage markers, as the frozen KV cache cuts them
+    layout = template_segments(tokenizer, retrieval) if retrieval.block_attention and not closed_book else None
     examples = []
     for item, row in zip(items, hits):
         rng = random.Random(f"{seed}:{item.id}")
         retrieved = [Passage.from_hit(h) for h in row]
-        examples.append(_example(item, retrieved, chunks, by_doc, tokenizer, retrieval, rng, closed_book))
+        examples.append(_example(item, retrieved, chunks, by_doc, tokenizer, retrieval, rng, closed_book, layout))
     return examples
 
 
 def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_doc: dict[str, list[Passage]],
-             tokenizer, retrieval: RetrievalConfig, rng: random.Random, closed_book: bool) -> TrainingExample:
+             tokenizer, retrieval: RetrievalConfig, rng: random.Random, closed_book: bool,
+             layout) -> TrainingExample:
     answerable = bool(item.answers) and not item.is_impossible
     keep_gold = answerable and rng.random() < retrieval.oracle_fraction
     gold = None
@@ -117,21 +124,43 @@ def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_d
         # Unanswerable (SQuAD 2.0): the related paragraph stays; the model must see it lacks the answer.
         chosen = retrieved[: retrieval.k]
     chosen += _distractors(item, chosen, chunks, retrieval.distractors, rng, answerable)
-    kept = fit_passages(tokenizer, item.question, chosen, retrieval)  # priority: gold, retrieved, distractors
+    # priority: gold, retrieved, distractors
+    if retrieval.block_attention:
+        kept = block_prompt(tokenizer, item.question, chosen, retrieval, layout)[0] if chosen else []
+    else:
+        kept = fit_passages(tokenizer, item.question, chosen, retrieval)
     golds = [p for p in kept if _holds_answer(p, item)]
     has_gold = bool(golds) if not closed_book else answerable
     rng.shuffle(kept)  # the gold chunk's position must not give it away
     target = _supported_answer(golds, item.answers) if has_gold else retrieval.abstention
-    prompt = build_prompt(tokenizer, item.question, kept, retrieval, fitted=True)
     answer_ids = encode(tokenizer, target) + end_of_turn_ids(tokenizer, retrieval)
+    if retrieval.block_attention and kept:
+        kept, segments, prompt_ids = block_prompt(tokenizer, item.question, kept, retrieval, layout)
+    else:
+        segments, prompt_ids = (), build_prompt(tokenizer, item.question, kept, retrieval, fitted=True).input_ids
     return TrainingExample(
         item_id=item.id,
-        input_ids=prompt.input_ids + answer_ids,
-        labels=[IGNORE] * len(prompt.input_ids) + answer_ids,
+        input_ids=prompt_ids + answer_ids,
+        labels=[IGNORE] * len(prompt_ids) + answer_ids,
         target=target,
         has_gold=has_gold,
         chunk_ids=[p.chunk_id for p in kept],
+        segments=segments,
     )
+
+
+def block_prompt(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig, layout):
+    """The prompt as the frozen KV cache runs it: whole passages (the lowest-priority dropped to fit).
+
+    Returns (passages kept, ((segment key, tokens), ...), prompt token ids); no passage fits: ([], (), ids).
+    """
+    ids: dict[str, list[int]] = {}  # segment key -> tokens (a key's text is the same whichever passages stay)
+    cut = cut_prompt(tokenizer, question, passages, retrieval, layout,
+                     lambda key, text: ids.setdefault(key, encode(tokenizer, text)))
+    if cut is None:
+        return [], (), build_prompt(tokenizer, question, [], retrieval).input_ids
+    kept, keys, _text, tail = cut
+    return kept, tuple((key, len(ids[key])) for key in keys), [t for key in keys for t in ids[key]] + tail
 
 
 def _distractors(item: QAItem, chosen: list[Passage], chunks: list[Passage], n: int, rng: random.Random,
@@ -159,4 +188,6 @@ def examples_sha256(examples: list[TrainingExample]) -> str:
         h.update(ex.item_id.encode())
         h.update(bytes(str(ex.input_ids), "ascii"))
         h.update(bytes(str(ex.labels), "ascii"))
+        if ex.segments:  # the same tokens split differently are another training run
+            h.update(str(ex.segments).encode())
     return h.hexdigest()

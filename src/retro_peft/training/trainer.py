@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
 from retro_peft.adapters.model import check_device
 from retro_peft.errors import InputError
+from retro_peft.generation.generator import cache_kwarg
 from retro_peft.storage import replace_folder
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
 
@@ -152,6 +153,49 @@ def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, t
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def forward_loss(model, examples: list[TrainingExample], pad_id: int, device) -> torch.Tensor:
+    """Mean answer-token loss of a batch: one forward pass, or two in the frozen KV cache's layout."""
+    if any(ex.segments for ex in examples):
+        return block_attention_forward(model, examples, pad_id, device).loss
+    # use_cache=False: training has no use for a KV cache, and building one per layer
+    # costs kernels (and a recompile per layer when compiled).
+    return model(**collate(examples, pad_id, device), use_cache=False).loss
+
+
+def block_attention_forward(model, examples: list[TrainingExample], pad_id: int, device):
+    """The forward pass as the frozen KV cache runs it, with gradients through every passage.
+
+    1. The batch's segments, each once (head, markers, passages), as `FrozenKVCache.build` computes them:
+       every passage after the head and "[1]", attending to neither the other passages nor the question.
+    2. Each row's context assembled from them (keys rotated to their positions), as at query time.
+    3. The tails (question, instruction, answer) through the model on top, loss on the answer.
+    A row without segments (no passage fitted) has an empty context: its tail is the whole prompt.
+    """
+    from retro_peft.kvcache.frozen import HEAD, FrozenKVCache, marker_key, segment_states
+
+    head, segments, rows, tails = None, {}, [], []
+    for ex in examples:
+        start, keys = 0, []
+        for key, length in ex.segments:
+            ids = ex.input_ids[start:start + length]
+            if key == HEAD:
+                head = ids
+            else:
+                segments.setdefault(key, ids)
+            keys.append(key)
+            start += length
+        rows.append(keys)
+        tails.append(replace(ex, input_ids=ex.input_ids[start:], labels=ex.labels[start:], segments=()))
+    lead = {key: segments[marker_key(1)] for key in segments if key.startswith("chunk:")}
+    states = segment_states(model, head, segments, lead=lead, batch_size=len(segments))
+    context, context_mask = FrozenKVCache(*states, meta={}).attach(model, check=False).assemble(rows, device)
+    inputs = collate(tails, pad_id, device)
+    inputs["attention_mask"] = torch.cat([context_mask, inputs["attention_mask"]], dim=1)
+    # each row's tail continues after its own context (left padding holds no positions)
+    inputs["position_ids"] = context_mask.sum(1, keepdim=True) + torch.arange(inputs["input_ids"].shape[1], device=device)
+    return model(**inputs, use_cache=True, **{cache_kwarg(model): context})
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
@@ -179,6 +223,10 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         check_output_dir(out_dir, resume=resume)
     device = check_device(config.device)
     peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
+    if any(ex.segments for ex in examples):  # block attention: refuse a model the frozen cache cannot serve
+        from retro_peft.kvcache.frozen import rotary_embedding
+
+        rotary_embedding(peft_model)
     adalora = isinstance(model.config, RetroAdaLoraConfig)
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
@@ -211,9 +259,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 batch = [examples[i] for i in batch_ids]
                 tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
                 with autocast:
-                    # use_cache=False: training has no use for a KV cache, and building one per layer
-                    # costs kernels (and a recompile per layer when compiled).
-                    loss = peft_model(**collate(batch, pad_id, device), use_cache=False).loss / config.grad_accum
+                    loss = forward_loss(peft_model, batch, pad_id, device) / config.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             if config.max_grad_norm:
@@ -263,10 +309,9 @@ def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_i
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start:start + batch_size]]
-        inputs = collate(batch, pad_id, device)
-        n = int((inputs["shift_labels"] != IGNORE).sum())
+        n = sum(label != IGNORE for ex in batch for label in ex.labels[1:])  # tokens the loss averages over
         with autocast:
-            total += model(**inputs, use_cache=False).loss.float().item() * n
+            total += forward_loss(model, batch, pad_id, device).float().item() * n
         count += n
     return total / max(count, 1)
 
