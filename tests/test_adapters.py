@@ -144,6 +144,12 @@ def test_an_overwrite_is_all_or_nothing_and_keeps_the_checkpoints(tiny, tokenize
 
     second.save(out)
     assert (out / "checkpoints" / "step-000002").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    # written whole but not private: readable as any file the process makes (umask 022 here: 755 / 644)
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~umask)}
     ids, mask = _probe(tokenizer)
     with torch.inference_mode():
         assert torch.equal(RetroPeftModel.load(out).model(input_ids=ids, attention_mask=mask).logits,

@@ -280,7 +280,8 @@ class DemoResult:
 def run_demo(config: DemoConfig | None = None, *, out_dir: str | Path | None = None, progress: bool = True,
              report: str | Path | None = None) -> DemoResult:
     """Index the docs, evaluate the base model, train RetroLoRA, evaluate it, register the domain."""
-    from retro_peft.training.trainer import check_output_dir, check_output_file
+    from retro_peft.storage import check_output_file
+    from retro_peft.training.trainer import check_output_dir
 
     config = config or DemoConfig()
     config.validate()

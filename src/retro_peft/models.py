@@ -18,7 +18,7 @@ from pathlib import Path
 
 from retro_peft import paths
 from retro_peft.errors import ModelNotFoundError
-from retro_peft.storage import fsync_tree
+from retro_peft.storage import fsync_tree, share
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
+        share(tmp)
         fsync_tree(tmp)
         try:
             tmp.rename(target)

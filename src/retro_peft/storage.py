@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from retro_peft.errors import InputError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -22,6 +24,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def share(path: Path) -> None:
+    """Give a file, or a folder and everything in it, the mode this process's new files get (0644 / 0755
+    under umask 022). Temporary files and folders (mkstemp, mkdtemp, safetensors' own writer) are private
+    (0600 / 0700); what is renamed into place must not be: a server running as another user reads the
+    adapters, indexes and caches a training job wrote."""
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
 def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
@@ -33,6 +50,7 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        share(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -121,6 +139,7 @@ def replace_folder(new: Path, target: Path, *, carry_over: set[str] = frozenset(
     old folder's temporary name next to it.
     """
     new, target = Path(new), Path(target)
+    share(new)
     fsync_tree(new)
     if not target.exists():
         os.rename(new, target)
@@ -138,3 +157,22 @@ def replace_folder(new: Path, target: Path, *, carry_over: set[str] = frozenset(
             os.rename(old / name, target / name)
     fsync_dir(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(path, what: str = "output file") -> None:
+    """Refuse, before any work, a file path that cannot be written (a folder, or no writable folder above it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    check_parent_writable(path, what)
+
+
+def check_parent_writable(path: Path, what: str) -> None:
+    """The nearest existing folder above `path` (where missing folders would be created) must be writable."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():  # also walks up past a file used as a folder (`file/x` does not exist)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: {parent} is not writable")

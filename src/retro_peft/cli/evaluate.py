@@ -44,7 +44,7 @@ def run(args) -> int:
     from retro_peft.qa import load_qa
     from retro_peft.storage import atomic_write_bytes
     from retro_peft.training import evaluate
-    from retro_peft.training.trainer import check_output_file
+    from retro_peft.storage import check_output_file
 
     device = str(check_device(args.device))
     if args.predictions:  # else a bad path fails only after the whole evaluation

@@ -36,7 +36,7 @@ from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
 from retro_peft.adapters.model import check_device
 from retro_peft.errors import InputError
 from retro_peft.generation.generator import cache_kwarg
-from retro_peft.storage import replace_folder
+from retro_peft.storage import check_parent_writable, replace_folder
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def check_output_dir(out_dir, *, resume: bool = False) -> None:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output folder {out} is an existing file; choose a folder")
-    _check_parent_writable(out, "output folder")  # the adapter is built next to `out` and renamed into place
+    check_parent_writable(out, "output folder")  # the adapter is built next to `out` and renamed into place
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"output folder {out} is not writable")
     folder = out / CHECKPOINTS
@@ -372,25 +372,6 @@ def check_output_dir(out_dir, *, resume: bool = False) -> None:
     if not resume and folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir()):
         raise InputError(f"{folder} holds checkpoints of an earlier run: resume it (--resume) "
                          "or choose another output folder (--out)")
-
-
-def check_output_file(path, what: str = "output file") -> None:
-    """Refuse, before any work, a file path that cannot be written (a folder, or no writable folder above it)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a folder; give a file name")
-    _check_parent_writable(path, what)
-
-
-def _check_parent_writable(path: Path, what: str) -> None:
-    """The nearest existing folder above `path` (where missing folders would be created) must be writable."""
-    parent = Path(os.path.abspath(path)).parent
-    while not parent.exists():  # also walks up past a file used as a folder (`file/x` does not exist)
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: {parent} is not writable")
 
 
 def latest_checkpoint(out_dir) -> Path | None:
