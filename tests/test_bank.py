@@ -161,3 +161,40 @@ def test_a_prompt_past_the_models_context_is_refused_before_decoding(setup):
     with pytest.raises(InputError, match=f"exceeds the model's context of {context} tokens"):
         bank.answer_many([QUESTIONS[0], long_question], ["a", "b"])
     assert bank.answer(QUESTIONS[0], "a").completion_tokens > 0  # nothing else is affected
+
+
+def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_generator(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from retro_peft.generation import Generator
+    from retro_peft.index import open_index
+    from retro_peft.kvcache import FrozenKVCache
+
+    root, base, idx_a, idx_b, adapters = setup
+    bank = AdapterBank(str(base), max_new_tokens=6)
+    bank.load("plain-kv", idx_b, kv_cache=tmp_path / "plain.kv")  # computed and written on first load
+    bank.load("a-kv", idx_a, adapters["a"], kv_cache=tmp_path / "kv" / "a.kv")
+    bank.load("b", idx_b, adapters["b"])  # no cache: full prefill
+    assert (tmp_path / "plain.kv").is_file() and (tmp_path / "kv" / "a.kv").is_file()
+    domains = ["a-kv", "b", "plain-kv", None, "a-kv", "plain-kv"]
+    questions = (QUESTIONS * 2)[: len(domains)]
+    batched = bank.answer_many(questions, domains)  # one mixed pass: two caches, a full-prefill row, a base row
+    singles = [bank.answer_many([q], [d])[0] for q, d in zip(questions, domains)]
+    assert [a.text for a in batched] == [a.text for a in singles]
+
+    # each cached domain answers what a Generator with its weights and its cache file answers
+    lora = RetroPeftModel.load(adapters["a"])
+    cache_a = FrozenKVCache.load(tmp_path / "kv" / "a.kv", lora.model)
+    want_a = lora.generator(open_index(idx_a), kv_cache=cache_a, max_new_tokens=6).answer_many(questions[0::4])
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    cache_plain = FrozenKVCache.load(tmp_path / "plain.kv", plain)
+    want_plain = Generator(plain, lora.tokenizer, index=open_index(idx_b), retrieval=RetrievalConfig(),
+                           kv_cache=cache_plain, max_new_tokens=6).answer_many([questions[2], questions[5]])
+    assert [batched[0].text, batched[4].text] == [a.text for a in want_a]
+    assert [batched[2].text, batched[5].text] == [a.text for a in want_plain]
+    assert batched[0].passages == want_a[0].passages and batched[0].prompt_tokens == want_a[0].prompt_tokens
+
+    # a cache file of other weights is refused, not rebuilt over: that domain fails alone
+    with pytest.raises(DomainError, match="domain 'c-kv'.*other model weights"):
+        bank.load("c-kv", idx_a, adapters["c"], kv_cache=tmp_path / "kv" / "a.kv")
+    assert "c-kv" not in bank.domains and bank.answer(questions[0], "a-kv").text == batched[0].text

@@ -367,3 +367,23 @@ def test_request_timeout_is_503_with_retry_after(bank):
                               json={"model": "a", "prompt": QUESTIONS[0], "max_tokens": 4})
         assert response.status_code == 503 and response.json()["error"]["code"] == "timeout"
         assert int(response.headers["retry-after"]) >= 1
+
+
+def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_through_them(bank, tmp_path):
+    a, plain = bank.domains["a"], bank.domains["plain"]
+    domains = [{"name": "a", "index": str(a.index.path), "adapter": str(a.adapter_dir), "kv_cache": str(tmp_path / "a.kv")},
+               {"name": "plain", "index": str(plain.index.path), "kv_cache": str(tmp_path / "plain.kv")}]
+    configured = ServeSettings(**{**settings().model_dump(), "model": bank.base_model_name, "domains": domains})
+    with serve_in_thread(create_app(configured)) as base_url:  # loads its own bank, building both caches
+        assert httpx.get(f"{base_url}/health/ready").json()["domains"] == {"a": "loaded", "plain": "loaded"}
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+        served = [client.completions.create(model=d, prompt=QUESTIONS[0], max_tokens=6, temperature=0)
+                  for d in ("a", "plain")]
+    assert (tmp_path / "a.kv").is_file() and (tmp_path / "plain.kv").is_file()
+    reference = AdapterBank(bank.base_model_name, max_new_tokens=8)  # reads the files the server wrote
+    for d in domains:
+        reference.load(d["name"], d["index"], d.get("adapter"), kv_cache=d["kv_cache"])
+    from retro_peft.generation import SamplingConfig
+
+    want = reference.answer_many([QUESTIONS[0]] * 2, ["a", "plain"], sampling=SamplingConfig(max_new_tokens=6))
+    assert [c.choices[0].text for c in served] == [w.text for w in want]

@@ -28,25 +28,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _targets(args) -> tuple[dict[str, tuple[str, str | None]], str]:
-    """{domain name: (index, adapter)} to load, and the name to ask (or 'auto')."""
+def _targets(args) -> tuple[dict, str]:
+    """{domain name: DomainSpec} to load from, and the name to ask (or 'auto')."""
     from retro_peft.domains import AUTO, get_domain, list_domains
+    from retro_peft.domains.registry import DomainSpec
 
     if args.adapter and not args.index:
         raise InputError("--adapter needs --index (the index the adapter reads from)")
     if args.index:
         if args.domain:
             raise InputError("give either --domain or --index, not both")
-        return {"ad-hoc": (args.index, args.adapter)}, "ad-hoc"
+        return {"ad-hoc": DomainSpec("ad-hoc", args.index, args.adapter)}, "ad-hoc"
     if args.domain and args.domain != AUTO:
         spec = get_domain(args.domain)
-        return {spec.name: (spec.index, spec.adapter)}, spec.name
+        return {spec.name: spec}, spec.name
     specs = list_domains()
     if not specs:
         raise InputError("no domain is registered: run `retro-peft demo`, or `retro-peft domain add`, or pass --index")
     if len(specs) == 1 and not args.domain:
-        return {specs[0].name: (specs[0].index, specs[0].adapter)}, specs[0].name
-    return {s.name: (s.index, s.adapter) for s in specs}, AUTO
+        return {specs[0].name: specs[0]}, specs[0].name
+    return {s.name: s for s in specs}, AUTO
 
 
 def _base_model(args, targets) -> str:
@@ -54,9 +55,9 @@ def _base_model(args, targets) -> str:
         return args.model
     from retro_peft.adapters.model import read_retro_config
 
-    for _index, adapter in targets.values():
-        if adapter:
-            return read_retro_config(adapter)["base_model"]["name"]
+    for spec in targets.values():
+        if spec.adapter:
+            return read_retro_config(spec.adapter)["base_model"]["name"]
     return "smollm2-135m"
 
 
@@ -72,13 +73,13 @@ def run(args) -> int:
     targets, name = _targets(args)
     route = None
     if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
-        route = Router({n: index for n, (index, _adapter) in targets.items()}).route(args.text)
+        route = Router({n: spec.index for n, spec in targets.items()}).route(args.text)
         name = route.domain
     chosen = {name: targets[name]} if name is not None else {}  # the routed domain's adapter names the base
     bank = AdapterBank(_base_model(args, chosen), max_new_tokens=args.max_tokens, dtype=args.dtype)
     if name is not None:
-        index, adapter = targets[name]
-        bank.load(name, index, adapter)
+        spec = targets[name]
+        bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache)
     if args.stream and not args.json:
         answer = None
         for piece in bank.stream(args.text, name, sampling=sampling):

@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--description", help="what the domain covers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain of that name")
+    p.add_argument("--kv-cache", metavar="FILE",
+                   help="answer through a frozen KV cache stored in FILE (computed when the domain is first "
+                        "loaded): only the question is prefilled, but answers change (BENCHMARKS.md)")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("list", help="list registered domains")
@@ -35,8 +38,9 @@ def register(sub) -> None:
 
 def _add(args) -> int:
     spec = add_domain(args.name, args.index, adapter=args.adapter, description=args.description,
-                      overwrite=args.overwrite)
-    print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}")
+                      overwrite=args.overwrite, kv_cache=args.kv_cache)
+    cache = f", frozen KV cache {spec.kv_cache}" if spec.kv_cache else ""
+    print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}{cache}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The adapter bank: several domains on one base model, loaded once.
 
-A domain is an index + an optional adapter (+ later its frozen KV cache). The
+A domain is an index + an optional adapter (+ optionally its frozen KV cache). The
 bank keeps every loaded domain's index open and at most `max_adapters` adapters
 in memory, evicting the least recently used (its weights are reloaded from disk
 when it is asked for again). A domain whose adapter is missing or broken fails
@@ -33,6 +33,7 @@ from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, 
                                              stream_answer)
 from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.index import open_index
+from retro_peft.kvcache.frozen import assemble_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,13 @@ class AdapterBank:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def load(self, name: str, index, adapter: str | Path | None = None) -> Domain:
-        """Open a domain's index (a name, path or open Index) and load its adapter, if any."""
+    def load(self, name: str, index, adapter: str | Path | None = None, *,
+             kv_cache: str | Path | None = None) -> Domain:
+        """Open a domain's index (a name, path or open Index) and load its adapter, if any.
+
+        kv_cache: the domain's frozen KV cache file, computed there if missing (`kvcache.load_or_build`);
+        its rows then prefill only their question.
+        """
         try:
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
@@ -99,13 +105,24 @@ class AdapterBank:
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method)
-        if adapter is not None:
-            try:
+        try:
+            if adapter is not None:
                 self._ensure_resident(name)
-            except DomainError:
-                del self.domains[name]
-                raise
+            if kv_cache is not None:
+                generator.kv_cache = self._frozen_cache(name, kv_cache)
+        except RetroPeftError as e:
+            self.unload(name)
+            raise e if isinstance(e, DomainError) else DomainError(f"domain {name!r}: {e}") from None
         return self.domains[name]
+
+    def _frozen_cache(self, name: str, path: str | Path):
+        """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
+        from retro_peft.kvcache import load_or_build
+
+        domain = self.domains[name]
+        with self._adapters_for([name]):
+            cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval)
+        return cache.attach(self.model, check=False)  # load_or_build checked it against these weights
 
     def _shared_encoder(self, index_name):
         from retro_peft.index import Encoder
@@ -203,10 +220,16 @@ class AdapterBank:
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
         generators = {name: self._base_generator if name is None else self._get(name).generator for name in set(domains)}
         prompts: list = [None] * len(questions)
+        stored: list = [None] * len(questions)  # rows of domains with a frozen KV cache: their CachedPrompt
         for name, generator in generators.items():
             rows = [r for r, d in enumerate(domains) if d == name]
-            for row, prompt in zip(rows, generator.prompts([questions[r] for r in rows], search=search)):
-                prompts[row] = prompt
+            asked = [questions[r] for r in rows]
+            if generator.kv_cache is not None:
+                for row, cached in zip(rows, generator.cached_prompts(asked, search=search)):
+                    prompts[row], stored[row] = cached.prompt, cached
+            else:
+                for row, prompt in zip(rows, generator.prompts(asked, search=search)):
+                    prompts[row] = prompt
         check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list = [None] * len(questions)
         for start in range(0, len(questions), self.batch_size):
@@ -215,11 +238,16 @@ class AdapterBank:
                     self._ensure_resident(name)
                 for group in self._decode_groups(part, domains):
                     shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
+                    sequences, context = [prompts[r].input_ids for r in group], None
+                    if any(stored[r] is not None and stored[r].keys for r in group):  # stored passages: no prefill
+                        sequences = [prompts[r].input_ids if stored[r] is None else stored[r].tail_ids for r in group]
+                        context = assemble_rows([(generators[domains[r]].kv_cache, stored[r].keys if stored[r] else [])
+                                                 for r in group], next(self.model.parameters()).device)
                     with self._adapters_for([domains[r] for r in group]):
-                        done = generate_batch(self.model, self.tokenizer, [prompts[r].input_ids for r in group],
+                        done = generate_batch(self.model, self.tokenizer, sequences,
                                               stop_ids=self._base_generator.stop_ids,
                                               pad_id=self.tokenizer.pad_token_id, sampling=sampling,
-                                              on_text=shift(on_text), cancelled=shift(cancelled))
+                                              on_text=shift(on_text), cancelled=shift(cancelled), context=context)
                     for r, g in zip(group, done):
                         answers[r] = generators[domains[r]].make_answer(prompts[r], g)
         return answers

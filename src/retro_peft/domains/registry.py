@@ -8,9 +8,10 @@ A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
 
 `index` is kept as given when it is a bare index name (so it follows
 `$RETRO_PEFT_HOME`), as an absolute path otherwise; `adapter` is always an
-absolute path. `kv_cache` is reserved for a precomputed KV cache of the
-domain's context (nothing writes it yet). Files are written atomically, so a
-crash never leaves half a domain.
+absolute path. `kv_cache` (opt-in, absolute path or null): the domain answers
+through a frozen KV cache stored in that file (`retro_peft.kvcache`), computed
+when the domain is first loaded and read back after. Files are written
+atomically, so a crash never leaves half a domain.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from retro_peft import paths
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.index import open_index
-from retro_peft.storage import atomic_write_json
+from retro_peft.storage import atomic_write_json, check_output_file
 
 FORMAT = "retro-peft-domain"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ class DomainSpec:
     index: str  # an index name under $RETRO_PEFT_HOME/indexes, or an absolute path
     adapter: str | None = None  # absolute path of a PEFT adapter folder; None = base model + retrieval
     description: str | None = None
-    kv_cache: str | None = None  # reserved for later
+    kv_cache: str | None = None  # absolute path of the domain's frozen KV cache file; None = full prefill
     created_at: str | None = None
 
     @property
@@ -71,8 +72,12 @@ def check_domain_name(name: str) -> str:
 
 
 def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, description: str | None = None,
-               overwrite: bool = False) -> DomainSpec:
-    """Register a domain after checking that its index opens and its adapter folder is complete."""
+               overwrite: bool = False, kv_cache: str | Path | None = None) -> DomainSpec:
+    """Register a domain after checking that its index opens and its adapter folder is complete.
+
+    kv_cache: a file for the domain's frozen KV cache (built on first load if missing); answers then
+    change (passages do not attend to each other: BENCHMARKS.md), so it is opt-in.
+    """
     check_domain_name(name)
     file = _file(name)
     if file.exists() and not overwrite:
@@ -81,7 +86,10 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
     adapter_text = _check_adapter(adapter) if adapter is not None else None
     if description is not None and not isinstance(description, str):
         raise InputError(f"domain description must be text, got {type(description).__name__}")
-    spec = DomainSpec(name, index_text, adapter_text, description or None, None, _now())
+    if kv_cache is not None:
+        check_output_file(kv_cache, "kv cache")
+        kv_cache = str(Path(kv_cache).expanduser().resolve())
+    spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now())
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec
 

@@ -370,6 +370,12 @@ class Generator:
         passages = self.retrieve(questions, search) if passages is None else passages
         return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(questions, passages)]
 
+    def cached_prompts(self, questions: list[str], passages: list[list[Passage]] | None = None,
+                       search: SearchOptions | None = None) -> list:
+        """The prompts as the frozen KV cache runs them (`CachedPrompt`: stored segments + tail); needs kv_cache."""
+        passages = self.retrieve(questions, search) if passages is None else passages
+        return self.kv_cache.prompts(self.tokenizer, questions, passages, self.retrieval)
+
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
         return sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
 
@@ -394,9 +400,7 @@ class Generator:
                 raise InputError("the question is empty")
         sampling = self.sampling(sampling)
         if self.kv_cache is not None:
-            cached = self.kv_cache.prompts(self.tokenizer, questions,
-                                           self.retrieve(questions, search) if passages is None else passages,
-                                           self.retrieval)
+            cached = self.cached_prompts(questions, passages, search)
             prompts = [c.prompt for c in cached]
         else:
             prompts = self.prompts(questions, passages, search)

@@ -123,12 +123,15 @@ def rotate(keys: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> t
 
 
 def weights_fingerprint(model) -> str:
-    """The base model and, for a PEFT model, its active adapter's weights: what the states depend on."""
+    """The weights a forward pass uses, what the states depend on: the base model's and, for a PEFT model
+    with its adapters enabled, the active adapter's (inside `disable_adapter()`, the base model's only)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from retro_peft.adapters.model import base_fingerprint
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     h = hashlib.sha256(json.dumps(base_fingerprint(inner), sort_keys=True).encode())
-    if hasattr(model, "peft_config"):
+    if any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules()):
         from peft import get_peft_model_state_dict
 
         # the adapter's weights, not its name: a bank may load it under another name
@@ -425,6 +428,42 @@ class FrozenKVCache:
         self._inv_freq = rotary_embedding(model).inv_freq.detach().to(device)
         self.keys, self.values = self.keys.to(device), self.values.to(device)
         return self
+
+
+def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, dtype: torch.dtype | None = None):
+    """A batch's context when its rows come from different caches (rows of different domains).
+
+    rows: (cache, segment keys) per row; a row with no cache or no keys is all padding (prefilled in full).
+    Each cache assembles its own rows; the parts are left-padded to one width. Returns (cache, mask).
+    """
+    groups: dict[int, tuple[FrozenKVCache, list[int]]] = {}
+    for i, (cache, keys) in enumerate(rows):
+        if cache is not None and keys:
+            groups.setdefault(id(cache), (cache, []))[1].append(i)
+    if len(groups) == 1 and len(next(iter(groups.values()))[1]) == len(rows):  # one cache holds every row
+        cache, _ = next(iter(groups.values()))
+        return cache.assemble([keys for _, keys in rows], device, dtype)
+    parts = [(members, *cache.assemble([rows[i][1] for i in members], device, dtype))
+             for cache, members in groups.values()]
+    width = max((mask.shape[1] for _, _, mask in parts), default=0)
+    first = parts[0][1]
+    layers = len(first.layers) if hasattr(first, "layers") else len(first.key_cache)
+    keys_out, values_out = [], []
+    mask_out = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for layer in range(layers):
+        k0, _ = _layer_states(first, layer)
+        k_full = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+        v_full = torch.zeros_like(k_full)
+        for members, past, mask in parts:
+            k, v = _layer_states(past, layer)
+            at = torch.tensor(members, device=k.device)
+            k_full[at, :, width - k.shape[2]:] = k  # right-aligned: left padding, as `assemble` pads
+            v_full[at, :, width - v.shape[2]:] = v
+            if layer == 0:
+                mask_out[at, width - mask.shape[1]:] = mask
+        keys_out.append(k_full)
+        values_out.append(v_full)
+    return _new_cache(keys_out, values_out), mask_out
 
 
 def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, progress: bool = True) -> FrozenKVCache:

@@ -77,7 +77,8 @@ class ServerState:
             return list(self.settings.domains)
         from retro_peft.domains.registry import list_domains
 
-        return [DomainConfig(name=d.name, index=d.index, adapter=d.adapter, description=d.description)
+        return [DomainConfig(name=d.name, index=d.index, adapter=d.adapter, description=d.description,
+                             kv_cache=d.kv_cache)
                 for d in list_domains()]
 
     def load(self) -> None:
@@ -93,7 +94,7 @@ class ServerState:
                 for spec in specs:
                     self.descriptions[spec.name] = spec.description
                     try:
-                        self.bank.load(spec.name, spec.index, spec.adapter)
+                        self.bank.load(spec.name, spec.index, spec.adapter, kv_cache=spec.kv_cache)
                         self.domains[spec.name] = "loaded"
                     except RetroPeftError as e:
                         self.domains[spec.name] = f"error: {e}"

@@ -39,6 +39,7 @@ class DomainConfig(_Section):
     index: str  # index name under $RETRO_PEFT_HOME/indexes, or a path
     adapter: str | None = None
     description: str | None = None
+    kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
 
 
 class GenerationConfig(_Section):
