@@ -176,6 +176,8 @@ def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_g
     bank.load("a-kv", idx_a, adapters["a"], kv_cache=tmp_path / "kv" / "a.kv")
     bank.load("b", idx_b, adapters["b"])  # no cache: full prefill
     assert (tmp_path / "plain.kv").is_file() and (tmp_path / "kv" / "a.kv").is_file()
+    # the cache changes answers, so it changes the domain's version (the server's cache keys)
+    assert bank.load("plain", idx_b).version != bank.domains["plain-kv"].version
     domains = ["a-kv", "b", "plain-kv", None, "a-kv", "plain-kv"]
     questions = (QUESTIONS * 2)[: len(domains)]
     batched = bank.answer_many(questions, domains)  # one mixed pass: two caches, a full-prefill row, a base row

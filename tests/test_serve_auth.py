@@ -219,3 +219,30 @@ def test_two_replicas_share_limits_and_cache_through_redis(bank, redis_url):
         search = {"model": "b", "query": "who discovered oxygen", "k": 2}
         assert post(one, "/v1/retrieve", RETRIEVE_KEY, **search).headers.get("x-cache") is None
         assert post(two, "/v1/retrieve", RETRIEVE_KEY, **search).headers["x-cache"] == "hit"
+
+
+def test_a_changed_domain_never_gets_another_versions_answers_from_a_shared_cache(bank, redis_url):
+    """Cache keys carry the domain's version (index content, adapter weights, KV cache on or off): a replica or
+    a restart that serves another adapter or index under the same domain name misses; the same content hits."""
+    from retro_peft.domains.bank import AdapterBank
+
+    a, b, plain = bank.domains["a"], bank.domains["b"], bank.domains["plain"]
+    restarted = AdapterBank(bank.base_model_name, max_new_tokens=8)
+    restarted.load("a", a.index.path, b.adapter_dir)  # domain "a" retrained: another adapter, same name
+    restarted.load("plain", a.index.path)  # domain "plain" re-indexed: another index, same name
+    restarted.load("b", b.index.path, b.adapter_dir)  # domain "b" unchanged
+    assert restarted.domains["b"].version == b.version and restarted.version("auto") != bank.version("auto")
+    settings = auth_settings(cache={"redis_url": redis_url})
+    ask = {"prompt": "Which shrub do tea leaves come from, and why?", "max_tokens": 4, "temperature": 0}
+    search = {"query": "where does the rhine flow", "k": 2}
+    with serve_in_thread(create_app(settings, bank)) as old:
+        for model in ("a", "b", "plain", "auto"):
+            assert post(old, "/v1/completions", GEN_KEY, model=model, **ask).headers["x-cache"] == "miss"
+        for model in ("plain", "b"):
+            assert post(old, "/v1/retrieve", RETRIEVE_KEY, model=model, **search).headers.get("x-cache") is None
+    with serve_in_thread(create_app(settings, restarted)) as new:
+        hits = {m: post(new, "/v1/completions", GEN_KEY, model=m, **ask).headers["x-cache"]
+                for m in ("a", "b", "plain", "auto")}
+        assert hits == {"a": "miss", "b": "hit", "plain": "miss", "auto": "miss"}
+        assert post(new, "/v1/retrieve", RETRIEVE_KEY, model="plain", **search).headers.get("x-cache") is None
+        assert post(new, "/v1/retrieve", RETRIEVE_KEY, model="b", **search).headers["x-cache"] == "hit"

@@ -16,6 +16,8 @@ layers in one model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -25,15 +27,17 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
-from retro_peft.adapters.model import (AdapterMismatchError, base_fingerprint, check_device, inference_dtype,
-                                      load_base_model, read_retro_config)
+from retro_peft.adapters.model import (CHECKSUM_KEYS, AdapterMismatchError, base_fingerprint, check_device,
+                                      inference_dtype, load_base_model, read_retro_config)
 from retro_peft.domains.mixed_lora import MixedLoRA
+from retro_peft.domains.registry import AUTO
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
                                              stream_answer)
 from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.index import open_index
-from retro_peft.kvcache.frozen import assemble_rows
+from retro_peft.kvcache.frozen import decode_inputs
+from retro_peft.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ class Domain:
     generator: Generator  # its index and retrieval settings (the model is the bank's)
     adapter_dir: Path | None = None
     method: str | None = None
+    # What its answers depend on besides the request (base model and dtype, index content, adapter weights, KV
+    # cache on or off): part of the server's cache keys, so a replica or a restart with a retrained adapter or a
+    # rebuilt index never serves another version's cached answers through a shared Redis.
+    version: str = ""
 
     @property
     def index(self):
@@ -89,11 +97,13 @@ class AdapterBank:
         try:
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
-            retrieval, method = RetrievalConfig(), None
+            retrieval, method, adapter_sha = RetrievalConfig(), None, None
             if adapter is not None:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
                 retrieval, method = config.retrieval, config.method
+                adapter_sha = info.get(CHECKSUM_KEYS["adapter_model.safetensors"]) or \
+                    sha256_file(Path(adapter) / "adapter_model.safetensors")
                 if info["base_model"].get("config_sha256") != self.fingerprint["config_sha256"] or \
                         info["base_model"].get("weights_sha256") != self.fingerprint["weights_sha256"]:
                     raise AdapterMismatchError(f"adapter {adapter} was trained on base model "
@@ -104,7 +114,9 @@ class AdapterBank:
             self.unload(name)
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method)
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        version = _digest([self.fingerprint, str(dtype), index.manifest["files"], adapter_sha, kv_cache is not None])
+        self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version)
         try:
             if adapter is not None:
                 self._ensure_resident(name)
@@ -188,6 +200,12 @@ class AdapterBank:
             self.model.set_adapter(name)
         return time.perf_counter() - start
 
+    def version(self, name: str) -> str:
+        """A domain's `Domain.version`; for `auto`, every domain's (routing reads all their indexes)."""
+        if name == AUTO:
+            return _digest(sorted((n, d.version) for n, d in self.domains.items()))
+        return self._get(name).version
+
     def _get(self, name: str) -> Domain:
         if name not in self.domains:
             known = ", ".join(sorted(self.domains)) or "none"
@@ -220,16 +238,16 @@ class AdapterBank:
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
         generators = {name: self._base_generator if name is None else self._get(name).generator for name in set(domains)}
         prompts: list = [None] * len(questions)
-        stored: list = [None] * len(questions)  # rows of domains with a frozen KV cache: their CachedPrompt
+        runs: list = [None] * len(questions)  # (its domain's frozen KV cache, CachedPrompt) or (None, Prompt)
         for name, generator in generators.items():
             rows = [r for r, d in enumerate(domains) if d == name]
             asked = [questions[r] for r in rows]
             if generator.kv_cache is not None:
                 for row, cached in zip(rows, generator.cached_prompts(asked, search=search)):
-                    prompts[row], stored[row] = cached.prompt, cached
+                    prompts[row], runs[row] = cached.prompt, (generator.kv_cache, cached)
             else:
                 for row, prompt in zip(rows, generator.prompts(asked, search=search)):
-                    prompts[row] = prompt
+                    prompts[row], runs[row] = prompt, (None, prompt)
         check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list = [None] * len(questions)
         for start in range(0, len(questions), self.batch_size):
@@ -238,11 +256,7 @@ class AdapterBank:
                     self._ensure_resident(name)
                 for group in self._decode_groups(part, domains):
                     shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
-                    sequences, context = [prompts[r].input_ids for r in group], None
-                    if any(stored[r] is not None and stored[r].keys for r in group):  # stored passages: no prefill
-                        sequences = [prompts[r].input_ids if stored[r] is None else stored[r].tail_ids for r in group]
-                        context = assemble_rows([(generators[domains[r]].kv_cache, stored[r].keys if stored[r] else [])
-                                                 for r in group], next(self.model.parameters()).device)
+                    sequences, context = decode_inputs([runs[r] for r in group], next(self.model.parameters()).device)
                     with self._adapters_for([domains[r] for r in group]):
                         done = generate_batch(self.model, self.tokenizer, sequences,
                                               stop_ids=self._base_generator.stop_ids,
@@ -309,6 +323,10 @@ class AdapterBank:
             self.model.set_adapter(adapters[0])
             return contextlib.nullcontext()
         return self._mixed_lora().batch(adapters)
+
+
+def _digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _base_only(model):

@@ -398,12 +398,15 @@ class Generator:
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
+        from retro_peft.kvcache.frozen import decode_inputs
+
         sampling = self.sampling(sampling)
         if self.kv_cache is not None:
             cached = self.cached_prompts(questions, passages, search)
-            prompts = [c.prompt for c in cached]
+            prompts, rows = [c.prompt for c in cached], [(self.kv_cache, c) for c in cached]
         else:
             prompts = self.prompts(questions, passages, search)
+            rows = [(None, p) for p in prompts]
         check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
         answers: list[Answer] = []
         was_training = self.model.training
@@ -412,11 +415,7 @@ class Generator:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start:start + self.batch_size]
                 shift = lambda f: None if f is None else (lambda row, *a: f(start + row, *a))  # noqa: E731
-                sequences, context = [p.input_ids for p in batch], None
-                rows = [] if self.kv_cache is None else cached[start:start + self.batch_size]
-                if any(c.keys for c in rows):  # else no row has stored passages: an ordinary batch
-                    sequences = [c.tail_ids for c in rows]
-                    context = self.kv_cache.assemble([c.keys for c in rows], self.device)
+                sequences, context = decode_inputs(rows[start:start + self.batch_size], self.device)
                 done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids,
                                       pad_id=self.pad_id, sampling=sampling, on_text=shift(on_text),
                                       cancelled=shift(cancelled), static=self.static, context=context)

@@ -430,6 +430,20 @@ class FrozenKVCache:
         return self
 
 
+def decode_inputs(rows: list[tuple["FrozenKVCache | None", "CachedPrompt | Prompt"]], device):
+    """What one decode batch runs: each row's token ids, and the stored context they follow (or None).
+
+    rows: (cache, the row's CachedPrompt) for rows that answer through a frozen cache, (None, Prompt) for
+    the others. Rows with stored passages prefill only their tail; a batch where no row has any is an
+    ordinary one (no context).
+    """
+    stored = [(cache, p) if isinstance(p, CachedPrompt) and p.keys else (None, None) for cache, p in rows]
+    if all(p is None for _, p in stored):
+        return [(p.prompt if isinstance(p, CachedPrompt) else p).input_ids for _, p in rows], None
+    sequences = [p.tail_ids if isinstance(p, CachedPrompt) else p.input_ids for _, p in rows]
+    return sequences, assemble_rows([(cache, p.keys if p else []) for cache, p in stored], device)
+
+
 def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, dtype: torch.dtype | None = None):
     """A batch's context when its rows come from different caches (rows of different domains).
 

@@ -309,7 +309,8 @@ async def _generate(state: ServerState, request: Request, principal: Principal, 
     # Greedy answers are a function of (domain, question, settings): serve them from the cache.
     key = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
-        key = cache_key(kind, [model, questions, sampling.max_new_tokens, sampling.stop, retrieval])
+        key = cache_key(kind, [model, state.bank.version(model), questions, sampling.max_new_tokens, sampling.stop,
+                               retrieval])
         identity = getattr(request.state, "request_identity", None)  # set by RequestContext
         if identity is not None:
             state.known_requests.put(identity, (key, kind, body.model))
@@ -528,7 +529,7 @@ async def _retrieve(state: ServerState, request: Request, body: schemas.Retrieve
         return schemas.RetrieveResponse(model=BASE, data=[])
     key = None
     if state.retrieval_cache is not None:
-        key = cache_key("retrieve", [domain, body.query, body.k, body.mode, body.filters])
+        key = cache_key("retrieve", [domain, state.bank.version(domain), body.query, body.k, body.mode, body.filters])
         cached = await state.retrieval_cache.aget(key)
         state.metrics.cache.labels("retrieval", "hit" if cached is not None else "miss").inc()
         if cached is not None:
