@@ -132,16 +132,17 @@ def kv_requests(n: int, length: int, vocab: int, passages: int = 3, pool: int = 
     return head, {**markers, **chunks}, rows
 
 
-def kv_tokens_per_second(model, cache, rows, batch_size: int, new_tokens: int, device: str, repeats: int) -> float:
+def kv_tokens_per_second(model, cache, rows, batch_size: int, new_tokens: int, device: str, repeats: int,
+                         static=None) -> float:
     """Like `tokens_per_second`, each batch's context assembled from the frozen cache (timed) and only the
-    tails prefilled."""
+    tails prefilled (static: decode with `StaticDecode`, the context copied into its static cache)."""
     def run():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             past, context_mask = cache.assemble([keys for keys, _ in chunk], device)
             ids, mask = left_pad([tail for _, tail in chunk], 0, device)
             decode(model, ids, torch.cat([context_mask, mask], dim=1), max_new_tokens=new_tokens, stop_ids=set(),
-                   pad_id=0, past=past)
+                   pad_id=0, past=past, static=static)
     return median_rate(run, len(rows) * new_tokens, device, repeats)
 
 
@@ -198,6 +199,27 @@ def kv_section(model, args, vocab: int) -> dict:
                                                                args.repeats)
             out["kv_batched_tok_s"][bsz] = kv_tokens_per_second(model, cache, rows, bsz, args.new_tokens,
                                                                 args.device, args.repeats)
+    if args.compile_decode:  # both again with StaticDecode (CUDA graphs), after an untimed compiling run each
+        static, compiled, first_run_s = StaticDecode(model), {"full": {}, "kv": {}}, {"full": {}, "kv": {}}
+        for bsz in (1, 8, 32):
+            if bsz > args.requests:
+                continue
+            for label, run in (("full", lambda r: tokens_per_second(model, full, bsz, args.new_tokens, args.device, r,
+                                                                    static=static)),
+                               ("kv", lambda r: kv_tokens_per_second(model, cache, rows, bsz, args.new_tokens,
+                                                                     args.device, r, static=static))):
+                start = time.perf_counter()
+                run(1)
+                first_run_s[label][bsz] = time.perf_counter() - start
+                compiled[label][bsz] = run(args.repeats)
+        out["compiled_decode"] = {"tok_s": compiled, "first_run_s": first_run_s,
+                                  "kv_vs_full_same_batch": {b: compiled["kv"][b] / compiled["full"][b]
+                                                            for b in compiled["kv"]},
+                                  "kv_vs_eager_kv_one_at_a_time": {b: r / out["kv_one_at_a_time_tok_s"]
+                                                                   for b, r in compiled["kv"].items()}}
+        print("| compiled static decode | full prefill tokens/s | frozen KV cache tokens/s | cache vs full |")
+        for bsz, rate in compiled["kv"].items():
+            print(f"| batch {bsz} | {compiled['full'][bsz]:.1f} | {rate:.1f} | {rate / compiled['full'][bsz]:.2f}x |")
     out["ttft_ms"] = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], args.device),
                       "kv": time_to_first_token(model, cache, rows, args.device)}
     one = out["kv_one_at_a_time_tok_s"]

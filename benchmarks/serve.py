@@ -14,6 +14,11 @@ server's event loop. Reports JSON:
              (max_batch_size 32, --max-wait-ms) and off (1): generated tokens/s, p50, p99,
              statuses, mean batch size; and the on/off speed-up at each concurrency
 
+  kv_cache:  (--kv-cache, only this section) RAG-sized prompts: the SQuAD benchmark index (173 paragraphs,
+             k 3) and its articles 4-5 questions, one question per request, uncached, batching on, at
+             concurrency 1 and 32: a domain answering through its frozen KV cache against the same index
+             and model with full prefill (answers differ: BENCHMARKS.md, Frozen KV cache)
+
 Goals (issue 5): cached >= 1000 req/s with p99 < 100 ms at 200 clients on 2 cores; at
 concurrency 32 batching >= 4x the tokens/s of batching off; no 5xx anywhere.
 """
@@ -42,24 +47,30 @@ KEY = "sk-bench"
 
 # -- the load generator (separate process) ----------------------------------------------------
 
-async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "") -> dict:
+async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "",
+                prompts: list[str] | None = None) -> dict:
+    """prompts: request i asks prompts[i] (else `body`'s prompt, made unique with a suffix when `unique`)."""
     import httpx
 
-    latencies, statuses, tokens = [], {}, 0
+    latencies, statuses, tokens, prompt_tokens = [], {}, 0, 0
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
                                  headers={"Authorization": f"Bearer {KEY}"}) as client:
         async def worker():
-            nonlocal tokens
+            nonlocal tokens, prompt_tokens
             for i in counter:
                 payload = dict(body, prompt=f"{body['prompt']} ({tag}variant {i})") if unique else body
+                if prompts:
+                    payload = dict(body, prompt=prompts[i % len(prompts)])
                 start = time.perf_counter()
                 response = await client.post("/v1/completions", json=payload)
                 latencies.append(time.perf_counter() - start)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 if response.status_code == 200:
-                    tokens += response.json()["usage"]["completion_tokens"]
+                    usage = response.json()["usage"]
+                    tokens += usage["completion_tokens"]
+                    prompt_tokens += usage["prompt_tokens"]
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -68,6 +79,7 @@ async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool
     pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
     return {"concurrency": concurrency, "requests": total, "seconds": round(wall, 2),
             "requests_per_s": round(total / wall, 1), "tokens_per_s": round(tokens / wall, 1),
+            "mean_prompt_tokens": round(prompt_tokens / max(total, 1), 1),
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
@@ -106,10 +118,11 @@ def run_wrk(url: str, concurrency: int, seconds: int, body: dict) -> dict:
             "non_2xx": non_2xx, "socket_errors": errors}
 
 
-def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "") -> dict:
+def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "",
+             prompts: list[str] | None = None) -> dict:
     """Run the load in a new process and return its report."""
     spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique,
-                       "tag": tag})
+                       "tag": tag, "prompts": prompts})
     proc = subprocess.run([sys.executable, __file__, "--load", spec], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the load generator failed:\n{proc.stderr[-3000:]}")
@@ -138,13 +151,7 @@ def random_model(root: Path, shape: dict, tokenizer_path: str | None) -> str:
     return str(root / "model")
 
 
-def build_bank(root: Path, args):
-    from retro_peft.domains.bank import AdapterBank
-    from retro_peft.index import IndexConfig, build_index
-
-    corpus = root / "docs.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    index = build_index(root / "index", [corpus], IndexConfig(chunk_tokens=64, overlap=8))
+def bank_model(root: Path, args) -> str:
     if args.quick:
         model = random_model(root, TINY, args.tokenizer)
     elif args.model.startswith("random:"):
@@ -154,9 +161,56 @@ def build_bank(root: Path, args):
         model = random_model(root, RANDOM_CONFIGS[args.model.split(":", 1)[1]], args.tokenizer)
     else:
         model = args.model
-    bank = AdapterBank(model, device=args.device)
+    return model
+
+
+def build_bank(root: Path, args):
+    from retro_peft.domains.bank import AdapterBank
+    from retro_peft.index import IndexConfig, build_index
+
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    index = build_index(root / "index", [corpus], IndexConfig(chunk_tokens=64, overlap=8))
+    bank = AdapterBank(bank_model(root, args), device=args.device)
     bank.load("docs", index.path)
     return bank
+
+
+SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
+
+
+def kv_cache_section(root: Path, args) -> dict:
+    """Full prefill against the frozen KV cache, same index, model and questions, through the real server."""
+    from retro_peft.domains.bank import AdapterBank
+    from retro_peft.index import IndexConfig, build_index
+    from retro_peft.qa import load_qa
+    from retro_peft.serving.app import create_app
+    from retro_peft.serving.testing import serve_in_thread
+
+    index = build_index(root / "squad", [SQUAD], IndexConfig(encoder="minilm"))
+    questions = list(dict.fromkeys(q.question for q in load_qa(SQUAD, articles=slice(3, 5))))
+    bank = AdapterBank(bank_model(root, args), device=args.device)
+    bank.load("full-prefill", index.path)
+    start = time.perf_counter()
+    bank.load("frozen-kv", index.path, kv_cache=root / "squad.kv")  # computes every chunk's states once
+    out = {"index_chunks": len(index.chunk_ids()), "kv_build_s": round(time.perf_counter() - start, 1), "rows": []}
+    for concurrency in (1, 32):
+        total = 2 * concurrency if args.quick else max(4 * concurrency, 16)
+        row = {"concurrency": concurrency}
+        for domain in ("full-prefill", "frozen-kv"):
+            body = {"model": domain, "prompt": "", "max_tokens": args.max_tokens, "temperature": 0}
+            app = create_app(server_settings(32, cache=False, max_wait_ms=args.max_wait_ms), bank)
+            with serve_in_thread(app) as url:
+                run_load(url, concurrency, concurrency, body, unique=False, prompts=questions[-concurrency:])  # warm-up
+                row[domain] = run_load(url, concurrency, total, body, unique=False, prompts=questions[:total])
+        row["kv_vs_full_tokens_per_s"] = round(row["frozen-kv"]["tokens_per_s"] /
+                                               max(row["full-prefill"]["tokens_per_s"], 1e-9), 2)
+        out["rows"].append(row)
+        print(json.dumps(row), file=sys.stderr)
+    one, many = out["rows"]
+    out["batched_32_vs_one_at_a_time"] = {d: round(many[d]["tokens_per_s"] / max(one[d]["tokens_per_s"], 1e-9), 2)
+                                          for d in ("full-prefill", "frozen-kv")}
+    return out
 
 
 def server_settings(max_batch_size: int, cache: bool, max_wait_ms: float = 50):
@@ -182,6 +236,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=50, help="batching: how long a batch waits (server default 50)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="run only the frozen KV cache section (RAG-sized prompts from the SQuAD data)")
     parser.add_argument("--out", help="also write the JSON report here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
     args = parser.parse_args()
@@ -205,6 +261,9 @@ def main() -> None:
               "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.kv_cache:
+            report["kv_cache"] = kv_cache_section(Path(tmp), args)
+            return write_report(report, args.out)
         bank = build_bank(Path(tmp), args)
 
         with serve_in_thread(create_app(server_settings(32, cache=True), bank)) as url:
@@ -237,10 +296,14 @@ def main() -> None:
             row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: str | None) -> None:
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

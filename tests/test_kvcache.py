@@ -7,7 +7,7 @@ from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index,
 from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation import Generator, Passage
-from retro_peft.generation.generator import cache_kwarg
+from retro_peft.generation.generator import StaticDecode, cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
 from retro_peft.kvcache.frozen import rotate
 
@@ -115,6 +115,10 @@ def test_batched_answers_equal_one_at_a_time_with_the_frozen_cache(model, tokeni
     # a batch in which no row has stored passages is an ordinary one
     assert [a.text for a in batched.answer_many(questions[:2], passages=[own, []])] == \
         [a.text for a in plain.answer_many(questions[:2], passages=[own, []])]
+    # the fixed-shape decode path (what compile_decode replays as CUDA graphs, run eagerly here) takes the
+    # stored context too: it is written into the static cache's first slots
+    batched.static = StaticDecode(model, compile=False)
+    assert [a.text for a in batched.answer_many(questions, passages=passages)] == [a.text for a in got]
 
 
 def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):

@@ -162,11 +162,13 @@ class StaticDecode:
 
     Eager decoding on a GPU is bound by launching kernels, not by arithmetic (a
     Llama-1B step issues hundreds of small kernels). Here the KV cache is a
-    `StaticCache` (allocated once per batch for prompt + max_new_tokens and
-    written in place) and the attention mask has its final length from the start
-    (causal masking hides the slots not written yet), so every step has the same
-    shapes and `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph.
-    The first call per batch shape compiles (tens of seconds); later calls replay.
+    `StaticCache` (allocated once per batch for context + prompt + max_new_tokens,
+    rounded up to a multiple of `LENGTH_STEP`, and written in place; a frozen KV
+    cache's assembled context is copied into its first slots) and the attention
+    mask has its final length from the start (causal masking hides the slots not
+    written yet), so every step has the same shapes and
+    `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph. The first
+    call per batch shape compiles (tens of seconds); later calls replay.
     `compile=False` runs the same static path eagerly (any device): the tests
     check it against the ordinary path. Use a compiled one from one thread: torch
     keeps CUDA-graph state per thread, and another thread fails an assertion in
@@ -181,12 +183,30 @@ class StaticDecode:
             raise InputError(f"compiled decoding replays CUDA graphs: it needs a CUDA device, the model is on {device}")
         self.forward = torch.compile(model.forward, mode="reduce-overhead") if compile else model.forward
 
-    def new_cache(self, batch: int, length: int, device, dtype):
+    LENGTH_STEP = 64  # cache lengths are rounded up to a multiple of this, so nearby prompt lengths share a graph
+
+    def cache_length(self, tokens: int) -> int:
+        return -(-tokens // self.LENGTH_STEP) * self.LENGTH_STEP
+
+    def new_cache(self, batch: int, length: int, device, dtype, context=None):
+        """A StaticCache of `length` slots; `context` (a cache of precomputed states) is written into its first ones."""
         from transformers import StaticCache
 
         # transformers 5 sizes the buffers at the first update; 4.x needs batch, device and dtype up front
-        return StaticCache(config=self.model.config, max_cache_len=length, max_batch_size=batch, device=device,
-                           dtype=dtype)
+        cache = StaticCache(config=self.model.config, max_cache_len=length, max_batch_size=batch, device=device,
+                            dtype=dtype)
+        if context is not None:  # its slots come first: the prompt's tokens are written after them
+            for layer in range(self.model.config.num_hidden_layers):
+                keys, values = layer_states(context, layer)
+                # (transformers 4.x writes at cache_position; 5.x appends and ignores it)
+                cache.update(keys, values, layer, {"cache_position": torch.arange(keys.shape[2], device=keys.device)})
+        return cache
+
+
+def layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
 
 
 @torch.inference_mode()
@@ -204,8 +224,9 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     Rows already finished (a stop token, or marked by the caller in `finished`,
     e.g. a cancelled request) get `pad_id`; the loop ends when every row is done.
     The caller may set `finished[row] = True` between steps. `static`: decode
-    with fixed shapes (see `StaticDecode`); the same computation (compiled
-    bf16 kernels round differently, so near ties can break the other way).
+    with fixed shapes (see `StaticDecode`; `past`, if given, is copied into its
+    static cache); the same computation (compiled bf16 kernels round
+    differently, so near ties can break the other way).
     """
     from transformers import DynamicCache
 
@@ -214,14 +235,14 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
     step_forward = model
-    if static is not None and past is not None:
-        raise InputError("static decoding starts from an empty cache; it cannot take a precomputed context")
     if static is None:
         past = DynamicCache() if past is None else past
-    else:
+    else:  # the mask covers the whole static cache from the start (causal masking hides unwritten slots)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        past = static.new_cache(batch, input_ids.shape[1] + max_new_tokens, input_ids.device, dtype)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
+        length = static.cache_length(attention_mask.shape[1] + max_new_tokens)
+        past = static.new_cache(batch, length, input_ids.device, dtype, past)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, length - attention_mask.shape[1]))],
+                                   dim=1)
         step_forward = static.forward
     cache_kw = cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
@@ -335,8 +356,6 @@ class Generator:
                  max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False, kv_cache=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if kv_cache is not None and compile_decode:
-            raise InputError("compile_decode and kv_cache cannot be combined yet")
         self.model = model
         # kv_cache: a FrozenKVCache of `index` for this model; prompts then prefill only their question
         self.kv_cache = None if kv_cache is None else kv_cache.attach(model)

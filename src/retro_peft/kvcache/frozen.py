@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from retro_peft.errors import InputError
-from retro_peft.generation.generator import cache_kwarg
+from retro_peft.generation.generator import cache_kwarg, layer_states
 from retro_peft.generation.prompt import (Passage, Prompt, build_prompt, encode, passage_body, passage_marker,
                                           render)
 from retro_peft.storage import atomic_write_with
@@ -78,12 +78,6 @@ class CachedPrompt:
     prompt: Prompt
     keys: list[str]
     tail_ids: list[int]
-
-
-def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
 
 
 def _new_cache(keys: list[torch.Tensor], values: list[torch.Tensor]):
@@ -192,7 +186,7 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
     model(input_ids=torch.tensor([head_ids], device=device), use_cache=True, logits_to_keep=1,
           **{cache_kw: head_cache})
     layers = model.config.num_hidden_layers
-    head_states = [_layer_states(head_cache, i) for i in range(layers)]
+    head_states = [layer_states(head_cache, i) for i in range(layers)]
     n = len(head_ids)
     parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
     parts_v = [torch.stack([v[0] for _, v in head_states])]
@@ -214,7 +208,7 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
         positions = torch.arange(n, n + width, device=device).expand(len(group), -1)
         model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
               use_cache=True, logits_to_keep=1, **{cache_kw: past})
-        states = [_layer_states(past, i) for i in range(layers)]
+        states = [layer_states(past, i) for i in range(layers)]
         k_all = torch.stack([k[:, :, n:] for k, _ in states], dim=1)  # [rows, layers, kv_heads, width, d]
         v_all = torch.stack([v[:, :, n:] for _, v in states], dim=1)
         for row, (key, seg) in enumerate(group):
@@ -465,11 +459,11 @@ def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, 
     keys_out, values_out = [], []
     mask_out = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for layer in range(layers):
-        k0, _ = _layer_states(first, layer)
+        k0, _ = layer_states(first, layer)
         k_full = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
         v_full = torch.zeros_like(k_full)
         for members, past, mask in parts:
-            k, v = _layer_states(past, layer)
+            k, v = layer_states(past, layer)
             at = torch.tensor(members, device=k.device)
             k_full[at, :, width - k.shape[2]:] = k  # right-aligned: left padding, as `assemble` pads
             v_full[at, :, width - v.shape[2]:] = v
