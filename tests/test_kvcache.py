@@ -190,6 +190,21 @@ def test_saved_cache_reloads_and_refuses_other_models_indexes_and_templates(mode
         FrozenKVCache.load(tmp_path / "missing.safetensors")
 
 
+def test_load_or_build_serves_the_states_mapped_from_the_file(model, tokenizer, index, tmp_path):
+    """Built or read, the cache comes back memory-mapped from its file (pages read on use, shared between
+    processes), not as private memory the size of the file."""
+    from retro_peft.kvcache import load_or_build
+
+    retrieval = RetrievalConfig(k=2)
+    path = tmp_path / "kv" / "built.safetensors"
+    built = load_or_build(path, model, tokenizer, index, retrieval, progress=False)
+    assert str(path.resolve()) in open("/proc/self/maps").read()
+    reference = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    assert torch.equal(built.keys, reference.keys) and built.spans == reference.spans
+    again = load_or_build(path, model, tokenizer, index, retrieval)
+    assert torch.equal(again.values, reference.values)
+
+
 def test_a_failed_save_leaves_the_previous_file_whole(model, tokenizer, index, tmp_path, monkeypatch):
     cache = FrozenKVCache.build(model, tokenizer, index, RetrievalConfig(k=1))
     path = cache.save(tmp_path / "kv.safetensors")

@@ -26,8 +26,10 @@ this layout (`RetrievalConfig.block_attention`: the trainer computes the passage
 with `segment_states` and assembles them with `assemble`, as serving does).
 
 Supported: rotary (rotate-half) models with full attention, Llama-style (the
-packaged SmolLM2 is a Llama). The whole cache is held in memory (SmolLM2 in
-fp32: 46 KB per token, 1.13 GB for the 194 chunks of the SQuAD benchmark index). The states belong to one base model, adapter,
+packaged SmolLM2 is a Llama). A cache read from its file is memory-mapped
+(safetensors), so its pages are read as queries touch them and shared between
+processes; a cache built in this process is held in memory (SmolLM2 in fp32: 46 KB
+per token, 1.13 GB for the 194 chunks of the SQuAD benchmark index). The states belong to one base model, adapter,
 index and template: the file records their fingerprints and `load` refuses a
 mismatch.
 """
@@ -476,13 +478,16 @@ def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, 
 
 def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, progress: bool = True) -> FrozenKVCache:
     """The cache stored at `path` for this model (and active adapter), index and template; computed and
-    saved there first if the file does not exist. A file built for anything else is refused, not replaced."""
+    saved there first if the file does not exist. A file built for anything else is refused, not replaced.
+
+    Either way the states come back read from the file, which safetensors maps into memory: pages are read
+    as queries touch them, can be dropped under memory pressure, and are shared by every process (server
+    workers, replicas on one host) that serves the same file. (The freshly computed states would be
+    private memory, the size of the whole file.)"""
     path = Path(path)
-    if path.exists():
-        return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval)
-    cache = FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress)
-    cache.save(path)
-    return cache
+    if not path.exists():
+        FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress).save(path)
+    return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval)
 
 
 def _template_fingerprint(tokenizer, retrieval) -> str:
