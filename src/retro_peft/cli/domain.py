@@ -53,7 +53,8 @@ def _list(args) -> int:
         print("no domains (add one with: retro-peft domain add NAME --index INDEX)")
     for s in specs:
         desc = f"  {s.description}" if s.description else ""
-        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{desc}")
+        cache = f"\tkv_cache={s.kv_cache}" if s.kv_cache else ""
+        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{desc}")
     return 0
 
 
