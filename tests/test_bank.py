@@ -200,3 +200,9 @@ def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_g
     with pytest.raises(DomainError, match="domain 'c-kv'.*other model weights"):
         bank.load("c-kv", idx_a, adapters["c"], kv_cache=tmp_path / "kv" / "a.kv")
     assert "c-kv" not in bank.domains and bank.answer(questions[0], "a-kv").text == batched[0].text
+    # so is a cache file that cannot be written (its folder is a file): an OSError, not a library error
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DomainError, match="domain 'd-kv'"):
+        bank.load("d-kv", idx_a, adapters["c"], kv_cache=tmp_path / "a-file" / "kv.safetensors")
+    assert "d-kv" not in bank.domains and "d-kv" not in bank.model.peft_config
+    assert bank.answer(questions[0], "a-kv").text == batched[0].text

@@ -373,9 +373,18 @@ def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_throu
     a, plain = bank.domains["a"], bank.domains["plain"]
     domains = [{"name": "a", "index": str(a.index.path), "adapter": str(a.adapter_dir), "kv_cache": str(tmp_path / "a.kv")},
                {"name": "plain", "index": str(plain.index.path), "kv_cache": str(tmp_path / "plain.kv")}]
-    configured = ServeSettings(**{**settings().model_dump(), "model": bank.base_model_name, "domains": domains})
-    with serve_in_thread(create_app(configured)) as base_url:  # loads its own bank, building both caches
-        assert httpx.get(f"{base_url}/health/ready").json()["domains"] == {"a": "loaded", "plain": "loaded"}
+    (tmp_path / "a-file").write_text("not a folder")  # a cache that cannot be written fails its domain alone
+    broken = {"name": "broken", "index": str(plain.index.path), "kv_cache": str(tmp_path / "a-file" / "kv")}
+    configured = ServeSettings(**{**settings().model_dump(), "model": bank.base_model_name,
+                                  "domains": domains + [broken]})
+    with serve_in_thread(create_app(configured), wait_ready=False) as base_url:  # its own bank builds both caches
+        deadline = time.monotonic() + 120
+        while (ready := httpx.get(f"{base_url}/health/ready")).json()["status"] == "loading" and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = ready.json()["domains"]
+        assert ready.status_code == 503 and status.pop("broken").startswith("error: domain 'broken'")
+        assert status == {"a": "loaded", "plain": "loaded"}
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
         served = [client.completions.create(model=d, prompt=QUESTIONS[0], max_tokens=6, temperature=0)
                   for d in ("a", "plain")]

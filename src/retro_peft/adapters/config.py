@@ -32,9 +32,9 @@ class RetrievalConfig:
     context_tokens: int = 700  # budget for the whole prompt; passages are dropped/truncated to fit
     abstention: str = "I don't know."  # the training target when the passages lack the answer
     mode: str = "hybrid"  # index search mode
-    # Train and answer as the frozen KV cache runs a prompt: each passage computed apart (attending to the
-    # template's head, not to the other passages), whole passages only. An adapter trained this way reads
-    # cached passages as well as a full prompt (retro_peft.kvcache).
+    # Train as the frozen KV cache runs a prompt: each passage computed apart (attending to the template's
+    # head, not to the other passages), whole passages only. Training reads it; answering through that
+    # layout is the frozen KV cache's choice (Generator(kv_cache=...), a domain's kv_cache), not this flag.
     block_attention: bool = False
 
     def __post_init__(self):

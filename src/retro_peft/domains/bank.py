@@ -21,10 +21,12 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+import retro_peft
 
 from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
 from retro_peft.adapters.model import (CHECKSUM_KEYS, AdapterMismatchError, base_fingerprint, check_device,
@@ -52,10 +54,12 @@ class Domain:
     generator: Generator  # its index and retrieval settings (the model is the bank's)
     adapter_dir: Path | None = None
     method: str | None = None
-    # What its answers depend on besides the request (base model and dtype, index content, adapter weights, KV
-    # cache on or off): part of the server's cache keys, so a replica or a restart with a retrained adapter or a
-    # rebuilt index never serves another version's cached answers through a shared Redis.
+    # What its answers depend on besides the request (base model and dtype, library version, index content,
+    # adapter files, retrieval settings, KV cache on or off): part of the server's cache keys, so a replica or
+    # a restart with a retrained adapter or a rebuilt index never serves another version's cached answers
+    # through a shared Redis. index_version: what its search results depend on (the retrieval cache's key).
     version: str = ""
+    index_version: str = ""
 
     @property
     def index(self):
@@ -97,13 +101,13 @@ class AdapterBank:
         try:
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
-            retrieval, method, adapter_sha = RetrievalConfig(), None, None
+            retrieval, method, adapter_files = RetrievalConfig(), None, None
             if adapter is not None:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
                 retrieval, method = config.retrieval, config.method
-                adapter_sha = info.get(CHECKSUM_KEYS["adapter_model.safetensors"]) or \
-                    sha256_file(Path(adapter) / "adapter_model.safetensors")
+                adapter_files = {name: info.get(key) or sha256_file(Path(adapter) / name)
+                                 for name, key in CHECKSUM_KEYS.items()}
                 if info["base_model"].get("config_sha256") != self.fingerprint["config_sha256"] or \
                         info["base_model"].get("weights_sha256") != self.fingerprint["weights_sha256"]:
                     raise AdapterMismatchError(f"adapter {adapter} was trained on base model "
@@ -114,18 +118,25 @@ class AdapterBank:
             self.unload(name)
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        version = _digest([self.fingerprint, str(dtype), index.manifest["files"], adapter_sha, kv_cache is not None])
-        self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version)
+        index_version = _digest([index.manifest["encoder"], index.manifest["files"]])
+        version = _digest([self._answers_version(), index_version, adapter_files, asdict(retrieval),
+                           kv_cache is not None])
+        self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
+                                    index_version)
         try:
             if adapter is not None:
                 self._ensure_resident(name)
             if kv_cache is not None:
                 generator.kv_cache = self._frozen_cache(name, kv_cache)
-        except RetroPeftError as e:
+        except Exception as e:  # an unwritable cache file or an out-of-memory build fails this domain alone
             self.unload(name)
             raise e if isinstance(e, DomainError) else DomainError(f"domain {name!r}: {e}") from None
         return self.domains[name]
+
+    def _answers_version(self) -> list:
+        """What every domain's answers depend on: the base model, its dtype, and this library's version."""
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return [self.fingerprint, str(dtype), retro_peft.__version__]
 
     def _frozen_cache(self, name: str, path: str | Path):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
@@ -203,7 +214,7 @@ class AdapterBank:
     def version(self, name: str) -> str:
         """A domain's `Domain.version`; for `auto`, every domain's (routing reads all their indexes)."""
         if name == AUTO:
-            return _digest(sorted((n, d.version) for n, d in self.domains.items()))
+            return _digest([self._answers_version(), sorted((n, d.version) for n, d in self.domains.items())])
         return self._get(name).version
 
     def _get(self, name: str) -> Domain:

@@ -87,8 +87,9 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
     if description is not None and not isinstance(description, str):
         raise InputError(f"domain description must be text, got {type(description).__name__}")
     if kv_cache is not None:
+        kv_cache = Path(kv_cache).expanduser().resolve()
         check_output_file(kv_cache, "kv cache")
-        kv_cache = str(Path(kv_cache).expanduser().resolve())
+        kv_cache = str(kv_cache)
     spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now())
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec

@@ -196,10 +196,14 @@ class StaticDecode:
         cache = StaticCache(config=self.model.config, max_cache_len=length, max_batch_size=batch, device=device,
                             dtype=dtype)
         if context is not None:  # its slots come first: the prompt's tokens are written after them
+            import transformers
+
+            if int(transformers.__version__.split(".")[0]) < 5:
+                # 4.x places the prompt at the count of non-zero slots in row 0, which context padding breaks
+                raise InputError("static decoding with a frozen KV cache's context needs transformers >= 5, "
+                                 f"found {transformers.__version__}")
             for layer in range(self.model.config.num_hidden_layers):
-                keys, values = layer_states(context, layer)
-                # (transformers 4.x writes at cache_position; 5.x appends and ignores it)
-                cache.update(keys, values, layer, {"cache_position": torch.arange(keys.shape[2], device=keys.device)})
+                cache.update(*layer_states(context, layer), layer)  # appended: slots 0..context width
         return cache
 
 

@@ -529,7 +529,8 @@ async def _retrieve(state: ServerState, request: Request, body: schemas.Retrieve
         return schemas.RetrieveResponse(model=BASE, data=[])
     key = None
     if state.retrieval_cache is not None:
-        key = cache_key("retrieve", [domain, state.bank.version(domain), body.query, body.k, body.mode, body.filters])
+        key = cache_key("retrieve", [domain, state.bank.domains[domain].index_version, body.query, body.k, body.mode,
+                                     body.filters])
         cached = await state.retrieval_cache.aget(key)
         state.metrics.cache.labels("retrieval", "hit" if cached is not None else "miss").inc()
         if cached is not None:
