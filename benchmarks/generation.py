@@ -20,10 +20,11 @@ disabled so every row generates exactly `--new-tokens` tokens.
   an untimed run that compiles and records the graphs (its time is reported).
 - frozen KV cache (`--kv-cache`): prompts shaped like retrieval-augmented ones (a
   shared head, 3 of 64 stored passages, a question tail; random tokens), decoded
-  one at a time and in batches of 8 and 32 twice: with a full prefill, and with
+  one at a time and in batches of 8 and 32 three ways: with a full prefill, with
   the passages' stored states put together by `FrozenKVCache.assemble` (timed)
-  so that only the tail is prefilled. Also the time to the first token of one
-  request, both ways.
+  so that only the tail is prefilled (block layout), and with only the head and
+  first passage stored (prefix layout: the rest prefilled, a full prefill's
+  computation). Also the time to the first token of one request, each way.
 """
 
 from __future__ import annotations
@@ -220,14 +221,27 @@ def kv_section(model, args, vocab: int) -> dict:
         print("| compiled static decode | full prefill tokens/s | frozen KV cache tokens/s | cache vs full |")
         for bsz, rate in compiled["kv"].items():
             print(f"| batch {bsz} | {compiled['full'][bsz]:.1f} | {rate:.1f} | {rate / compiled['full'][bsz]:.2f}x |")
+    # The prefix layout: head, "[1]" and the first passage from the store, the rest prefilled over them
+    # (a full prefill's own computation: same answers).
+    prefix = [(keys[:3], [t for k in keys[3:] for t in cache.token_ids[k]] + tail) for keys, tail in rows]
+    out["prefix_one_at_a_time_tok_s"] = kv_tokens_per_second(model, cache, prefix, 1, args.new_tokens, args.device,
+                                                             args.repeats)
+    out["prefix_batched_tok_s"] = {b: kv_tokens_per_second(model, cache, prefix, b, args.new_tokens, args.device,
+                                                           args.repeats) for b in out["kv_batched_tok_s"]}
+    out["prefix_batched_vs_prefix_one"] = {b: r / out["prefix_one_at_a_time_tok_s"]
+                                           for b, r in out["prefix_batched_tok_s"].items()}
+    out["prefix_vs_full_same_batch"] = {1: out["prefix_one_at_a_time_tok_s"] / out["full_one_at_a_time_tok_s"],
+                                        **{b: r / out["full_batched_tok_s"][b]
+                                           for b, r in out["prefix_batched_tok_s"].items()}}
     out["ttft_ms"] = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], args.device),
-                      "kv": time_to_first_token(model, cache, rows, args.device)}
+                      "kv": time_to_first_token(model, cache, rows, args.device),
+                      "prefix": time_to_first_token(model, cache, prefix, args.device)}
     one = out["kv_one_at_a_time_tok_s"]
     out["kv_batched_vs_kv_one"] = {b: r / one for b, r in out["kv_batched_tok_s"].items()}
     out["kv_vs_full_same_batch"] = {1: one / out["full_one_at_a_time_tok_s"],
                                     **{b: r / out["full_batched_tok_s"][b] for b, r in out["kv_batched_tok_s"].items()}}
     print(f"\ntime to first token, one request (median of {len(rows)}): full prefill {out['ttft_ms']['full']:.1f} ms, "
-          f"frozen KV cache {out['ttft_ms']['kv']:.1f} ms")
+          f"frozen KV cache {out['ttft_ms']['kv']:.1f} ms, prefix layout {out['ttft_ms']['prefix']:.1f} ms")
     print(f"\nfrozen KV cache ({len(segments)} stored segments, built in {build_s:.1f} s; prompts "
           f"{out['prompt_tokens_mean']:.0f} tokens, of which {out['tail_tokens_mean']:.0f} prefilled)")
     print("| decoding | full prefill tokens/s | frozen KV cache tokens/s | cache vs full |\n|---|---:|---:|---:|")
@@ -235,6 +249,9 @@ def kv_section(model, args, vocab: int) -> dict:
     for bsz, rate in out["kv_batched_tok_s"].items():
         print(f"| batch {bsz} | {out['full_batched_tok_s'][bsz]:.1f} | {rate:.1f} ({rate / one:.2f}x one at a time) | "
               f"{out['kv_vs_full_same_batch'][bsz]:.2f}x |")
+    print(f"prefix layout: one at a time {out['prefix_one_at_a_time_tok_s']:.1f}, " + ", ".join(
+        f"batch {b} {r:.1f} ({out['prefix_batched_vs_prefix_one'][b]:.2f}x its one at a time, "
+        f"{out['prefix_vs_full_same_batch'][b]:.2f}x full)" for b, r in out["prefix_batched_tok_s"].items()))
     return out
 
 

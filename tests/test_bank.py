@@ -178,6 +178,11 @@ def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_g
     assert (tmp_path / "plain.kv").is_file() and (tmp_path / "kv" / "a.kv").is_file()
     # the cache changes answers, so it changes the domain's version (the server's cache keys)
     assert bank.load("plain", idx_b).version != bank.domains["plain-kv"].version
+    # the prefix layout (head and first passage stored, the rest prefilled) answers as the full prefill does
+    exact = bank.load("b-prefix", idx_b, adapters["b"], kv_cache=tmp_path / "b.kv", kv_layout="prefix")
+    assert exact.generator.kv_cache.layout == "prefix" and exact.version != bank.domains["b"].version
+    assert [a.text for a in bank.answer_many(QUESTIONS, ["b-prefix"] * len(QUESTIONS))] == \
+        [a.text for a in bank.answer_many(QUESTIONS, ["b"] * len(QUESTIONS))]
     domains = ["a-kv", "b", "plain-kv", None, "a-kv", "plain-kv"]
     questions = (QUESTIONS * 2)[: len(domains)]
     batched = bank.answer_many(questions, domains)  # one mixed pass: two caches, a full-prefill row, a base row

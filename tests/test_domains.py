@@ -167,7 +167,12 @@ def test_cli(home, wiki_indexes, adapter_dir, monkeypatch, capsys):
     assert cli(monkeypatch, "domain", "add", "geo", "--index", wiki_indexes["geo"], "--kv-cache", "geo.kv") == 0
     assert "frozen KV cache" in capsys.readouterr().out
     assert get_domain("geo").kv_cache == str(Path("geo.kv").resolve()) and not Path("geo.kv").exists()
-    assert cli(monkeypatch, "domain", "list") == 0 and f"kv_cache={Path('geo.kv').resolve()}" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "list") == 0 and f"kv_cache={Path('geo.kv').resolve()} (block)" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "add", "geo", "--index", wiki_indexes["geo"], "--kv-cache", "geo.kv",
+               "--kv-layout", "prefix", "--overwrite") == 0 and "(prefix)" in capsys.readouterr().out
+    assert get_domain("geo").kv_layout == "prefix"
+    assert cli(monkeypatch, "domain", "add", "bio", "--index", wiki_indexes["bio"], "--kv-layout", "prefix") == 2
+    assert "needs a KV cache file" in capsys.readouterr().err
     assert cli(monkeypatch, "domain", "add", "bio", "--index", wiki_indexes["bio"], "--kv-cache", str(home)) == 2
     assert "is a folder" in capsys.readouterr().err and "bio" not in [d.name for d in list_domains()]
     assert cli(monkeypatch, "domain", "remove", "geo") == 0

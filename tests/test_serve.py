@@ -372,7 +372,8 @@ def test_request_timeout_is_503_with_retry_after(bank):
 def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_through_them(bank, tmp_path):
     a, plain = bank.domains["a"], bank.domains["plain"]
     domains = [{"name": "a", "index": str(a.index.path), "adapter": str(a.adapter_dir), "kv_cache": str(tmp_path / "a.kv")},
-               {"name": "plain", "index": str(plain.index.path), "kv_cache": str(tmp_path / "plain.kv")}]
+               {"name": "plain", "index": str(plain.index.path), "kv_cache": str(tmp_path / "plain.kv"),
+                "kv_layout": "prefix"}]
     (tmp_path / "a-file").write_text("not a folder")  # a cache that cannot be written fails its domain alone
     broken = {"name": "broken", "index": str(plain.index.path), "kv_cache": str(tmp_path / "a-file" / "kv")}
     configured = ServeSettings(**{**settings().model_dump(), "model": bank.base_model_name,
@@ -391,7 +392,7 @@ def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_throu
     assert (tmp_path / "a.kv").is_file() and (tmp_path / "plain.kv").is_file()
     reference = AdapterBank(bank.base_model_name, max_new_tokens=8)  # reads the files the server wrote
     for d in domains:
-        reference.load(d["name"], d["index"], d.get("adapter"), kv_cache=d["kv_cache"])
+        reference.load(d["name"], d["index"], d.get("adapter"), kv_cache=d["kv_cache"], kv_layout=d.get("kv_layout"))
     from retro_peft.generation import SamplingConfig
 
     want = reference.answer_many([QUESTIONS[0]] * 2, ["a", "plain"], sampling=SamplingConfig(max_new_tokens=6))

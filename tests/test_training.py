@@ -373,6 +373,14 @@ def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     assert "other model weights" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny), "--qa", str(qa_file), "--no-retrieval", "--kv-cache", str(kv)]) == 2
     assert "needs --index" in capsys.readouterr().err
+    # --kv-layout prefix: the same file, the answers of a full prefill (the predictions without a cache)
+    assert main(["eval", *map(str, common), "--adapter", str(out), "--limit", "3", "--predictions",
+                 str(tmp_path / "full.jsonl")]) == 0
+    assert main([*with_kv, "--kv-layout", "prefix", "--predictions", str(tmp_path / "prefix.jsonl")]) == 0
+    answers = lambda name: [json.loads(line)["prediction"] for line in (tmp_path / name).open()]  # noqa: E731
+    assert answers("prefix.jsonl") == answers("full.jsonl")
+    assert main(["eval", *map(str, common), "--limit", "1", "--kv-layout", "prefix"]) == 2
+    assert "needs --kv-cache" in capsys.readouterr().err
 
     # --block-attention: recorded with the adapter, and the adapter answers through the frozen cache.
     block = tmp_path / "block"

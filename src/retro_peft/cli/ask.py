@@ -79,7 +79,7 @@ def run(args) -> int:
     bank = AdapterBank(_base_model(args, chosen), max_new_tokens=args.max_tokens, dtype=args.dtype)
     if name is not None:
         spec = targets[name]
-        bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache)
+        bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout)
     if args.stream and not args.json:
         answer = None
         for piece in bank.stream(args.text, name, sampling=sampling):

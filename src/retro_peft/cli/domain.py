@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", metavar="FILE",
                    help="answer through a frozen KV cache stored in FILE (computed when the domain is first "
                         "loaded): only the question is prefilled, but answers change (BENCHMARKS.md)")
+    p.add_argument("--kv-layout", choices=("block", "prefix"),
+                   help="with --kv-cache: block (default; every passage stored, answers change) or prefix (head "
+                        "and first passage stored, the rest prefilled: the same answers as without the cache)")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("list", help="list registered domains")
@@ -38,8 +41,8 @@ def register(sub) -> None:
 
 def _add(args) -> int:
     spec = add_domain(args.name, args.index, adapter=args.adapter, description=args.description,
-                      overwrite=args.overwrite, kv_cache=args.kv_cache)
-    cache = f", frozen KV cache {spec.kv_cache}" if spec.kv_cache else ""
+                      overwrite=args.overwrite, kv_cache=args.kv_cache, kv_layout=args.kv_layout)
+    cache = f", frozen KV cache {spec.kv_cache} ({spec.kv_layout or 'block'})" if spec.kv_cache else ""
     print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}{cache}")
     return 0
 
@@ -53,7 +56,7 @@ def _list(args) -> int:
         print("no domains (add one with: retro-peft domain add NAME --index INDEX)")
     for s in specs:
         desc = f"  {s.description}" if s.description else ""
-        cache = f"\tkv_cache={s.kv_cache}" if s.kv_cache else ""
+        cache = f"\tkv_cache={s.kv_cache} ({s.kv_layout or 'block'})" if s.kv_cache else ""
         print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{desc}")
     return 0
 

@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", metavar="FILE",
                    help="answer from the frozen KV cache in FILE (stored passage states; built there first if FILE "
                         "does not exist): only the question is prefilled")
+    p.add_argument("--kv-layout", choices=("block", "prefix"),
+                   help="with --kv-cache: block (every passage stored; answers change) or prefix (head and first "
+                        "passage stored, the rest prefilled: a full prefill's answers)")
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.set_defaults(func=run)
@@ -42,15 +45,16 @@ def run(args) -> int:
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa
-    from retro_peft.storage import atomic_write_bytes
+    from retro_peft.storage import atomic_write_bytes, check_output_file
     from retro_peft.training import evaluate
-    from retro_peft.storage import check_output_file
 
     device = str(check_device(args.device))
     if args.predictions:  # else a bad path fails only after the whole evaluation
         check_output_file(args.predictions, "--predictions")
     if args.kv_cache and not os.path.exists(args.kv_cache):  # it will be built and written there
         check_output_file(args.kv_cache, "--kv-cache")
+    if args.kv_layout and not args.kv_cache:
+        raise InputError("--kv-layout says how to use a frozen KV cache: it needs --kv-cache FILE")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
@@ -77,7 +81,7 @@ def run(args) -> int:
             raise InputError("--kv-cache stores passage states: it needs --index (and retrieval)")
         from retro_peft.kvcache import load_or_build
 
-        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval)
+        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout or "block")
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, kv_cache=kv_cache)
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)

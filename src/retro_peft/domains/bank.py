@@ -92,11 +92,12 @@ class AdapterBank:
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, name: str, index, adapter: str | Path | None = None, *,
-             kv_cache: str | Path | None = None) -> Domain:
+             kv_cache: str | Path | None = None, kv_layout: str | None = None) -> Domain:
         """Open a domain's index (a name, path or open Index) and load its adapter, if any.
 
         kv_cache: the domain's frozen KV cache file, computed there if missing (`kvcache.load_or_build`);
-        its rows then prefill only their question.
+        its rows then prefill only their question (kv_layout block, the default) or what follows their
+        first passage (prefix: a full prefill's answers).
         """
         try:
             if isinstance(index, (str, Path)):
@@ -119,15 +120,15 @@ class AdapterBank:
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         index_version = _digest([index.manifest["encoder"], index.manifest["files"]])
-        version = _digest([self._answers_version(), index_version, adapter_files, asdict(retrieval),
-                           kv_cache is not None])
+        layout = (kv_layout or "block") if kv_cache is not None else None
+        version = _digest([self._answers_version(), index_version, adapter_files, asdict(retrieval), layout])
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
                                     index_version)
         try:
             if adapter is not None:
                 self._ensure_resident(name)
             if kv_cache is not None:
-                generator.kv_cache = self._frozen_cache(name, kv_cache)
+                generator.kv_cache = self._frozen_cache(name, kv_cache, layout)
         except Exception as e:  # an unwritable cache file or an out-of-memory build fails this domain alone
             self.unload(name)
             raise e if isinstance(e, DomainError) else DomainError(f"domain {name!r}: {e}") from None
@@ -138,13 +139,14 @@ class AdapterBank:
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         return [self.fingerprint, str(dtype), retro_peft.__version__]
 
-    def _frozen_cache(self, name: str, path: str | Path):
+    def _frozen_cache(self, name: str, path: str | Path, layout: str):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
         from retro_peft.kvcache import load_or_build
 
         domain = self.domains[name]
         with self._adapters_for([name]):
-            cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval)
+            cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval,
+                                  layout=layout)
         return cache.attach(self.model, check=False)  # load_or_build checked it against these weights
 
     def _shared_encoder(self, index_name):

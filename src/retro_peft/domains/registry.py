@@ -4,14 +4,15 @@ A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
 
     {"format": "retro-peft-domain", "format_version": 1, "name": "law",
      "index": "law-docs", "adapter": "/abs/path/to/adapter", "description": "...",
-     "kv_cache": null, "created_at": "..."}
+     "kv_cache": null, "kv_layout": null, "created_at": "..."}
 
 `index` is kept as given when it is a bare index name (so it follows
 `$RETRO_PEFT_HOME`), as an absolute path otherwise; `adapter` is always an
 absolute path. `kv_cache` (opt-in, absolute path or null): the domain answers
 through a frozen KV cache stored in that file (`retro_peft.kvcache`), computed
-when the domain is first loaded and read back after. Files are written
-atomically, so a crash never leaves half a domain.
+when the domain is first loaded and read back after; `kv_layout` says how
+(`block`, the default, or `prefix`: see `retro_peft.kvcache.frozen.LAYOUTS`).
+Files are written atomically, so a crash never leaves half a domain.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class DomainSpec:
     description: str | None = None
     kv_cache: str | None = None  # absolute path of the domain's frozen KV cache file; None = full prefill
     created_at: str | None = None
+    kv_layout: str | None = None  # how it uses the cache: block (None means block) or prefix
 
     @property
     def index_path(self) -> Path:
@@ -72,7 +74,8 @@ def check_domain_name(name: str) -> str:
 
 
 def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, description: str | None = None,
-               overwrite: bool = False, kv_cache: str | Path | None = None) -> DomainSpec:
+               overwrite: bool = False, kv_cache: str | Path | None = None,
+               kv_layout: str | None = None) -> DomainSpec:
     """Register a domain after checking that its index opens and its adapter folder is complete.
 
     kv_cache: a file for the domain's frozen KV cache (built on first load if missing); answers then
@@ -90,7 +93,13 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
         kv_cache = Path(kv_cache).expanduser().resolve()
         check_output_file(kv_cache, "kv cache")
         kv_cache = str(kv_cache)
-    spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now())
+    if kv_layout is not None:
+        from retro_peft.kvcache.frozen import check_layout  # (torch: only when a layout is given)
+
+        if kv_cache is None:
+            raise InputError("a KV cache layout needs a KV cache file (--kv-cache)")
+        check_layout(kv_layout)
+    spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now(), kv_layout)
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec
 

@@ -54,6 +54,11 @@ FORMAT_VERSION = 1
 SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
 MAX_PASSAGES = 32  # markers "[1]".."[32]" are stored; a prompt never holds more passages
 HEAD = "<head>"
+# How a prompt uses the stored states (the same file serves both):
+#   block:  head and every passage from the store; the passages do not attend to each other (answers change)
+#   prefix: head, "[1]" and the first passage from the store, the rest prefilled attending to all of it: the
+#           full prompt's own computation (the first passage's states are what a full prefill computes)
+LAYOUTS = ("block", "prefix")
 
 
 def marker_key(n: int) -> str:
@@ -259,9 +264,11 @@ class FrozenKVCache:
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, spans: dict[str, tuple[int, int, int]],
-                 token_ids: dict[str, list[int]], meta: dict, digests: dict[str, str] | None = None):
+                 token_ids: dict[str, list[int]], meta: dict, digests: dict[str, str] | None = None,
+                 layout: str = "block"):
         self.keys, self.values, self.spans, self.token_ids, self.meta = keys, values, spans, token_ids, meta
         self.digests = digests or {}  # chunk segment -> digest of the passage text its states were computed from
+        self.layout = check_layout(layout)  # see LAYOUTS
         self._inv_freq = None
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -317,10 +324,12 @@ class FrozenKVCache:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model=None, *, tokenizer=None, index=None, retrieval=None) -> "FrozenKVCache":
+    def load(cls, path: str | Path, model=None, *, tokenizer=None, index=None, retrieval=None,
+             layout: str = "block") -> "FrozenKVCache":
         """Read a saved cache; with `model` / `index` / `tokenizer` + `retrieval`, refuse one built for others."""
         from safetensors import SafetensorError, safe_open
 
+        check_layout(layout)
         path = Path(path)
         if not path.is_file():
             raise InputError(f"frozen KV cache not found: {path}")
@@ -336,7 +345,7 @@ class FrozenKVCache:
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
             raise InputError(f"{path} is not a readable frozen KV cache ({e})") from None
         spans = {k: (int(a), int(b), int(c)) for k, (a, b, c) in header["spans"].items()}
-        cache = cls(keys, values, spans, header["token_ids"], header["meta"], header.get("digests"))
+        cache = cls(keys, values, spans, header["token_ids"], header["meta"], header.get("digests"), layout)
         cache.check(model=model, tokenizer=tokenizer, index=index, retrieval=retrieval, source=str(path))
         return cache
 
@@ -358,7 +367,8 @@ class FrozenKVCache:
     # -- use ------------------------------------------------------------------------------------------------
 
     def prompts(self, tokenizer, questions: list[str], passages: list[list[Passage]], retrieval) -> list[CachedPrompt]:
-        """Each question's prompt: whole passages (in rank order) while the token budget holds, then the tail.
+        """Each question's prompt: whole passages (in rank order) while the token budget holds, then the tail
+        (in the `prefix` layout the tail starts after the first passage).
 
         A row whose passages are not all stored (passages given by the caller, not from the index) gets the
         ordinary prompt (`build_prompt`), prefilled in full.
@@ -378,6 +388,8 @@ class FrozenKVCache:
                 continue
             kept, keys, text, tail = cut
             ids = [t for k in keys for t in self.token_ids[k]] + tail
+            if self.layout == "prefix":  # head, "[1]", first passage stored; the rest runs through the model
+                keys, tail = keys[:3], [t for k in keys[3:] for t in self.token_ids[k]] + tail
             out.append(CachedPrompt(Prompt(input_ids=ids, text=text, passages=kept), keys, tail))
         return out
 
@@ -476,7 +488,14 @@ def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, 
     return _new_cache(keys_out, values_out), mask_out
 
 
-def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, progress: bool = True) -> FrozenKVCache:
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown frozen KV cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, layout: str = "block",
+                  progress: bool = True) -> FrozenKVCache:
     """The cache stored at `path` for this model (and active adapter), index and template; computed and
     saved there first if the file does not exist. A file built for anything else is refused, not replaced.
 
@@ -485,9 +504,10 @@ def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, progr
     workers, replicas on one host) that serves the same file. (The freshly computed states would be
     private memory, the size of the whole file.)"""
     path = Path(path)
+    check_layout(layout)
     if not path.exists():
         FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress).save(path)
-    return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval)
+    return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval, layout=layout)
 
 
 def _template_fingerprint(tokenizer, retrieval) -> str:

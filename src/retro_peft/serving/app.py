@@ -78,7 +78,7 @@ class ServerState:
         from retro_peft.domains.registry import list_domains
 
         return [DomainConfig(name=d.name, index=d.index, adapter=d.adapter, description=d.description,
-                             kv_cache=d.kv_cache)
+                             kv_cache=d.kv_cache, kv_layout=d.kv_layout or "block")
                 for d in list_domains()]
 
     def load(self) -> None:
@@ -94,7 +94,8 @@ class ServerState:
                 for spec in specs:
                     self.descriptions[spec.name] = spec.description
                     try:
-                        self.bank.load(spec.name, spec.index, spec.adapter, kv_cache=spec.kv_cache)
+                        self.bank.load(spec.name, spec.index, spec.adapter, kv_cache=spec.kv_cache,
+                                       kv_layout=spec.kv_layout)
                         self.domains[spec.name] = "loaded"
                     except RetroPeftError as e:
                         self.domains[spec.name] = f"error: {e}"

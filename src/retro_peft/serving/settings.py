@@ -40,6 +40,7 @@ class DomainConfig(_Section):
     adapter: str | None = None
     description: str | None = None
     kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
+    kv_layout: Literal["block", "prefix"] = "block"  # prefix: only head + first passage stored (same answers)
 
 
 class GenerationConfig(_Section):
