@@ -181,6 +181,11 @@ def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_g
     # the prefix layout (head and first passage stored, the rest prefilled) answers as the full prefill does
     exact = bank.load("b-prefix", idx_b, adapters["b"], kv_cache=tmp_path / "b.kv", kv_layout="prefix")
     assert exact.generator.kv_cache.layout == "prefix" and exact.version != bank.domains["b"].version
+    for bad, message in ((dict(kv_layout="prefix"), "kv_layout needs kv_cache"),
+                         (dict(kv_cache=tmp_path / "b.kv", kv_layout="exact"), "unknown frozen KV cache layout")):
+        with pytest.raises(DomainError, match=message):  # refused before the loaded domain is touched
+            bank.load("b-prefix", idx_b, adapters["b"], **bad)
+        assert bank.domains["b-prefix"] is exact
     assert [a.text for a in bank.answer_many(QUESTIONS, ["b-prefix"] * len(QUESTIONS))] == \
         [a.text for a in bank.answer_many(QUESTIONS, ["b"] * len(QUESTIONS))]
     domains = ["a-kv", "b", "plain-kv", None, "a-kv", "plain-kv"]

@@ -122,9 +122,14 @@ def test_an_unreadable_domain_file_is_skipped_in_listings_and_can_be_removed(hom
     (home / "domains" / "broken.json").write_text("{not json")
     (home / "domains" / "future.json").write_text(json.dumps(
         {"format": "retro-peft-domain", "format_version": 99, "name": "future", "index": "x"}))
+    (home / "domains" / "odd.json").write_text(json.dumps(  # a hand-edited layout (or one a later version knows)
+        {"format": "retro-peft-domain", "format_version": 1, "name": "odd", "index": "x", "kv_cache": "/k",
+         "kv_layout": "Prefix"}))
     with caplog.at_level(logging.WARNING, logger="retro_peft"):
         assert [d.name for d in list_domains()] == ["math"]  # one bad file does not hide the others
     assert "broken.json is unreadable" in caplog.text and "format version 99" in caplog.text
+    assert "kv_layout 'Prefix'" in caplog.text
+    (home / "domains" / "odd.json").unlink()
     with pytest.raises(InputError, match="format version 99"):
         get_domain("future")  # asked for by name, it is still the clear error
     assert cli(monkeypatch, "domain", "list") == 0 and capsys.readouterr().out.startswith("math\t")

@@ -9,7 +9,7 @@ from retro_peft.errors import InputError
 from retro_peft.generation import Generator, Passage
 from retro_peft.generation.generator import StaticDecode, cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
-from retro_peft.kvcache.frozen import rotate
+from retro_peft.kvcache.frozen import HEAD, rotate
 
 single_thread()
 
@@ -72,24 +72,30 @@ def test_with_one_passage_the_frozen_cache_is_the_full_prefill(model, tokenizer,
 
 def test_the_prefix_layout_is_the_full_prefill_with_several_passages(model, tokenizer, index):
     """Stored head, "[1]" and first passage, the rest prefilled over them: a full prefill's computation, so
-    the same logits and answers with 3 passages (where the block layout's answers differ)."""
-    retrieval = RetrievalConfig(k=3, context_tokens=1000)
-    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
-    full = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8)
-    block = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, kv_cache=cache)
-    prefix_cache = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, cache.digests,
-                                 layout="prefix")
-    prefix = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
-                       kv_cache=prefix_cache)
-    for question in QUESTIONS:
-        want, want_ids = first_logits(model, tokenizer, full, question)
-        got, got_ids = first_logits(model, tokenizer, prefix, question)
-        row = prefix_cache.prompts(tokenizer, [question], prefix.retrieve([question]), retrieval)[0]
-        assert got_ids == want_ids and len(row.keys) == 3 and len(row.prompt.passages) == 3
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        blocked, _ = first_logits(model, tokenizer, block, question)
-        assert not torch.allclose(blocked, want, atol=1e-3)  # several passages: block attention differs
-    assert [a.text for a in prefix.answer_many(QUESTIONS)] == [a.text for a in full.answer_many(QUESTIONS)]
+    the same prompt ids, logits and answers with 3 passages (where the block layout's answers differ), also
+    when the budget shortens or drops passages (a shortened first passage is prefilled in full)."""
+    for budget, stored_rows in ((1000, len(QUESTIONS)), (150, None)):
+        retrieval = RetrievalConfig(k=3, context_tokens=budget)
+        cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+        full = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8)
+        block = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, kv_cache=cache)
+        prefix_cache = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta,
+                                     cache.digests, layout="prefix")
+        prefix = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
+                           kv_cache=prefix_cache)
+        rows = prefix_cache.prompts(tokenizer, QUESTIONS, prefix.retrieve(QUESTIONS), retrieval)
+        for question, row in zip(QUESTIONS, rows):
+            want, want_ids = first_logits(model, tokenizer, full, question)
+            got, got_ids = first_logits(model, tokenizer, prefix, question)
+            assert got_ids == want_ids == row.prompt.input_ids and row.keys in ([], [HEAD, "<marker 1>", *row.keys[2:3]])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            if budget == 1000:
+                assert len(row.keys) == 3 and len(row.prompt.passages) == 3
+                blocked, _ = first_logits(model, tokenizer, block, question)
+                assert not torch.allclose(blocked, want, atol=1e-3)  # several passages: block attention differs
+        if stored_rows is None:  # the tight budget shortened passages: some rows still start from the store
+            assert any(r.keys for r in rows) and any(len(r.prompt.passages) < 3 for r in rows)
+        assert [a.text for a in prefix.answer_many(QUESTIONS)] == [a.text for a in full.answer_many(QUESTIONS)]
     with pytest.raises(InputError, match="unknown frozen KV cache layout 'exact'"):
         FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, layout="exact")
 

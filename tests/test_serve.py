@@ -374,6 +374,8 @@ def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_throu
     domains = [{"name": "a", "index": str(a.index.path), "adapter": str(a.adapter_dir), "kv_cache": str(tmp_path / "a.kv")},
                {"name": "plain", "index": str(plain.index.path), "kv_cache": str(tmp_path / "plain.kv"),
                 "kv_layout": "prefix"}]
+    with pytest.raises(ValueError, match="kv_layout needs kv_cache"):
+        ServeSettings(domains=[{"name": "x", "index": "i", "kv_layout": "prefix"}])
     (tmp_path / "a-file").write_text("not a folder")  # a cache that cannot be written fails its domain alone
     broken = {"name": "broken", "index": str(plain.index.path), "kv_cache": str(tmp_path / "a-file" / "kv")}
     configured = ServeSettings(**{**settings().model_dump(), "model": bank.base_model_name,

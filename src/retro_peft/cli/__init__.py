@@ -27,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
+    """--kv-cache FILE and --kv-layout, for the commands that answer through a frozen KV cache."""
+    p.add_argument("--kv-cache", metavar="FILE",
+                   help="answer through the frozen KV cache in FILE (stored passage states; computed there first "
+                        "if FILE does not exist): see docs/kv-cache.md")
+    p.add_argument("--kv-layout", choices=("block", "prefix"),  # kvcache.frozen.LAYOUTS (not imported: torch)
+                   help="with --kv-cache: block (default; every passage stored, only the question prefilled, answers "
+                        "change) or prefix (head and first passage stored, the rest prefilled: a full prefill's "
+                        "answers)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("retro_peft").setLevel(logging.INFO)  # progress messages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from retro_peft.cli import add_kv_cache_arguments
 from retro_peft.domains import add_domain, get_domain, list_domains, remove_domain
 
 
@@ -17,12 +18,7 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--description", help="what the domain covers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain of that name")
-    p.add_argument("--kv-cache", metavar="FILE",
-                   help="answer through a frozen KV cache stored in FILE (computed when the domain is first "
-                        "loaded): only the question is prefilled, but answers change (BENCHMARKS.md)")
-    p.add_argument("--kv-layout", choices=("block", "prefix"),
-                   help="with --kv-cache: block (default; every passage stored, answers change) or prefix (head "
-                        "and first passage stored, the rest prefilled: the same answers as without the cache)")
+    add_kv_cache_arguments(p)  # the file is computed when the domain is first loaded
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("list", help="list registered domains")

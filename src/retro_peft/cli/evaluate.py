@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from retro_peft.cli import add_kv_cache_arguments
 from retro_peft.errors import InputError
 
 
@@ -25,12 +26,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
                         "native bf16, e.g. AVX512-BF16)")
-    p.add_argument("--kv-cache", metavar="FILE",
-                   help="answer from the frozen KV cache in FILE (stored passage states; built there first if FILE "
-                        "does not exist): only the question is prefilled")
-    p.add_argument("--kv-layout", choices=("block", "prefix"),
-                   help="with --kv-cache: block (every passage stored; answers change) or prefix (head and first "
-                        "passage stored, the rest prefilled: a full prefill's answers)")
+    add_kv_cache_arguments(p)
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.set_defaults(func=run)

@@ -38,7 +38,7 @@ from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, 
                                              stream_answer)
 from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.index import open_index
-from retro_peft.kvcache.frozen import decode_inputs
+from retro_peft.kvcache.frozen import check_layout, decode_inputs
 from retro_peft.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ class AdapterBank:
         first passage (prefix: a full prefill's answers).
         """
         try:
+            if kv_layout is not None:
+                if kv_cache is None:
+                    raise InputError("kv_layout needs kv_cache (the frozen KV cache file)")
+                check_layout(kv_layout)
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
             retrieval, method, adapter_files = RetrievalConfig(), None, None
@@ -119,7 +123,7 @@ class AdapterBank:
             self.unload(name)
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        index_version = _digest([index.manifest["encoder"], index.manifest["files"]])
+        index_version = _digest([index.manifest["encoder"], index.manifest["files"], retro_peft.__version__])
         layout = (kv_layout or "block") if kv_cache is not None else None
         version = _digest([self._answers_version(), index_version, adapter_files, asdict(retrieval), layout])
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,

@@ -188,6 +188,9 @@ def _read(file: Path) -> DomainSpec:
                          f"this retro-peft reads up to {FORMAT_VERSION}: upgrade retro-peft")
     if data.get("name") != file.stem or not isinstance(data.get("index"), str):
         raise InputError(f"domain file {file} is malformed (its name or index is missing or wrong)")
+    if data.get("kv_layout") not in (None, "block", "prefix") or (data.get("kv_layout") and not data.get("kv_cache")):
+        raise InputError(f"domain file {file} is malformed (kv_layout {data.get('kv_layout')!r}: block or prefix, "
+                         "with a kv_cache)")
     fields = DomainSpec.__dataclass_fields__
     return DomainSpec(**{k: v for k, v in data.items() if k in fields})
 

@@ -56,8 +56,9 @@ MAX_PASSAGES = 32  # markers "[1]".."[32]" are stored; a prompt never holds more
 HEAD = "<head>"
 # How a prompt uses the stored states (the same file serves both):
 #   block:  head and every passage from the store; the passages do not attend to each other (answers change)
-#   prefix: head, "[1]" and the first passage from the store, the rest prefilled attending to all of it: the
-#           full prompt's own computation (the first passage's states are what a full prefill computes)
+#   prefix: the ordinary prompt (passages fitted to the budget as without a cache), its head, "[1]" and first
+#           passage from the store, the rest prefilled attending to all of it: a full prefill's computation
+#           (the first passage's stored states are what a full prefill computes for it), so the same answers
 LAYOUTS = ("block", "prefix")
 
 
@@ -373,6 +374,8 @@ class FrozenKVCache:
         A row whose passages are not all stored (passages given by the caller, not from the index) gets the
         ordinary prompt (`build_prompt`), prefilled in full.
         """
+        if self.layout == "prefix":
+            return [self._prefix_prompt(tokenizer, q, row, retrieval) for q, row in zip(questions, passages)]
         layout = template_segments(tokenizer, retrieval)
         out = []
         for question, row in zip(questions, passages):
@@ -388,10 +391,22 @@ class FrozenKVCache:
                 continue
             kept, keys, text, tail = cut
             ids = [t for k in keys for t in self.token_ids[k]] + tail
-            if self.layout == "prefix":  # head, "[1]", first passage stored; the rest runs through the model
-                keys, tail = keys[:3], [t for k in keys[3:] for t in self.token_ids[k]] + tail
             out.append(CachedPrompt(Prompt(input_ids=ids, text=text, passages=kept), keys, tail))
         return out
+
+    def _prefix_prompt(self, tokenizer, question: str, passages: list[Passage], retrieval) -> CachedPrompt:
+        """The prefix layout: the ordinary prompt (`build_prompt`, the one a full prefill runs), whose head, "[1]"
+        and first passage come from the store when its token ids begin with exactly the stored ones (the first
+        passage is stored and was not shortened to fit); the rest of its ids run through the model."""
+        prompt = build_prompt(tokenizer, question, list(passages), retrieval)
+        if prompt.passages:
+            first = prompt.passages[0]
+            keys = [HEAD, marker_key(1), chunk_key(first)]
+            if self.digests.get(keys[2]) == _digest(passage_body(first)):
+                stored = [t for key in keys for t in self.token_ids[key]]
+                if prompt.input_ids[:len(stored)] == stored:
+                    return CachedPrompt(prompt, keys, prompt.input_ids[len(stored):])
+        return CachedPrompt(prompt, [], prompt.input_ids)  # nothing stored fits it: prefilled in full
 
     def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
         """The batch's context as a KV cache: each row's segments at their positions, rows left-padded.

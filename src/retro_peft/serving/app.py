@@ -78,7 +78,7 @@ class ServerState:
         from retro_peft.domains.registry import list_domains
 
         return [DomainConfig(name=d.name, index=d.index, adapter=d.adapter, description=d.description,
-                             kv_cache=d.kv_cache, kv_layout=d.kv_layout or "block")
+                             kv_cache=d.kv_cache, kv_layout=d.kv_layout)
                 for d in list_domains()]
 
     def load(self) -> None:

@@ -40,7 +40,13 @@ class DomainConfig(_Section):
     adapter: str | None = None
     description: str | None = None
     kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
-    kv_layout: Literal["block", "prefix"] = "block"  # prefix: only head + first passage stored (same answers)
+    kv_layout: Literal["block", "prefix"] | None = None  # with kv_cache: block (default) or prefix (same answers)
+
+    @model_validator(mode="after")
+    def _layout_needs_a_cache(self):
+        if self.kv_layout is not None and self.kv_cache is None:
+            raise ValueError(f"domain {self.name!r}: kv_layout needs kv_cache (the frozen KV cache file)")
+        return self
 
 
 class GenerationConfig(_Section):
