@@ -77,7 +77,7 @@ def run(args) -> int:
             raise InputError("--kv-cache stores passage states: it needs --index (and retrieval)")
         from retro_peft.kvcache import load_or_build
 
-        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout or "block")
+        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout)
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, kv_cache=kv_cache)
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)

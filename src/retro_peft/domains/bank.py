@@ -78,6 +78,9 @@ class AdapterBank:
         self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)
         self.model.eval()
         self.fingerprint = base_fingerprint(self.model)
+        # what every domain's answers depend on (part of each `Domain.version`)
+        self._answers_version = [self.fingerprint, str(dtype), retro_peft.__version__]
+        self._auto_version: str | None = None  # `version(AUTO)`, recomputed after a load or unload
         self.max_adapters = max_adapters
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -100,10 +103,9 @@ class AdapterBank:
         first passage (prefix: a full prefill's answers).
         """
         try:
-            if kv_layout is not None:
-                if kv_cache is None:
-                    raise InputError("kv_layout needs kv_cache (the frozen KV cache file)")
-                check_layout(kv_layout)
+            if kv_layout is not None and kv_cache is None:
+                raise InputError("kv_layout needs kv_cache (the frozen KV cache file)")
+            layout = check_layout(kv_layout) if kv_cache is not None else None
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
             retrieval, method, adapter_files = RetrievalConfig(), None, None
@@ -111,8 +113,8 @@ class AdapterBank:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
                 retrieval, method = config.retrieval, config.method
-                adapter_files = {name: info.get(key) or sha256_file(Path(adapter) / name)
-                                 for name, key in CHECKSUM_KEYS.items()}
+                adapter_files = {file: info.get(key) or sha256_file(Path(adapter) / file)
+                                 for file, key in CHECKSUM_KEYS.items()}
                 if info["base_model"].get("config_sha256") != self.fingerprint["config_sha256"] or \
                         info["base_model"].get("weights_sha256") != self.fingerprint["weights_sha256"]:
                     raise AdapterMismatchError(f"adapter {adapter} was trained on base model "
@@ -124,10 +126,10 @@ class AdapterBank:
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         index_version = _digest([index.manifest["encoder"], index.manifest["files"], retro_peft.__version__])
-        layout = (kv_layout or "block") if kv_cache is not None else None
-        version = _digest([self._answers_version(), index_version, adapter_files, asdict(retrieval), layout])
+        version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout])
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
                                     index_version)
+        self._auto_version = None
         try:
             if adapter is not None:
                 self._ensure_resident(name)
@@ -137,11 +139,6 @@ class AdapterBank:
             self.unload(name)
             raise e if isinstance(e, DomainError) else DomainError(f"domain {name!r}: {e}") from None
         return self.domains[name]
-
-    def _answers_version(self) -> list:
-        """What every domain's answers depend on: the base model, its dtype, and this library's version."""
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        return [self.fingerprint, str(dtype), retro_peft.__version__]
 
     def _frozen_cache(self, name: str, path: str | Path, layout: str):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
@@ -207,6 +204,7 @@ class AdapterBank:
         self._get(name)
         self._drop_adapter(name)
         del self.domains[name]
+        self._auto_version = None
 
     def activate(self, name: str) -> float:
         """Make `name` the active adapter (for single-domain batches); returns the seconds it took."""
@@ -220,7 +218,10 @@ class AdapterBank:
     def version(self, name: str) -> str:
         """A domain's `Domain.version`; for `auto`, every domain's (routing reads all their indexes)."""
         if name == AUTO:
-            return _digest([self._answers_version(), sorted((n, d.version) for n, d in self.domains.items())])
+            if self._auto_version is None:
+                self._auto_version = _digest([self._answers_version,
+                                              sorted((n, d.version) for n, d in self.domains.items())])
+            return self._auto_version
         return self._get(name).version
 
     def _get(self, name: str) -> Domain:

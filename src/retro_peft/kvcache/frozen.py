@@ -503,13 +503,16 @@ def assemble_rows(rows: list[tuple["FrozenKVCache | None", list[str]]], device, 
     return _new_cache(keys_out, values_out), mask_out
 
 
-def check_layout(layout: str) -> str:
+def check_layout(layout: str | None) -> str:
+    """The layout to use (None: block, the default), or a clear error for an unknown one."""
+    if layout is None:
+        return "block"
     if layout not in LAYOUTS:
         raise InputError(f"unknown frozen KV cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     return layout
 
 
-def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, layout: str = "block",
+def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, layout: str | None = None,
                   progress: bool = True) -> FrozenKVCache:
     """The cache stored at `path` for this model (and active adapter), index and template; computed and
     saved there first if the file does not exist. A file built for anything else is refused, not replaced.
@@ -519,7 +522,7 @@ def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, layou
     workers, replicas on one host) that serves the same file. (The freshly computed states would be
     private memory, the size of the whole file.)"""
     path = Path(path)
-    check_layout(layout)
+    layout = check_layout(layout)
     if not path.exists():
         FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress).save(path)
     return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval, layout=layout)
