@@ -30,27 +30,19 @@ disabled so every row generates exactly `--new-tokens` tokens.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from retro_peft.domains.mixed_lora import MixedLoRA
+from retro_peft.generation.decode import StaticDecode, decode, decode_steps, left_pad
 
-from retro_peft.domains.mixed_lora import MixedLoRA  # noqa: E402
-from retro_peft.generation.generator import StaticDecode, decode, decode_steps, left_pad  # noqa: E402
+from common import RANDOM_CONFIGS, machine_info, timed, write_json
 
-RANDOM_CONFIGS = {
-    # Llama-3.2-1B's shape with SmolLM2's vocabulary.
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -205,13 +197,11 @@ def kv_section(model, args, vocab: int) -> dict:
         for bsz in (1, 8, 32):
             if bsz > args.requests:
                 continue
-            for label, run in (("full", lambda r: tokens_per_second(model, full, bsz, args.new_tokens, args.device, r,
-                                                                    static=static)),
-                               ("kv", lambda r: kv_tokens_per_second(model, cache, rows, bsz, args.new_tokens,
-                                                                     args.device, r, static=static))):
-                start = time.perf_counter()
-                run(1)
-                first_run_s[label][bsz] = time.perf_counter() - start
+            runs = {"full": partial(tokens_per_second, model, full, bsz, args.new_tokens, args.device, static=static),
+                    "kv": partial(kv_tokens_per_second, model, cache, rows, bsz, args.new_tokens, args.device,
+                                  static=static)}
+            for label, run in runs.items():  # run(repeats): median tokens/s; the first run compiles and records
+                first_run_s[label][bsz], _ = timed(run, 1)
                 compiled[label][bsz] = run(args.repeats)
         out["compiled_decode"] = {"tok_s": compiled, "first_run_s": first_run_s,
                                   "kv_vs_full_same_batch": {b: compiled["kv"][b] / compiled["full"][b]
@@ -283,15 +273,16 @@ def main(argv=None) -> int:
     model = with_adapters(base, args.adapters, args.rank)
     model.set_adapter("d0")
     reqs = prompts(args.requests, args.prompt_tokens, vocab)
+    machine = machine_info()
     results = {"model": args.model, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
-               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "gpu": machine["gpu"] if args.device.startswith("cuda") else None,
+               "cpu": machine["cpu"], "threads": machine["torch_threads"],
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "requests": args.requests}
 
     if args.kv_only:
         results["kv_cache"] = kv_section(model, args, vocab)
         if args.out:
-            args.out.write_text(json.dumps(results, indent=2))
+            write_json(args.out, results)
         return 0
 
     tokens_per_second(model, reqs[:2], 2, 2, args.device, 1)  # warm-up
@@ -353,7 +344,7 @@ def main(argv=None) -> int:
     print(f"| mixed, PEFT adapter_names | {m['mixed_peft_tok_s']:.1f} | {m['peft_vs_single']:.2f}x |")
     print(f"\nswitch active adapter: p50 {results['switch_ms']['p50']:.3f} ms, max {results['switch_ms']['max']:.3f} ms")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
     return 0
 
 

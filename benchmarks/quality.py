@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SQUAD = ROOT.parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
+from common import SCRATCH, SQUAD, write_json
+
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
 
 
@@ -40,7 +39,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="base model name, folder or HF id")
     p.add_argument("--squad", default=str(SQUAD))
-    p.add_argument("--index", default=str(ROOT / ".bench" / "index-squad5"), help="index folder (built if missing)")
+    p.add_argument("--index", default=str(SCRATCH / "index-squad5"), help="index folder (built if missing)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, help="default: 8 on cuda, 4 on cpu")
     p.add_argument("--lr", type=float, help="learning rate (default: each method's default_lr)")
@@ -53,13 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
+    p.add_argument("--out", default=str(SCRATCH / "quality"))
     return p.parse_args(argv)
 
 
 def load_base(args):
     """(model, tokenizer, name): fresh base weights, trainable in fp32 (bf16 comes from autocast on CUDA)."""
-    from retro_peft.adapters.model import load_base_model
+    from retro_peft.base_model import load_base_model
 
     model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device)
     return model, tokenizer, args.model
@@ -161,7 +160,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "quality.json", report)
     (out / "quality.md").write_text(markdown(report))
     print(markdown(report))
     return 0

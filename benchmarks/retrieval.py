@@ -29,22 +29,18 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-SQUAD = DATA / "squad-v2-dev-5-articles.json"
-WIKI = DATA / "wikipedia-vital-10k-en.jsonl"
+from common import SQUAD, WIKI, machine_info, ms, pct, timed, wiki_query, write_json
+
 K = 10
 BATCH = 64
 
@@ -61,8 +57,8 @@ def wiki_data(limit: int | None):
         for line in f:
             o = json.loads(line)
             docs.append(Document(o["id"], o["text"], {"title": o["title"], "topic": o["topic"]}))
-            desc = (o.get("description") or "").strip()
-            if len(desc.split()) >= 4 and o["title"].lower() not in desc.lower():
+            desc = wiki_query(o)
+            if desc is not None:
                 items.append(QAItem(id=o["id"], question=desc, answers=(), gold_doc_ids=(o["id"],)))
             if limit and len(docs) >= limit:
                 break
@@ -79,36 +75,6 @@ def squad_data(quick: bool):
         titles = {it.metadata["title"] for it in items}
         docs = [d for d in docs if d.metadata["title"] in titles]
     return docs, items
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), model)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    import torch
-
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-def pct(values, q) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t, out
 
 
 # -- quality -----------------------------------------------------------------------------------
@@ -257,8 +223,8 @@ def latency(index, items, raw: Raw, n_single: int, n_batches: int, rounds: int) 
         for r in range(rounds):
             for j, q in enumerate(single_q):
                 qv = vec_of[q][None, :]
-                pair = [("rp", lambda: index.search_many([q], K, mode, fusion="rrf", query_vectors=qv)),
-                        ("raw", lambda: raw.search([q], qv, K, mode))]
+                pair = [("rp", partial(index.search_many, [q], K, mode, fusion="rrf", query_vectors=qv)),
+                        ("raw", partial(raw.search, [q], qv, K, mode))]
                 for name, fn in (pair if (r + j) % 2 == 0 else pair[::-1]):
                     t, _r = timed(fn)
                     (rp if name == "rp" else rw).append(t)
@@ -268,8 +234,8 @@ def latency(index, items, raw: Raw, n_single: int, n_batches: int, rounds: int) 
         for r in range(rounds):
             for j, b in enumerate(batches):
                 qv = np.stack([vec_of[q] for q in b])
-                pair = [("rp", lambda: index.search_many(b, K, mode, fusion="rrf", query_vectors=qv)),
-                        ("raw", lambda: raw.search(b, qv, K, mode))]
+                pair = [("rp", partial(index.search_many, b, K, mode, fusion="rrf", query_vectors=qv)),
+                        ("raw", partial(raw.search, b, qv, K, mode))]
                 for name, fn in (pair if (r + j) % 2 == 0 else pair[::-1]):
                     t, _r = timed(fn)
                     (rp if name == "rp" else rw).append(t)
@@ -392,12 +358,12 @@ def main(argv=None) -> int:
 
     res: dict = {"command": " ".join(["python", "benchmarks/retrieval.py", *(argv if argv is not None else sys.argv[1:])]),
                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "machine": machine(), "quick": q, "k": K}
+                 "machine": machine_info(), "quick": q, "k": K}
     docs, wiki_items = wiki_data(wiki_limit)
     res["build"], wiki_path, home = build_bench(docs, scratch, cold_runs, warm_runs)
     os.environ["RETRO_PEFT_HOME"] = home  # the warm cache from here on
 
-    save = (lambda: args.out.write_text(json.dumps(res, indent=2) + "\n")) if args.out else (lambda: None)
+    save = (lambda: write_json(args.out, res)) if args.out else (lambda: None)
     save()  # partial results after each section: a long run that is cut short keeps what it measured
     squad_inputs, squad_items = squad_data(q)
     squad_index = build_index(scratch / "squad", squad_inputs, IndexConfig(), overwrite=True)

@@ -28,18 +28,15 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-WIKI = ROOT.parent / "shared" / "data" / "wikipedia-vital-10k-en.jsonl"
+from common import WIKI, machine_summary, pct, timed, wiki_query, write_json
+
 HELD_OUT = "mathematics"
 GRID = [(1, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (3, 1.0), (5, 1.0), (10, 1.0), (5, 0.5), (5, 1.5)]  # (k, sparse weight)
 UNRELATED = [
@@ -82,8 +79,8 @@ def load(per_topic: int | None):
             if per_topic and len(docs.get(domain, [])) >= per_topic:
                 continue
             docs.setdefault(domain, []).append(Document(o["id"], o["text"], {"title": o["title"], "topic": o["topic"]}))
-            desc = (o.get("description") or "").strip()
-            if len(desc.split()) >= 4 and o["title"].lower() not in desc.lower():
+            desc = wiki_query(o)
+            if desc is not None:
                 queries.append((o["id"], desc, domain))
     return docs, queries
 
@@ -94,14 +91,6 @@ def is_tuning(article_id: str) -> bool:
 
 def accuracy(decisions, gold) -> float:
     return sum(d.domain == g for d, g in zip(decisions, gold)) / max(len(gold), 1)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -179,20 +168,16 @@ def main() -> int:
     # -- latency ------------------------------------------------------------------------------
     sample = test_q[:50 if args.quick else 200]
     router.route(sample[0])  # warm-up
-    single = []
-    for q in sample:
-        t = time.perf_counter()
-        router.route(q)
-        single.append((time.perf_counter() - t) * 1000)
+    single = [1000 * timed(router.route, q)[0] for q in sample]
     t = time.perf_counter()
     for i in range(0, len(sample), 64):
         router.route_many(sample[i:i + 64])
     batched = (time.perf_counter() - t) * 1000 / len(sample)
     latency = {"n": len(sample), "single_median_ms": statistics.median(single),
-               "single_p95_ms": float(np.percentile(single, 95)), "batch64_per_query_ms": batched}
+               "single_p95_ms": pct(single, 95), "batch64_per_query_ms": batched}
 
     results = {
-        "date": _dt.date.today().isoformat(), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "date": _dt.date.today().isoformat(), "machine": machine_summary(),
         "command": "benchmarks/routing.py" + (" --quick" if args.quick else ""),
         "domains": len(indexes), "articles": sum(map(len, docs.values())), "queries": len(queries),
         "tuning_n": len(tune_q), "grid": grid,
@@ -204,7 +189,7 @@ def main() -> int:
     }
     print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
     return 0
 
 

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import RANDOM_CONFIGS, SQUAD, machine_info, print_json
+
 DOCS = [
     {"id": "normans", "title": "Normans", "text": "The Normans gave their name to Normandy, a region in France."},
     {"id": "rhine", "title": "Rhine", "text": "The Rhine begins in the Swiss Alps and flows into the North Sea."},
@@ -155,9 +157,6 @@ def bank_model(root: Path, args) -> str:
     if args.quick:
         model = random_model(root, TINY, args.tokenizer)
     elif args.model.startswith("random:"):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from generation import RANDOM_CONFIGS
-
         model = random_model(root, RANDOM_CONFIGS[args.model.split(":", 1)[1]], args.tokenizer)
     else:
         model = args.model
@@ -174,9 +173,6 @@ def build_bank(root: Path, args):
     bank = AdapterBank(bank_model(root, args), device=args.device)
     bank.load("docs", index.path)
     return bank
-
-
-SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
 
 
 def kv_cache_section(root: Path, args) -> dict:
@@ -258,12 +254,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
-              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms}
+              "cpus": machine_info()["cores"], "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
         if args.kv_cache:
             report["kv_cache"] = kv_cache_section(Path(tmp), args)
-            return write_report(report, args.out)
+            return print_json(report, args.out)
         bank = build_bank(Path(tmp), args)
 
         with serve_in_thread(create_app(server_settings(32, cache=True), bank)) as url:
@@ -296,14 +292,7 @@ def main() -> None:
             row["speedup"] = round(row["batching_on"]["tokens_per_s"] / max(row["batching_off"]["tokens_per_s"], 1e-9), 2)
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)
-    write_report(report, args.out)
-
-
-def write_report(report: dict, out: str | None) -> None:
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    print_json(report, args.out)
 
 
 if __name__ == "__main__":

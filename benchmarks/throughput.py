@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,24 +30,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from retro_peft.training.data import TrainingExample
 
-from generation import RANDOM_CONFIGS  # noqa: E402
-
-from retro_peft.training.data import TrainingExample  # noqa: E402
-
-SQUAD = ROOT.parent / "shared" / "data" / "squad-v2-dev-5-articles.json"
+from common import RANDOM_CONFIGS, SCRATCH, SQUAD, machine_info, machine_summary, print_json
 
 
 def build_examples(index_path: Path) -> list[TrainingExample]:
+    from transformers import AutoTokenizer
+
     from retro_peft.adapters import RetrievalConfig
     from retro_peft.index import IndexConfig, build_index, open_index
     from retro_peft.models import resolve_generator
     from retro_peft.qa import load_qa
     from retro_peft.training import build_examples as build
-    from transformers import AutoTokenizer
 
     index = open_index(index_path) if (index_path / "manifest.json").exists() else \
         build_index(index_path, [SQUAD], IndexConfig(encoder="minilm"))
@@ -66,7 +60,7 @@ def load_examples(path: Path) -> list[TrainingExample]:
 def base_model(name: str, tokenizer, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retro_peft.adapters.model import load_base_model
+    from retro_peft.base_model import load_base_model
 
     torch.manual_seed(0)
     if not name.startswith("random:"):
@@ -119,7 +113,7 @@ def run_hf(args, examples, tokenizer, steps: int) -> dict:
             return super().compute_loss(model, inputs, *a, **kw)
 
     training_args = TrainingArguments(
-        output_dir=str(ROOT / ".bench" / "hf-trainer"), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        output_dir=str(SCRATCH / "hf-trainer"), max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=config_for_method("lora").default_lr, warmup_steps=max(1, steps // 10),
         lr_scheduler_type="cosine", logging_steps=10, save_strategy="no", report_to=[], seed=0,
         bf16=args.device == "cuda", use_cpu=args.device == "cpu", remove_unused_columns=False,
@@ -157,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="default: 8 on cuda, 4 on cpu")
     p.add_argument("--examples", type=Path, help="examples saved by --save-examples (else built from the index)")
     p.add_argument("--save-examples", type=Path, help="build the examples, write them here, and stop")
-    p.add_argument("--index", type=Path, default=ROOT / ".bench" / "index-squad5")
+    p.add_argument("--index", type=Path, default=SCRATCH / "index-squad5")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the packaged SmolLM2's)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -182,11 +176,12 @@ def main(argv=None) -> int:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     lengths = [len(ex) for ex in examples]
+    machine = machine_info()
     report = {"model": args.model, "device": args.device, "batch_size": args.batch_size, "steps": args.steps,
               "warmup_steps": args.warmup_steps, "repeats": args.repeats, "examples": len(examples),
-              "mean_tokens_per_example": round(statistics.mean(lengths), 1), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.node(),
-              "gpu": torch.cuda.get_device_name() if cuda else None, "variants": {}}
+              "mean_tokens_per_example": round(statistics.mean(lengths), 1), "torch": machine["torch"],
+              "threads": machine["torch_threads"], "machine": machine_summary(machine),
+              "gpu": machine["gpu"] if cuda else None, "variants": {}}
     for variant in variants:
         cold = run(variant, args, examples, tokenizer, args.warmup_steps) if args.warmup_steps else None
         runs = [run(variant, args, examples, tokenizer, args.steps) for _ in range(args.repeats)]
@@ -198,10 +193,7 @@ def main(argv=None) -> int:
     hf = report["variants"].get("hf", {}).get("tokens_per_s")
     if hf:
         report["speedup_vs_hf"] = {v: round(r["tokens_per_s"] / hf, 3) for v, r in report["variants"].items()}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_json(report, args.out)
     return 0
 
 

@@ -3,7 +3,8 @@
 import pytest
 from peft import LoraConfig
 
-from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroIA3Config, RetroLoraConfig
+from retro_peft.adapters import RetrievalConfig, RetroIA3Config, RetroLoraConfig
+from retro_peft.adapters.config import LLAMA_LINEAR
 from retro_peft.adapters.model import RetroPeftModel
 from retro_peft.domains.bank import AdapterBank, DomainError
 from retro_peft.errors import InputError
@@ -132,7 +133,7 @@ def test_streaming_sampling_stop_strings_and_cancellation(setup):
 def test_bfloat16_on_a_cpu_is_a_choice_and_bad_dtypes_are_named(setup):
     import torch
 
-    from retro_peft.adapters.model import inference_dtype
+    from retro_peft.base_model import inference_dtype
 
     assert inference_dtype("cpu") == torch.float32 and inference_dtype("cuda:0", "auto") == torch.bfloat16
     with pytest.raises(InputError, match="unknown dtype 'fp8'"):

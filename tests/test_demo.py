@@ -6,7 +6,7 @@ import os
 import pytest
 
 from retro_peft.demo import DemoConfig, data_dir, docs_dir, format_answers, format_table, qa_file
-from retro_peft.generation.generator import Answer
+from retro_peft.generation import Answer
 from retro_peft.qa import load_qa
 from retro_peft.training import score
 

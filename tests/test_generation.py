@@ -7,7 +7,8 @@ from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation import (Generator, Passage, SamplingConfig, StaticDecode, build_prompt, decode,
                                    is_abstention, normalize_answer)
-from retro_peft.generation.generator import cite, left_pad, mentions, stop_token_ids
+from retro_peft.generation.answers import cite, mentions
+from retro_peft.generation.decode import left_pad, stop_token_ids
 from retro_peft.generation.prompt import encode
 
 single_thread()

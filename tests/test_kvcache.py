@@ -7,9 +7,11 @@ from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index,
 from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation import Generator, Passage
-from retro_peft.generation.generator import StaticDecode, cache_kwarg
+from retro_peft.generation import StaticDecode
+from retro_peft.hf_compat import cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
-from retro_peft.kvcache.frozen import HEAD, rotate
+from retro_peft.kvcache.layout import HEAD
+from retro_peft.kvcache.rotation import rotate
 
 single_thread()
 

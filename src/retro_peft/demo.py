@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from retro_peft import paths
 from retro_peft.errors import InputError
@@ -63,7 +63,7 @@ class DemoConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
 
     @classmethod
-    def quick(cls, **overrides) -> "DemoConfig":
+    def quick(cls, **overrides) -> DemoConfig:
         """A smoke run: a few steps, a few questions, short answers (~1-2 minutes on a CPU)."""
         return cls(**{"steps": 2, "batch_size": 2, "eval_limit": 4, "max_new_tokens": 8, "show_answers": 2,
                       **overrides})

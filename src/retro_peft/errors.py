@@ -23,3 +23,8 @@ class EncoderMismatchError(RetroPeftError):
 
 class ModelNotFoundError(RetroPeftError):
     """A model name resolves to nothing installed or on disk."""
+
+
+
+class AdapterMismatchError(InputError):
+    """Weights trained or states computed for one model (an adapter, a frozen KV cache) meet another model."""

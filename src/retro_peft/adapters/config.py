@@ -13,47 +13,12 @@ from typing import Any, ClassVar
 
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 
+from retro_peft.choices import PEFT_METHODS
 from retro_peft.errors import InputError
+from retro_peft.generation.prompt import RetrievalConfig
 
-TEMPLATES = ("chat", "plain")
-SEARCH_MODES = ("hybrid", "dense", "sparse")
 # Every linear layer of a Llama-style block; the packaged SmolLM2 is a Llama.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class RetrievalConfig:
-    """How prompts are built from the index, for training and for generation alike."""
-
-    k: int = 3  # retrieved passages in the prompt
-    distractors: int = 1  # extra random passages from other documents (training only)
-    oracle_fraction: float = 0.8  # RAFT's P: share of answerable examples that keep the gold passage
-    template: str = "chat"  # "chat" = the model's chat template (plain if it has none), "plain"
-    context_tokens: int = 700  # budget for the whole prompt; passages are dropped/truncated to fit
-    abstention: str = "I don't know."  # the training target when the passages lack the answer
-    mode: str = "hybrid"  # index search mode
-    # Train as the frozen KV cache runs a prompt: each passage computed apart (attending to the template's
-    # head, not to the other passages), whole passages only. Training reads it; answering through that
-    # layout is the frozen KV cache's choice (Generator(kv_cache=...), a domain's kv_cache), not this flag.
-    block_attention: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 0:
-            raise InputError(f"retrieval k must be an integer >= 0, got {self.k!r}")
-        if not isinstance(self.distractors, int) or self.distractors < 0:
-            raise InputError(f"distractors must be an integer >= 0, got {self.distractors!r}")
-        if not 0.0 <= float(self.oracle_fraction) <= 1.0:
-            raise InputError(f"oracle fraction P must be between 0 and 1, got {self.oracle_fraction!r}")
-        if self.template not in TEMPLATES:
-            raise InputError(f"unknown prompt template {self.template!r}; choose one of {', '.join(TEMPLATES)}")
-        if not isinstance(self.context_tokens, int) or self.context_tokens < 32:
-            raise InputError(f"context budget must be at least 32 tokens, got {self.context_tokens!r}")
-        if not isinstance(self.abstention, str) or not self.abstention.strip():
-            raise InputError("the abstention phrase must be a non-empty string")
-        if not isinstance(self.block_attention, bool):
-            raise InputError(f"block_attention must be true or false, got {self.block_attention!r}")
-        if self.mode not in SEARCH_MODES:
-            raise InputError(f"unknown search mode {self.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -105,7 +70,7 @@ class RetroAdapterConfig:
         }
 
     @staticmethod
-    def from_dict(obj: dict) -> "RetroAdapterConfig":
+    def from_dict(obj: dict) -> RetroAdapterConfig:
         method = obj.get("method")
         if method not in METHODS:
             raise InputError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
@@ -153,7 +118,7 @@ class RetroAdaLoraConfig(RetroAdapterConfig):
         return AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=6, lora_alpha=32, lora_dropout=0.05,
                              target_modules=list(LLAMA_LINEAR), **adalora_schedule(steps))
 
-    def for_steps(self, steps: int) -> "RetroAdaLoraConfig":
+    def for_steps(self, steps: int) -> RetroAdaLoraConfig:
         """The same config with its budget schedule fitted to a run of `steps` optimizer steps."""
         peft_cfg = dataclasses.replace(self.peft, **adalora_schedule(steps))
         return dataclasses.replace(self, peft=peft_cfg)
@@ -175,6 +140,7 @@ class RetroIA3Config(RetroAdapterConfig):
 METHODS: dict[str, type[RetroAdapterConfig]] = {
     c.method: c for c in (RetroLoraConfig, RetroAdaLoraConfig, RetroIA3Config)
 }
+assert tuple(METHODS) == PEFT_METHODS, "choices.PeftMethod lists the methods the CLI offers: keep it in step"
 
 
 def config_for_method(method: str, *, retrieval: RetrievalConfig | None = None, steps: int | None = None) -> RetroAdapterConfig:

@@ -12,7 +12,6 @@ weights' sha256, so a folder whose save was cut short is detected on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,9 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
-from retro_peft.errors import InputError, RetroPeftError
+from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
+from retro_peft.generation.generator import Generator
+from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model
 from retro_peft.storage import replace_folder, sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,24 +34,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Each PEFT file's checksum in retro_config.json, so a config from one save and weights from another never load
 CHECKSUM_KEYS = {"adapter_model.safetensors": "adapter_model_sha256", "adapter_config.json": "adapter_config_sha256"}
 FORMAT_VERSION = 1
-# Keys of a model config that do not change what the weights compute.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
-                         "_commit_hash", "use_cache", "architectures", "_model_name_or_path", "output_attentions",
-                         "output_hidden_states", "return_dict", "attn_implementation", "_attn_implementation"}
-
-
-class AdapterMismatchError(RetroPeftError):
-    """An adapter is loaded onto a base model other than the one it was trained on."""
-
-
-def base_fingerprint(model) -> dict:
-    """What identifies a base model: its config (minus bookkeeping keys) and a sample of its embedding."""
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    config_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-    emb = model.get_input_embeddings().weight.detach()
-    # Rounded to bf16 so the fingerprint does not depend on the dtype the model was loaded in.
-    sample = emb.reshape(-1)[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes()
-    return {"config_sha256": config_sha, "weights_sha256": hashlib.sha256(sample).hexdigest()}
 
 
 def check_target_modules(model, config: RetroAdapterConfig) -> None:
@@ -66,66 +49,6 @@ def check_target_modules(model, config: RetroAdapterConfig) -> None:
                          f"{type(model).__name__} does not have; its linear layers are: {', '.join(leaves)}")
 
 
-def check_device(name: str | None) -> torch.device:
-    """The torch device `name` names (None: cuda if available, else cpu); refused here if torch cannot use it.
-
-    Otherwise a typo or a CPU-only torch surfaces as torch's own error once the model is loaded.
-    """
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):  # the loops only know these two (autocast, fused AdamW)
-        raise InputError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}); use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def inference_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The dtype to answer in: `dtype` by name ("auto" or None: bfloat16 on CUDA, float32 elsewhere).
-
-    bfloat16 on a CPU is a choice, not the default: on CPUs with native bf16 matrix
-    units (AVX512-BF16, AMX) it halves the prefill time, elsewhere it is slower than
-    float32, and it rounds differently with the batch's shape, so greedy answers can
-    differ from float32's and, in a batch, from the same request alone.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device is not None and str(device).startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """(model, tokenizer, resolved path) for a packaged short name, a local folder or a Hugging Face id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from retro_peft.models import resolve_generator
-
-    path = resolve_generator(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load base model {name!r} ({path}): {e}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
-        model.to(device)
-    return model, tokenizer, path
-
-
 class RetroPeftModel:
     """A PEFT model plus what retro-peft needs around it: tokenizer, retrieval config, provenance."""
 
@@ -139,7 +62,7 @@ class RetroPeftModel:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, base_model, config: RetroAdapterConfig, *, tokenizer=None, dtype=None, device=None,
-               seed: int | None = 0) -> "RetroPeftModel":
+               seed: int | None = 0) -> RetroPeftModel:
         """Wrap `base_model` (a name, or a loaded model with `tokenizer`) with a fresh adapter."""
         from peft import get_peft_model
 
@@ -168,7 +91,7 @@ class RetroPeftModel:
 
     @classmethod
     def load(cls, adapter_dir, *, base_model=None, tokenizer=None, dtype=None, device=None,
-             is_trainable: bool = False) -> "RetroPeftModel":
+             is_trainable: bool = False) -> RetroPeftModel:
         """Load a saved adapter onto its base model (by default the one named in retro_config.json)."""
         from peft import PeftModel
 
@@ -178,15 +101,7 @@ class RetroPeftModel:
         recorded = info["base_model"]
         base, tokenizer, name = cls._base(base_model if base_model is not None else recorded["name"],
                                           tokenizer, dtype, device)
-        found = base_fingerprint(base)
-        if found["config_sha256"] != recorded["config_sha256"]:
-            raise AdapterMismatchError(
-                f"adapter {adapter_dir} was trained on base model {recorded['name']!r}, whose architecture "
-                f"differs from {name!r} (config sha256 {recorded['config_sha256'][:12]} vs {found['config_sha256'][:12]})")
-        if found["weights_sha256"] != recorded["weights_sha256"]:
-            raise AdapterMismatchError(
-                f"adapter {adapter_dir} was trained on base model {recorded['name']!r}; {name!r} has the same "
-                f"architecture but different weights")
+        check_fingerprint(recorded, base_fingerprint(base), what=f"adapter {adapter_dir}", found_name=name)
         try:
             peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -251,8 +166,6 @@ class RetroPeftModel:
         return self.config.retrieval
 
     def generator(self, index=None, **kwargs):
-        from retro_peft.generation import Generator
-
         return Generator(self.model, self.tokenizer, index=index, retrieval=self.config.retrieval, **kwargs)
 
 
@@ -264,8 +177,6 @@ def _index_info(index) -> dict:
 
 def check_index(info: dict, index) -> None:
     """The index must be embedded by the encoder the adapter was trained with (dense scores differ otherwise)."""
-    from retro_peft.errors import EncoderMismatchError
-
     recorded = (info.get("index") or {}).get("encoder_fingerprint")
     found = ((getattr(index, "manifest", None) or {}).get("encoder") or {}).get("fingerprint")
     if recorded and found and recorded != found:

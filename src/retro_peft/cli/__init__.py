@@ -11,6 +11,7 @@ import logging
 import sys
 
 from retro_peft import __version__
+from retro_peft.choices import KV_LAYOUTS
 from retro_peft.errors import RetroPeftError
 
 
@@ -32,10 +33,16 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", metavar="FILE",
                    help="answer through the frozen KV cache in FILE (stored passage states; computed there first "
                         "if FILE does not exist): see docs/kv-cache.md")
-    p.add_argument("--kv-layout", choices=("block", "prefix"),  # kvcache.frozen.LAYOUTS (not imported: torch)
+    p.add_argument("--kv-layout", choices=KV_LAYOUTS,
                    help="with --kv-cache: block (default; every passage stored, only the question prefilled, answers "
                         "change) or prefix (head and first passage stored, the rest prefilled: a full prefill's "
                         "answers)")
+
+
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among `names` the user set (argparse default None): a config dataclass fills in the rest,
+    so each default is written once, in the dataclass (`RetrievalConfig`, `TrainConfig`, `SamplingConfig`)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:

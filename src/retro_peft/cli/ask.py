@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from retro_peft.choices import DTYPE_NAMES
+from retro_peft.cli import given
 from retro_peft.errors import InputError
+from retro_peft.models import DEFAULT_GENERATOR
 
 
 def register(sub) -> None:
@@ -16,12 +19,13 @@ def register(sub) -> None:
     p.add_argument("--index", help="answer from this index instead of a registered domain")
     p.add_argument("--adapter", help="with --index: the adapter folder to use (default: base model)")
     p.add_argument("--model", help="base model (default: the adapter's, else smollm2-135m)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    # sampling options left out take SamplingConfig's defaults (greedy, 64 tokens)
+    p.add_argument("--max-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true")
@@ -58,7 +62,7 @@ def _base_model(args, targets) -> str:
     for spec in targets.values():
         if spec.adapter:
             return read_retro_config(spec.adapter)["base_model"]["name"]
-    return "smollm2-135m"
+    return DEFAULT_GENERATOR
 
 
 def run(args) -> int:
@@ -68,15 +72,15 @@ def run(args) -> int:
 
     if not args.text.strip():
         raise InputError("the question is empty")
-    sampling = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              stop=tuple(args.stop), seed=args.seed)
+    sampling = SamplingConfig(**given(args, "max_new_tokens", "temperature", "top_p", "seed"),
+                              stop=tuple(args.stop or ()))
     targets, name = _targets(args)
     route = None
     if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
         route = Router({n: spec.index for n, spec in targets.items()}).route(args.text)
         name = route.domain
     chosen = {name: targets[name]} if name is not None else {}  # the routed domain's adapter names the base
-    bank = AdapterBank(_base_model(args, chosen), max_new_tokens=args.max_tokens, dtype=args.dtype)
+    bank = AdapterBank(_base_model(args, chosen), max_new_tokens=sampling.max_new_tokens, dtype=args.dtype)
     if name is not None:
         spec = targets[name]
         bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+from retro_peft.choices import DTYPE_NAMES
 from retro_peft.cli import add_kv_cache_arguments
 from retro_peft.errors import InputError
+from retro_peft.models import DEFAULT_GENERATOR
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate answers: SQuAD EM/F1, abstention, retrieval recall")
-    p.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a local folder or a HF id")
+    p.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model: {DEFAULT_GENERATOR}, a local folder or a HF id")
     p.add_argument("--adapter", help="adapter folder written by `retro-peft train`")
     p.add_argument("--index", help="index name or path (required unless --no-retrieval)")
     p.add_argument("--qa", required=True, help="questions: JSONL or SQuAD JSON")
@@ -23,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
                         "native bf16, e.g. AVX512-BF16)")
     add_kv_cache_arguments(p)
@@ -36,8 +38,9 @@ def run(args) -> int:
     import dataclasses
 
     from retro_peft.adapters import RetrievalConfig, RetroPeftModel
-    from retro_peft.adapters.model import check_device, check_index, inference_dtype, load_base_model, read_retro_config
+    from retro_peft.adapters.model import check_index, read_retro_config
     from retro_peft.cli.train import parse_articles
+    from retro_peft.base_model import check_device, inference_dtype, load_base_model
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa

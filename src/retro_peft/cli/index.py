@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from retro_peft.choices import SEARCH_MODES
 from retro_peft.errors import InputError
-from retro_peft.index import MODES, IndexConfig, MaxSimReranker, build_index, evaluate_retrieval, open_index
+from retro_peft.index import IndexConfig, MaxSimReranker, build_index, evaluate_retrieval, open_index
 from retro_peft.qa import load_qa
 
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("name")
     p.add_argument("text")
     p.add_argument("-k", type=int, default=5)
-    p.add_argument("--mode", choices=MODES, default="hybrid")
+    p.add_argument("--mode", choices=SEARCH_MODES, default="hybrid")
     p.add_argument("--fusion", choices=("weighted", "rrf"), default="weighted",
                    help="hybrid fusion: weighted min-max scores (default) or reciprocal rank fusion")
     p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata filter (repeatable)")
@@ -123,6 +123,6 @@ def _eval(args) -> int:
         print(json.dumps(report))
         return 0
     print(f"{'mode':8s} " + " ".join(f"{m:>9s}" for m in report["dense"]) + f"   (n={report['n']})")
-    for mode in ("dense", "sparse", "hybrid"):
+    for mode in SEARCH_MODES:
         print(f"{mode:8s} " + " ".join(f"{v:9.4f}" for v in report[mode].values()))
     return 0

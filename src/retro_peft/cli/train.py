@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from retro_peft.choices import PEFT_METHODS, SEARCH_MODES
+from retro_peft.cli import given
 from retro_peft.errors import InputError
+from retro_peft.models import DEFAULT_GENERATOR
 
 
 def parse_articles(text: str | None) -> slice | None:
@@ -25,28 +28,30 @@ def parse_articles(text: str | None) -> slice | None:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a retrieval-augmented PEFT adapter")
-    p.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a local folder or a HF id")
+    p.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model: {DEFAULT_GENERATOR}, a local folder or a HF id")
     p.add_argument("--index", required=True, help="index name or path (see `retro-peft index build`)")
     p.add_argument("--qa", required=True, help="training questions: JSONL or SQuAD JSON")
     p.add_argument("--articles", help="SQuAD articles to train on, e.g. 0:3")
-    p.add_argument("--method", choices=("lora", "adalora", "ia3"), default="lora")
+    p.add_argument("--method", choices=PEFT_METHODS, default=PEFT_METHODS[0])
     p.add_argument("--out", required=True, help="output folder: the adapter, and checkpoints/ while training")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--k", type=int, default=3, help="retrieved passages per prompt")
-    p.add_argument("--distractors", type=int, default=1, help="random passages from other documents per prompt")
-    p.add_argument("--oracle-fraction", type=float, default=0.8, help="P: share of answerable examples that keep the gold passage")
-    p.add_argument("--context-tokens", type=int, default=700, help="prompt budget in tokens")
-    p.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid", help="search mode")
+    # Options without a default here take RetrievalConfig's and TrainConfig's (`retro_peft.cli.given`).
+    p.add_argument("--steps", type=int, help="optimizer steps (default: TrainConfig.steps)")
+    p.add_argument("--k", type=int, help="retrieved passages per prompt (default: RetrievalConfig.k)")
+    p.add_argument("--distractors", type=int, help="random passages from other documents per prompt")
+    p.add_argument("--oracle-fraction", type=float, help="P: share of answerable examples that keep the gold passage")
+    p.add_argument("--context-tokens", type=int, help="prompt budget in tokens")
+    p.add_argument("--mode", choices=SEARCH_MODES, help="search mode (default: RetrievalConfig.mode)")
     p.add_argument("--block-attention", action="store_true",
                    help="train in the frozen KV cache's layout (each passage computed apart, whole passages), "
                         "for an adapter that answers through `eval --kv-cache`")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
     p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seed", type=int)
+    # unlike TrainConfig (whose default is only the final adapter), a command-line run keeps checkpoints
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluation-loss runs on --eval-qa")
+    p.add_argument("--eval-every", type=int, help="steps between evaluation-loss runs on --eval-qa")
     p.add_argument("--eval-qa", help="held-out questions for --eval-every")
     p.add_argument("--eval-articles", help="SQuAD articles of --eval-qa, e.g. 3:5")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -72,24 +77,22 @@ def run(args) -> int:
     if (out / "retro_config.json").exists() and not args.resume:
         raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
     check_output_dir(out, resume=args.resume)
-    retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
-                                context_tokens=args.context_tokens, mode=args.mode,
+    retrieval = RetrievalConfig(**given(args, "k", "distractors", "oracle_fraction", "context_tokens", "mode"),
                                 block_attention=args.block_attention)
-    config = config_for_method(args.method, retrieval=retrieval, steps=args.steps)
+    train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device"),
+                               checkpoint_every=args.checkpoint_every, compile=args.compile)
+    config = config_for_method(args.method, retrieval=retrieval, steps=train_config.steps)
     # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
-    lr = args.lr if args.lr is not None else config.default_lr
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                               lr=lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               eval_every=args.eval_every, device=args.device,
-                               compile=args.compile)
+    train_config.lr = args.lr if args.lr is not None else config.default_lr
     train_config.validate()
     items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True)
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
     index = open_index(args.index, encoder=args.encoder)
     data_sha = hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest()
-    model = RetroPeftModel.create(args.model, config, seed=args.seed)
-    examples = build_examples(items, index, model.tokenizer, retrieval, seed=args.seed)
-    eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=args.seed) if eval_items else None
+    seed = train_config.seed
+    model = RetroPeftModel.create(args.model, config, seed=seed)
+    examples = build_examples(items, index, model.tokenizer, retrieval, seed=seed)
+    eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=seed) if eval_items else None
     if args.resume and latest_checkpoint(out) is None:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
     result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,

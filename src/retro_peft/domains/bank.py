@@ -28,17 +28,20 @@ import torch
 
 import retro_peft
 
-from retro_peft.adapters.config import RetrievalConfig, RetroAdapterConfig
-from retro_peft.adapters.model import (CHECKSUM_KEYS, AdapterMismatchError, base_fingerprint, check_device,
-                                      inference_dtype, load_base_model, read_retro_config)
+from retro_peft.adapters.config import RetroAdapterConfig
+from retro_peft.adapters.model import CHECKSUM_KEYS, read_retro_config
+from retro_peft.base_model import base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model
+from retro_peft.choices import check_kv_layout
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.domains.registry import AUTO
+from retro_peft.domains.routing import Router
 from retro_peft.errors import InputError, RetroPeftError
-from retro_peft.generation.generator import (Answer, Generator, SamplingConfig, SearchOptions, generate_batch,
-                                             stream_answer)
-from retro_peft.generation.prompt import check_fits, model_context
-from retro_peft.index import open_index
-from retro_peft.kvcache.frozen import check_layout, decode_inputs
+from retro_peft.generation import (Answer, BatchRunner, Generator, RetrievalConfig, SamplingConfig, SearchOptions,
+                                   stream_answer)
+from retro_peft.index import Encoder, open_index
+from retro_peft.index.index import read_manifest
+from retro_peft.kvcache import load_or_build
+from retro_peft.paths import resolve_index_path
 from retro_peft.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class AdapterBank:
         # Rows routed to no domain: the base model, no retrieval.
         self._base_generator = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0),
                                          max_new_tokens=max_new_tokens)
+        self._runner = BatchRunner(self.model, self.tokenizer, batch_size=batch_size)  # decodes every domain's rows
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -105,7 +109,7 @@ class AdapterBank:
         try:
             if kv_layout is not None and kv_cache is None:
                 raise InputError("kv_layout needs kv_cache (the frozen KV cache file)")
-            layout = check_layout(kv_layout) if kv_cache is not None else None
+            layout = check_kv_layout(kv_layout) if kv_cache is not None else None
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
             retrieval, method, adapter_files = RetrievalConfig(), None, None
@@ -115,10 +119,8 @@ class AdapterBank:
                 retrieval, method = config.retrieval, config.method
                 adapter_files = {file: info.get(key) or sha256_file(Path(adapter) / file)
                                  for file, key in CHECKSUM_KEYS.items()}
-                if info["base_model"].get("config_sha256") != self.fingerprint["config_sha256"] or \
-                        info["base_model"].get("weights_sha256") != self.fingerprint["weights_sha256"]:
-                    raise AdapterMismatchError(f"adapter {adapter} was trained on base model "
-                                               f"{info['base_model'].get('name')!r}, not {self.base_model_name!r}")
+                check_fingerprint(info["base_model"], self.fingerprint, what=f"adapter {adapter}",
+                                  found_name=self.base_model_name)
         except RetroPeftError as e:
             raise DomainError(f"domain {name!r}: {e}") from None
         if name in self.domains:  # reloading a domain replaces it
@@ -142,8 +144,6 @@ class AdapterBank:
 
     def _frozen_cache(self, name: str, path: str | Path, layout: str):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
-        from retro_peft.kvcache import load_or_build
-
         domain = self.domains[name]
         with self._adapters_for([name]):
             cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval,
@@ -151,11 +151,7 @@ class AdapterBank:
         return cache.attach(self.model, check=False)  # load_or_build checked it against these weights
 
     def _shared_encoder(self, index_name):
-        from retro_peft.index import Encoder
-        from retro_peft.index.index import _read_manifest
-        from retro_peft.paths import resolve_index_path
-
-        manifest = _read_manifest(resolve_index_path(index_name))
+        manifest = read_manifest(resolve_index_path(index_name))
         if self._encoder is None or self._encoder.fingerprint != manifest["encoder"]["fingerprint"]:
             self._encoder = Encoder(manifest["encoder"]["name"])
         return self._encoder
@@ -189,8 +185,8 @@ class AdapterBank:
         self.model.eval()
         self._resident[name] = None
         self._mixed = None
-        for generator in [self._base_generator, *(d.generator for d in self.domains.values())]:
-            generator.model = self.model
+        for holder in [self._runner, self._base_generator, *(d.generator for d in self.domains.values())]:
+            holder.model = self.model
 
     def _drop_adapter(self, name: str) -> None:
         self._resident.pop(name, None)
@@ -250,39 +246,24 @@ class AdapterBank:
         """
         if len(questions) != len(domains):
             raise InputError("answer_many needs one domain per question")
-        for q in questions:
-            if not isinstance(q, str) or not q.strip():
-                raise InputError("the question is empty")
+        rows: list = [None] * len(questions)
+        for name in set(domains):  # each row prompted by its own domain (index, template, frozen KV cache)
+            generator = self._base_generator if name is None else self._get(name).generator
+            at = [r for r, d in enumerate(domains) if d == name]
+            for r, row in zip(at, generator.rows([questions[r] for r in at], search=search)):
+                rows[r] = row
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
-        generators = {name: self._base_generator if name is None else self._get(name).generator for name in set(domains)}
-        prompts: list = [None] * len(questions)
-        runs: list = [None] * len(questions)  # (its domain's frozen KV cache, CachedPrompt) or (None, Prompt)
-        for name, generator in generators.items():
-            rows = [r for r, d in enumerate(domains) if d == name]
-            asked = [questions[r] for r in rows]
-            if generator.kv_cache is not None:
-                for row, cached in zip(rows, generator.cached_prompts(asked, search=search)):
-                    prompts[row], runs[row] = cached.prompt, (generator.kv_cache, cached)
-            else:
-                for row, prompt in zip(rows, generator.prompts(asked, search=search)):
-                    prompts[row], runs[row] = prompt, (None, prompt)
-        check_fits(prompts, sampling.max_new_tokens, model_context(self.model))
-        answers: list = [None] * len(questions)
-        for start in range(0, len(questions), self.batch_size):
-            for part in self._resident_parts(list(range(start, min(start + self.batch_size, len(questions)))), domains):
-                for name in dict.fromkeys(domains[r] for r in part if domains[r] is not None):
-                    self._ensure_resident(name)
-                for group in self._decode_groups(part, domains):
-                    shift = lambda f: None if f is None else (lambda i, *a: f(group[i], *a))  # noqa: E731
-                    sequences, context = decode_inputs([runs[r] for r in group], next(self.model.parameters()).device)
-                    with self._adapters_for([domains[r] for r in group]):
-                        done = generate_batch(self.model, self.tokenizer, sequences,
-                                              stop_ids=self._base_generator.stop_ids,
-                                              pad_id=self.tokenizer.pad_token_id, sampling=sampling,
-                                              on_text=shift(on_text), cancelled=shift(cancelled), context=context)
-                    for r, g in zip(group, done):
-                        answers[r] = generators[domains[r]].make_answer(prompts[r], g)
-        return answers
+        return self._runner.run(rows, sampling, on_text=on_text, cancelled=cancelled,
+                                groups=lambda batch: self._groups(batch, domains))
+
+    def _groups(self, batch: list[int], domains: list[str | None]):
+        """The runner's decode groups of one batch: its adapters brought into memory (at most max_adapters at
+        a time), then one pass per group that can share it, inside that group's adapter context."""
+        for part in self._resident_parts(batch, domains):
+            for name in dict.fromkeys(domains[r] for r in part if domains[r] is not None):
+                self._ensure_resident(name)
+            for group in self._decode_groups(part, domains):
+                yield group, self._adapters_for([domains[r] for r in group])
 
     def _resident_parts(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
         """Split rows so that each part needs at most max_adapters adapters in memory at once
@@ -301,8 +282,6 @@ class AdapterBank:
         return self.router().route(question).domain
 
     def router(self):
-        from retro_peft.domains.routing import Router
-
         key = tuple(sorted(self.domains))
         if getattr(self, "_router_key", None) != key:
             self._router = Router({name: d.index for name, d in self.domains.items()})

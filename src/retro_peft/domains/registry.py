@@ -11,7 +11,7 @@ A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
 absolute path. `kv_cache` (opt-in, absolute path or null): the domain answers
 through a frozen KV cache stored in that file (`retro_peft.kvcache`), computed
 when the domain is first loaded and read back after; `kv_layout` says how
-(`block`, the default, or `prefix`: see `retro_peft.kvcache.frozen.LAYOUTS`).
+(`block`, the default, or `prefix`: see `retro_peft.choices.KVLayout`).
 Files are written atomically, so a crash never leaves half a domain.
 """
 
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from retro_peft import paths
+from retro_peft.choices import KV_LAYOUTS, check_kv_layout
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.index import open_index
 from retro_peft.storage import atomic_write_json, check_output_file
@@ -94,11 +95,9 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
         check_output_file(kv_cache, "kv cache")
         kv_cache = str(kv_cache)
     if kv_layout is not None:
-        from retro_peft.kvcache.frozen import check_layout  # (torch: only when a layout is given)
-
         if kv_cache is None:
             raise InputError("a KV cache layout needs a KV cache file (--kv-cache)")
-        check_layout(kv_layout)
+        check_kv_layout(kv_layout)
     spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now(), kv_layout)
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec
@@ -188,9 +187,9 @@ def _read(file: Path) -> DomainSpec:
                          f"this retro-peft reads up to {FORMAT_VERSION}: upgrade retro-peft")
     if data.get("name") != file.stem or not isinstance(data.get("index"), str):
         raise InputError(f"domain file {file} is malformed (its name or index is missing or wrong)")
-    if data.get("kv_layout") not in (None, "block", "prefix") or (data.get("kv_layout") and not data.get("kv_cache")):
-        raise InputError(f"domain file {file} is malformed (kv_layout {data.get('kv_layout')!r}: block or prefix, "
-                         "with a kv_cache)")
+    if data.get("kv_layout") not in (None, *KV_LAYOUTS) or (data.get("kv_layout") and not data.get("kv_cache")):
+        raise InputError(f"domain file {file} is malformed (kv_layout {data.get('kv_layout')!r}: "
+                         f"{' or '.join(KV_LAYOUTS)}, with a kv_cache)")
     fields = DomainSpec.__dataclass_fields__
     return DomainSpec(**{k: v for k, v in data.items() if k in fields})
 

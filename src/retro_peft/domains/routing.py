@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class Router:
 
     @classmethod
     def from_registry(cls, names: Sequence[str] | None = None, config: RouterConfig | None = None,
-                      encoder: Encoder | None = None) -> "Router":
+                      encoder: Encoder | None = None) -> Router:
         """A router over registered domains (default: all of them)."""
         specs = [get_domain(n) for n in names] if names is not None else list_domains()
         if not specs:

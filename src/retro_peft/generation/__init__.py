@@ -1,9 +1,16 @@
-"""Prompts and generation: the one prompt builder, and retrieve -> prompt -> decode."""
+"""Answering, from the bottom up: the prompt (`prompt`), sampling (`sampling`), the decode loop (`decode`),
+what the text means (`answers`), the batch runner (`runner`) and retrieve -> prompt -> decode (`generator`).
 
-from retro_peft.generation.generator import (Answer, Generated, Generator, SamplingConfig, SearchOptions, StaticDecode,
-                                             decode, generate_batch, is_abstention, normalize_answer, stream_answer)
-from retro_peft.generation.prompt import Passage, Prompt, build_prompt, fit_passages
+Nothing here imports the frozen KV cache (`retro_peft.kvcache` builds on this package).
+"""
 
-__all__ = ["Answer", "Generated", "Generator", "SamplingConfig", "SearchOptions", "StaticDecode", "generate_batch",
-           "stream_answer", "Passage", "Prompt", "build_prompt", "decode", "fit_passages", "is_abstention",
-           "normalize_answer"]
+from retro_peft.generation.answers import Answer, cite, is_abstention, mentions, normalize_answer
+from retro_peft.generation.decode import Generated, StaticDecode, decode, generate_batch
+from retro_peft.generation.generator import Generator, stream_answer
+from retro_peft.generation.prompt import Passage, Prompt, RetrievalConfig, SearchOptions, build_prompt, fit_passages
+from retro_peft.generation.runner import BatchRunner, Row
+from retro_peft.generation.sampling import SamplingConfig
+
+__all__ = ["Answer", "BatchRunner", "Generated", "Generator", "Passage", "Prompt", "RetrievalConfig", "Row",
+           "SamplingConfig", "SearchOptions", "StaticDecode", "build_prompt", "cite", "decode", "fit_passages",
+           "generate_batch", "is_abstention", "mentions", "normalize_answer", "stream_answer"]

@@ -1,4 +1,4 @@
-"""The one prompt builder, shared by training and generation.
+"""The retrieval settings and the one prompt builder, shared by training and generation.
 
 A prompt is the model's chat template (or a plain fallback) around one user
 turn: numbered passages `[1] (title) text`, the question, and the instruction to
@@ -11,10 +11,68 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from retro_peft.adapters.config import RetrievalConfig
+from retro_peft.choices import PROMPT_TEMPLATES, SEARCH_MODES, PromptTemplate, SearchMode
+from retro_peft.errors import InputError
 
 # Shortest passage tail worth keeping when truncating to the budget.
 MIN_PASSAGE_TOKENS = 24
+
+
+@dataclass
+class RetrievalConfig:
+    """How prompts are built from the index, for training and for generation alike."""
+
+    k: int = 3  # retrieved passages in the prompt
+    distractors: int = 1  # extra random passages from other documents (training only)
+    oracle_fraction: float = 0.8  # RAFT's P: share of answerable examples that keep the gold passage
+    template: PromptTemplate = "chat"  # "chat" = the model's chat template (plain if it has none), "plain"
+    context_tokens: int = 700  # budget for the whole prompt; passages are dropped/truncated to fit
+    abstention: str = "I don't know."  # the training target when the passages lack the answer
+    mode: SearchMode = "hybrid"  # index search mode
+    # Train as the frozen KV cache runs a prompt: each passage computed apart (attending to the template's
+    # head, not to the other passages), whole passages only. Training reads it; answering through that
+    # layout is the frozen KV cache's choice (Generator(kv_cache=...), a domain's kv_cache), not this flag.
+    block_attention: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 0:
+            raise InputError(f"retrieval k must be an integer >= 0, got {self.k!r}")
+        if not isinstance(self.distractors, int) or self.distractors < 0:
+            raise InputError(f"distractors must be an integer >= 0, got {self.distractors!r}")
+        if not 0.0 <= float(self.oracle_fraction) <= 1.0:
+            raise InputError(f"oracle fraction P must be between 0 and 1, got {self.oracle_fraction!r}")
+        if self.template not in PROMPT_TEMPLATES:
+            raise InputError(f"unknown prompt template {self.template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}")
+        if not isinstance(self.context_tokens, int) or self.context_tokens < 32:
+            raise InputError(f"context budget must be at least 32 tokens, got {self.context_tokens!r}")
+        if not isinstance(self.abstention, str) or not self.abstention.strip():
+            raise InputError("the abstention phrase must be a non-empty string")
+        if not isinstance(self.block_attention, bool):
+            raise InputError(f"block_attention must be true or false, got {self.block_attention!r}")
+        if self.mode not in SEARCH_MODES:
+            raise InputError(f"unknown search mode {self.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """One request's retrieval settings in place of its domain's (None or empty: the domain's own).
+
+    Frozen and hashable, so requests with equal options can share a decode pass.
+    filters: ((field, (accepted values...)), ...), sorted; build it with `SearchOptions.of`.
+    """
+
+    k: int | None = None
+    mode: str | None = None
+    filters: tuple[tuple[str, tuple], ...] = ()
+
+    @classmethod
+    def of(cls, k: int | None = None, mode: str | None = None, filters: dict | None = None) -> SearchOptions:
+        items = ((name, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for name, v in (filters or {}).items())
+        return cls(k, mode, tuple(sorted(items)))
+
+    def filter_dict(self) -> dict | None:
+        return {name: list(values) for name, values in self.filters} or None
+
 
 
 @dataclass(frozen=True)
@@ -28,7 +86,7 @@ class Passage:
     score: float = 0.0
 
     @classmethod
-    def from_hit(cls, hit) -> "Passage":
+    def from_hit(cls, hit) -> Passage:
         meta = getattr(hit, "metadata", None) or {}
         return cls(chunk_id=str(hit.chunk_id), doc_id=str(hit.doc_id), text=hit.text,
                    title=str(meta.get("title") or ""), score=float(hit.score))
@@ -146,7 +204,6 @@ def build_prompt(tokenizer, question: str, passages: list[Passage], retrieval: R
     `fitted=True` skips the fitting (the caller already fitted and maybe reordered them).
     """
     if not question or not question.strip():
-        from retro_peft.errors import InputError
         raise InputError("the question is empty")
     kept = list(passages) if fitted else fit_passages(tokenizer, question, passages, retrieval)
     text = render(tokenizer, question, kept, retrieval)
@@ -165,8 +222,6 @@ def check_fits(prompts: list[Prompt], max_new_tokens: int, context: int | None) 
         return
     for prompt in prompts:
         if len(prompt.input_ids) + max_new_tokens > context:
-            from retro_peft.errors import InputError
-
             raise InputError(f"the prompt is {len(prompt.input_ids)} tokens; with {max_new_tokens} new tokens it "
                              f"exceeds the model's context of {context} tokens (shorten the question, or lower "
                              f"max_new_tokens / context_tokens)")

@@ -4,10 +4,10 @@ from retro_peft.index.chunking import Chunk, ChunkingConfig
 from retro_peft.index.documents import Document, load_documents
 from retro_peft.index.embedding import Encoder
 from retro_peft.index.evaluation import evaluate_retrieval
-from retro_peft.index.index import MODES, Hit, Index, IndexConfig, build_index, open_index
+from retro_peft.index.index import Hit, Index, IndexConfig, build_index, open_index
 from retro_peft.index.rerank import CrossEncoderReranker, MaxSimReranker, Reranker
 
 __all__ = [
     "Chunk", "ChunkingConfig", "CrossEncoderReranker", "Document", "Encoder", "Hit", "Index", "IndexConfig",
-    "MODES", "MaxSimReranker", "Reranker", "build_index", "evaluate_retrieval", "load_documents", "open_index",
+    "MaxSimReranker", "Reranker", "build_index", "evaluate_retrieval", "load_documents", "open_index",
 ]

@@ -65,7 +65,7 @@ class FaissBackend(DenseBackend):
         self.spec = spec
 
     @classmethod
-    def build(cls, vectors: np.ndarray, folder: Path, generation: int, options: dict) -> "FaissBackend":
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, options: dict) -> FaissBackend:
         import faiss
 
         n, dim = vectors.shape
@@ -96,7 +96,7 @@ class FaissBackend(DenseBackend):
         return cls(index, spec)
 
     @classmethod
-    def open(cls, spec: dict, vectors: np.ndarray, folder: Path) -> "FaissBackend":
+    def open(cls, spec: dict, vectors: np.ndarray, folder: Path) -> FaissBackend:
         import faiss
 
         if spec["kind"] == "flat":

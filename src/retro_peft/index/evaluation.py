@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from retro_peft.choices import SEARCH_MODES
 from retro_peft.errors import InputError
 from retro_peft.qa import QAItem
 
@@ -30,7 +31,7 @@ def ranking_metrics(ranked_docs: list[str], relevant: set[str], n_relevant: int)
     return out
 
 
-def evaluate_retrieval(index, items: list[QAItem], modes=("dense", "sparse", "hybrid"), batch_size: int = 64,
+def evaluate_retrieval(index, items: list[QAItem], modes=SEARCH_MODES, batch_size: int = 64,
                        **search_options) -> dict:
     """{"dense": {metric: mean}, "sparse": {...}, "hybrid": {...}, "n": number of questions scored}."""
     items = [it for it in items if not it.is_impossible and (it.gold_doc_ids or it.answers)]

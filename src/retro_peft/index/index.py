@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from retro_peft.index.documents import Document, load_documents
 from retro_peft.index.embedding import EmbeddingCache, Encoder, embed_with_cache
 from retro_peft.index.fusion import reciprocal_rank_fusion, weighted_score_fusion
 from retro_peft.index.rerank import Reranker
-from retro_peft.index.sparse import SparseIndex, tokenize
+from retro_peft.index.sparse import SparseIndex
+from retro_peft.choices import SEARCH_MODES
 from retro_peft.models import DEFAULT_ENCODER
 from retro_peft.storage import (atomic_write_bytes, atomic_write_json, atomic_write_with, remove, replace_folder,
                                 sha256_tree)
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "retro-peft-index"
 FORMAT_VERSION = 1
-MODES = ("dense", "sparse", "hybrid")
 FUSIONS = ("rrf", "weighted")
 # Filtered dense search scans the allowed rows exactly up to this many: ANN graphs
 # and IVF lists can miss matches when a filter leaves few candidates.
@@ -161,8 +161,8 @@ class Index:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
-        if mode not in MODES:
-            raise InputError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode not in SEARCH_MODES:
+            raise InputError(f"unknown search mode {mode!r}: choose one of {', '.join(SEARCH_MODES)}")
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
         if isinstance(queries, str):
@@ -300,7 +300,7 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     config = config or IndexConfig()
     config.validate()
     path = paths.resolve_index_path(name_or_path)
-    old = _read_manifest(path) if (path / "manifest.json").exists() else None
+    old = read_manifest(path) if (path / "manifest.json").exists() else None
     if old and not overwrite:
         raise InputError(f"index {path} already exists: use overwrite (--overwrite) to rebuild it, or add to it")
     if not old and path.exists() and any(not _is_index_file(p.name) for p in path.iterdir()):
@@ -333,7 +333,7 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
 def open_index(name_or_path: str | Path, encoder: str | Encoder | None = None, verify: bool = True) -> Index:
     """Open an existing index. `encoder`, if given, must be the one that built it."""
     path = paths.resolve_index_path(name_or_path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if verify:
         for name, digest in manifest["files"].items():
             if not (path / name).exists():
@@ -366,7 +366,7 @@ def _check_encoder(index: Index, encoder: Encoder) -> Encoder:
     return encoder
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     if not path.exists():
         raise IndexFormatError(f"no index at {path}")
     try:
@@ -447,7 +447,7 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
 
 
 def _check_unchanged(path: Path, generation: int) -> None:
-    current = _read_manifest(path)["generation"] if (path / "manifest.json").exists() else 0
+    current = read_manifest(path)["generation"] if (path / "manifest.json").exists() else 0
     if current != generation:
         raise IndexFormatError(
             f"index {path} changed since it was opened (generation {generation} -> {current}); reopen it and retry"

@@ -31,7 +31,7 @@ class SparseIndex:
         self.n_docs = n_docs
 
     @classmethod
-    def build(cls, texts: list[str]) -> "SparseIndex":
+    def build(cls, texts: list[str]) -> SparseIndex:
         import bm25s
 
         retriever = bm25s.BM25()
@@ -42,7 +42,7 @@ class SparseIndex:
         self.retriever.save(str(folder), show_progress=False)
 
     @classmethod
-    def load(cls, folder: Path, n_docs: int) -> "SparseIndex":
+    def load(cls, folder: Path, n_docs: int) -> SparseIndex:
         import bm25s
 
         return cls(bm25s.BM25.load(str(folder), show_progress=False, verbosity=0), n_docs)

@@ -17,11 +17,11 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from retro_peft.adapters.config import RetrievalConfig
 from retro_peft.errors import InputError
-from retro_peft.generation.generator import mentions
-from retro_peft.generation.prompt import Passage, build_prompt, encode, end_of_turn_ids, fit_passages
-from retro_peft.kvcache.frozen import cut_prompt, template_segments
+from retro_peft.generation.answers import mentions
+from retro_peft.generation.prompt import (Passage, RetrievalConfig, build_prompt, encode, end_of_turn_ids,
+                                          fit_passages)
+from retro_peft.kvcache.layout import cut_prompt, template_segments
 from retro_peft.qa import QAItem
 
 IGNORE = -100

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from dataclasses import asdict, dataclass, field
 
-from retro_peft.generation.generator import Answer, Generator, normalize_answer
+from retro_peft.generation import Answer, Generator, normalize_answer
 from retro_peft.qa import QAItem
 
 

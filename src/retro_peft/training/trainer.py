@@ -26,16 +26,20 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
-from retro_peft.adapters.model import check_device
 from retro_peft.errors import InputError
-from retro_peft.generation.generator import cache_kwarg
+from retro_peft.hf_compat import cache_kwarg
+from retro_peft.kvcache import FrozenKVCache
+from retro_peft.kvcache.layout import HEAD, marker_key
+from retro_peft.kvcache.rotation import rotary_embedding
+from retro_peft.kvcache.store import segment_states
+from retro_peft.base_model import check_device
 from retro_peft.storage import check_parent_writable, replace_folder
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
 
@@ -171,7 +175,6 @@ def block_attention_forward(model, examples: list[TrainingExample], pad_id: int,
     3. The tails (question, instruction, answer) through the model on top, loss on the answer.
     A row without segments (no passage fitted) has an empty context: its tail is the whole prompt.
     """
-    from retro_peft.kvcache.frozen import HEAD, FrozenKVCache, marker_key, segment_states
 
     head, segments, rows, tails = None, {}, [], []
     for ex in examples:
@@ -224,8 +227,6 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     device = check_device(config.device)
     peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
     if any(ex.segments for ex in examples):  # block attention: refuse a model the frozen cache cannot serve
-        from retro_peft.kvcache.frozen import rotary_embedding
-
         rotary_embedding(peft_model)
     adalora = isinstance(model.config, RetroAdaLoraConfig)
     if adalora:
@@ -275,7 +276,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             if done % max(config.log_every, 1) == 0 or done == config.steps:
                 logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
                 result.losses.append((done, logged))
-                loss_sum.zero_(); loss_count = 0
+                loss_sum.zero_()
+                loss_count = 0
                 bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             bar.update(1)
             if config.eval_every and eval_examples and done % config.eval_every == 0:

@@ -1,0 +1,119 @@
+"""What the benchmark scripts share: where things are, which machine ran them, timing and JSON output.
+
+The scripts run as `python benchmarks/X.py`, so this folder is on `sys.path` and `import common` needs no
+path edit; `retro_peft` itself comes from the installed package (`pip install -e .`). Only the standard
+library is imported here at module level: `serve.py`'s load-generator subprocess imports this too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the project root
+DATA = ROOT.parent / "shared" / "data"  # read-only data sets beside the checkout, never copied
+SQUAD = DATA / "squad-v2-dev-5-articles.json"
+WIKI = DATA / "wikipedia-vital-10k-en.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"  # the raw results BENCHMARKS.md cites
+SCRATCH = ROOT / ".bench"  # indexes and run folders the scripts build (git-ignored)
+
+# Random-weight Llama shapes for speed runs on machines without model weights (generation, throughput, serve).
+RANDOM_CONFIGS = {
+    # Llama-3.2-1B's shape with SmolLM2's vocabulary.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096,
+                     tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+}
+
+
+# -- the machine -------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (what `lscpu` shows as "Model name")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    """The machine and software a result was measured with (imports torch)."""
+    import torch
+
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers_version,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def machine_summary(info: dict | None = None) -> str:
+    """One line for a report: "<CPU model>, <N> cores"."""
+    info = info or machine_info()
+    return f"{info['cpu']}, {info['cores']} cores"
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def wiki_query(article: dict) -> str | None:
+    """The Wikipedia description-to-article task's query for one record of WIKI: its description when it has
+    4 words or more and does not contain the title, else None (retrieval.py and routing.py share the task)."""
+    description = (article.get("description") or "").strip()
+    if len(description.split()) >= 4 and article["title"].lower() not in description.lower():
+        return description
+    return None
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def timed(fn, *args, **kwargs):
+    """(wall seconds, result) of `fn(*args, **kwargs)`."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def pct(values, q) -> float:
+    """The q-th percentile of `values`."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def write_json(path, data) -> None:
+    """`data` as indented JSON at `path` (its folder created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def print_json(data, out=None) -> None:
+    """Print `data` as indented JSON, and write it to `out` too when given."""
+    print(json.dumps(data, indent=2))
+    if out:
+        write_json(out, data)

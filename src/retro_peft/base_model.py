@@ -1,0 +1,134 @@
+"""The base model: loading, device and dtype, and the fingerprints that tie files to its weights.
+
+Fingerprints are what an adapter, a frozen KV cache or a domain's cache keys record of the
+model they belong to (`base_fingerprint`: the base model; `weights_fingerprint`: what a
+forward pass computes with, adapter included); `check_fingerprint` is the one check that
+refuses a mismatch. Model names resolve in `retro_peft.models`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from retro_peft.choices import DTYPE_NAMES
+from retro_peft.errors import AdapterMismatchError, InputError
+from retro_peft.models import resolve_generator
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer, resolved path) for a packaged short name, a local folder or a Hugging Face id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_generator(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load base model {name!r} ({path}): {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, path
+
+
+def check_device(name: str | None) -> torch.device:
+    """The torch device `name` names (None: cuda if available, else cpu); refused here if torch cannot use it.
+
+    Otherwise a typo or a CPU-only torch surfaces as torch's own error once the model is loaded.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # the loops only know these two (autocast, fused AdamW)
+        raise InputError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}
+
+
+def inference_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype to answer in: `dtype` by name ("auto" or None: bfloat16 on CUDA, float32 elsewhere).
+
+    bfloat16 on a CPU is a choice, not the default: on CPUs with native bf16 matrix
+    units (AVX512-BF16, AMX) it halves the prefill time, elsewhere it is slower than
+    float32, and it rounds differently with the batch's shape, so greedy answers can
+    differ from float32's and, in a batch, from the same request alone.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device is not None and str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_NAMES)}")
+    return DTYPES[dtype]
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its first floating-point parameter's)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+# -- fingerprints --------------------------------------------------------------------------------
+
+# Keys of a model config that do not change what the weights compute.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
+                         "_commit_hash", "use_cache", "architectures", "_model_name_or_path", "output_attentions",
+                         "output_hidden_states", "return_dict", "attn_implementation", "_attn_implementation"}
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies a base model: its config (minus bookkeeping keys) and a sample of its embedding."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    emb = model.get_input_embeddings().weight.detach()
+    # Rounded to bf16 so the fingerprint does not depend on the dtype the model was loaded in.
+    sample = emb.reshape(-1)[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes()
+    return {"config_sha256": config_sha, "weights_sha256": hashlib.sha256(sample).hexdigest()}
+
+
+def weights_fingerprint(model) -> str:
+    """The weights a forward pass uses, what computed states depend on: the base model's and, for a PEFT
+    model with its adapters enabled, the active adapter's (inside `disable_adapter()`, the base model's only)."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hashlib.sha256(json.dumps(base_fingerprint(inner), sort_keys=True).encode())
+    if any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules()):
+        # the adapter's weights, not its name: a bank may load it under another name
+        for name, tensor in sorted(get_peft_model_state_dict(model, adapter_name=model.active_adapter).items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# What a mismatch of each recorded fingerprint means ({made_for}: the model recorded, {found}: the one loaded).
+_MISMATCH = {
+    "config_sha256": "was trained on base model {made_for}, whose architecture differs from {found}",
+    "weights_sha256": "was trained on base model {made_for}; {found} has the same architecture but different weights",
+    "weights": "was built for other model weights (base model or adapter) than {found}'s; rebuild it",
+}
+
+
+def check_fingerprint(recorded: dict, found: dict, *, what: str, found_name: str) -> None:
+    """Refuse `what` (an adapter folder, a frozen KV cache file) when a fingerprint it `recorded` differs from
+    the loaded model's (`found`: `base_fingerprint` keys, or {"weights": `weights_fingerprint`})."""
+    for key, value in found.items():
+        if recorded.get(key) != value:
+            reason = _MISMATCH[key].format(made_for=repr(recorded.get("name")), found=repr(found_name))
+            raise AdapterMismatchError(f"{what} {reason} ({key} {str(recorded.get(key))[:12]} vs {str(value)[:12]})")

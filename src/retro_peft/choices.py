@@ -1,0 +1,41 @@
+"""The fixed sets of choices that several layers name (index, adapters, kvcache, CLI, server), each once.
+
+Kept free of heavy imports: the CLI's argument parser and the server's settings read these
+without importing torch. Each is a `Literal` (what pydantic validates and documents) and the
+tuple of its values (what argparse's `choices=` and error messages list).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from retro_peft.errors import InputError
+
+SearchMode = Literal["dense", "sparse", "hybrid"]  # the two single modes, then their fusion (the report order)
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
+
+# How a prompt uses a frozen KV cache's stored states (see `retro_peft.kvcache`):
+#   block:  head and every passage from the store; the passages do not attend to each other (answers change)
+#   prefix: the ordinary prompt, its head, "[1]" and first passage from the store, the rest prefilled
+#           attending to all of it: a full prefill's computation, so the same answers
+KVLayout = Literal["block", "prefix"]
+KV_LAYOUTS: tuple[str, ...] = get_args(KVLayout)
+DEFAULT_KV_LAYOUT: KVLayout = "block"
+
+
+def check_kv_layout(layout: str | None) -> str:
+    """The layout to use (None: the default), or a clear error for an unknown one."""
+    if layout is None:
+        return DEFAULT_KV_LAYOUT
+    if layout not in KV_LAYOUTS:
+        raise InputError(f"unknown frozen KV cache layout {layout!r}; choose one of {', '.join(KV_LAYOUTS)}")
+    return layout
+
+PeftMethod = Literal["lora", "adalora", "ia3"]
+PEFT_METHODS: tuple[str, ...] = get_args(PeftMethod)
+
+PromptTemplate = Literal["chat", "plain"]
+PROMPT_TEMPLATES: tuple[str, ...] = get_args(PromptTemplate)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(DType)
