@@ -226,7 +226,7 @@ def test_a_changed_domain_never_gets_another_versions_answers_from_a_shared_cach
     a restart that serves another adapter or index under the same domain name misses; the same content hits."""
     from retro_peft.domains.bank import AdapterBank
 
-    a, b, plain = bank.domains["a"], bank.domains["b"], bank.domains["plain"]
+    a, b, _plain = bank.domains["a"], bank.domains["b"], bank.domains["plain"]
     restarted = AdapterBank(bank.base_model_name, max_new_tokens=8)
     restarted.load("a", a.index.path, b.adapter_dir)  # domain "a" retrained: another adapter, same name
     restarted.load("plain", a.index.path)  # domain "plain" re-indexed: another index, same name

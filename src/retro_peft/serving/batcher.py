@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
 from retro_peft.serving.settings import BatchingConfig

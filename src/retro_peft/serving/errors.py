@@ -7,8 +7,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from retro_peft.serving.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,20 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> bytes:
+        """An `ErrorResponse`, as JSON."""
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump_json().encode()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        return Response(self.body(), self.status, self.headers, media_type="application/json")
+
+
+class RateLimited(ApiError):
+    """429: the key is over one of its limits (`headers`: Retry-After and the limit's state)."""
+
+    def __init__(self, message: str, headers: dict[str, str]):
+        super().__init__(429, message, "rate_limit_error", "rate_limit_exceeded", headers=headers)
 
 
 def busy(message: str, retry_after: int, code: str = "overloaded") -> ApiError:
@@ -61,7 +72,7 @@ def install(app: FastAPI) -> None:
         return unexpected_error()
 
 
-def unexpected_error() -> JSONResponse:
+def unexpected_error() -> Response:
     """Log the exception being handled; the 500 in OpenAI's shape."""
     log.exception("unexpected error")
     return ApiError(500, "internal server error", "server_error", "internal_error").response()

@@ -18,7 +18,7 @@ from limits import RateLimitItemPerMinute
 from limits.aio import strategies
 from limits.storage import storage_from_string
 
-from retro_peft.serving.errors import ApiError
+from retro_peft.serving.errors import RateLimited
 from retro_peft.serving.settings import LimitsConfig
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,13 @@ class RateLimiter:
         self.tokens = RateLimitItemPerMinute(config.tokens_per_minute, namespace="retro-peft-tokens")
 
     async def hit_request(self, key: str) -> dict[str, str]:
-        """Count one request for `key`; the rate-limit headers, or 429."""
+        """Count one request for `key`; the rate-limit headers, or RateLimited."""
         return await self._hit(self.requests, key, 1, "requests")
 
     async def hit_tokens(self, key: str, tokens: int) -> dict[str, str]:
         if tokens > self.config.tokens_per_minute:
-            raise ApiError(429, f"this request needs {tokens} tokens, more than this key's limit of "
-                           f"{self.config.tokens_per_minute} per minute: lower max_tokens", "rate_limit_error",
-                           "rate_limit_exceeded", headers={"Retry-After": "60"})
+            raise RateLimited(f"this request needs {tokens} tokens, more than this key's limit of "
+                              f"{self.config.tokens_per_minute} per minute: lower max_tokens", {"Retry-After": "60"})
         return await self._hit(self.tokens, key, tokens, "tokens")
 
     async def _hit(self, item, key: str, cost: int, what: str) -> dict[str, str]:
@@ -63,6 +62,5 @@ class RateLimiter:
                    f"x-ratelimit-reset-{what}": f"{reset:.3f}s"}
         if not allowed:
             headers["Retry-After"] = str(max(1, math.ceil(reset)))
-            raise ApiError(429, f"rate limit reached: {item.amount} {what} per minute for this key",
-                           "rate_limit_error", "rate_limit_exceeded", headers=headers)
+            raise RateLimited(f"rate limit reached: {item.amount} {what} per minute for this key", headers)
         return headers

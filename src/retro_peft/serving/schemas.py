@@ -1,8 +1,8 @@
 """Request and response models: OpenAI's shapes, plus retro-peft's `retrieval` and `citations`.
 
 Bounds that depend on the server's settings (max_tokens, k, stop strings) are
-checked in `app.py` against the settings, so the schema stays valid for every
-configuration; the fixed ones (temperature, top_p, n) are declared here.
+checked in `options.py` and the routers against the settings, so the schema stays
+valid for every configuration; the fixed ones (temperature, top_p, n) are declared here.
 Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored,
 as OpenAI-compatible servers do; /v1/retrieve is retro-peft's own, so there an
 unknown field (a misspelt `filters`) is an error.
@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RetrievalMode = Literal["hybrid", "dense", "sparse"]
+from retro_peft.choices import SearchMode
+
 FinishReason = Literal["stop", "length", "cancelled"]
 FilterValue = str | int | float | bool
 
@@ -26,7 +27,7 @@ class _Request(BaseModel):
 class RetrievalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: int | None = Field(None, ge=0, description="passages to retrieve (0: none); default: the domain's")
-    mode: RetrievalMode | None = None
+    mode: SearchMode | None = None
     filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
         None, description="metadata filters: field -> value or list of accepted values")
 
@@ -48,7 +49,14 @@ class _Sampling(_Request):
     retrieval: RetrievalOptions | None = None
 
 
+# Requests any server answers (`auto` routes to one of its domains, or to none): the documentation's examples,
+# which schemathesis also sends, so that its checks reach answers and not only refusals.
+_QUESTION = "Who invented the piano?"
+
+
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "auto", "prompt": _QUESTION}, {"model": "auto", "prompt": _QUESTION, "stream": True}]})
     prompt: str | list[str] = Field(..., description="a question, or a list of questions (one choice each)")
 
 
@@ -64,6 +72,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "auto", "messages": [{"role": "user", "content": _QUESTION}]},
+        {"model": "auto", "messages": [{"role": "user", "content": _QUESTION}], "stream": True,
+         "stream_options": {"include_usage": True}}]})
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -81,6 +93,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def _absent(value) -> bool:
+    return value is None
+
+
+# Sent only in a stream's last chunk (None elsewhere: the key is left out, as OpenAI's streams do).
+_IN_LAST_CHUNK = {"default": None, "exclude_if": _absent}
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -89,13 +109,10 @@ class CompletionChoice(BaseModel):
     citations: list[Citation] = Field(default_factory=list)
 
 
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
+class CompletionChunkChoice(CompletionChoice):
+    """A piece of the text; the last piece (empty) has the finish reason and the citations."""
+    finish_reason: FinishReason | None = None
+    citations: list[Citation] | None = Field(**_IN_LAST_CHUNK)
 
 
 class AssistantMessage(BaseModel):
@@ -111,21 +128,63 @@ class ChatChoice(BaseModel):
     citations: list[Citation] = Field(default_factory=list)
 
 
-class ChatResponse(BaseModel):
+class ChatDelta(BaseModel):
+    """What a chunk adds to the message: the role first (with empty content), then pieces of content."""
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
+    content: str | None = Field(None, exclude_if=_absent)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    citations: list[Citation] | None = Field(**_IN_LAST_CHUNK)
+
+
+class _Completion(BaseModel):
+    """What every completion response and streamed chunk carries; each narrows `object` (which keeps its place
+    in the JSON) and adds its `choices` and `usage`."""
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
+
+
+class CompletionResponse(_Completion):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatResponse(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
 
+class CompletionChunk(_Completion):
+    """One server-sent event of a streamed completion (OpenAI streams completions under the same `object`)."""
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = Field(**_IN_LAST_CHUNK)
+
+
+class ChatChunk(_Completion):
+    """One server-sent event of a streamed chat completion. With `stream_options.include_usage` one more
+    chunk, without choices, repeats the usage."""
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(**_IN_LAST_CHUNK)
+
+
 class RetrieveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # no client sends extra fields here: one is a typo
+    model_config = ConfigDict(extra="forbid",  # no client sends extra fields here: one is a typo
+                              json_schema_extra={"examples": [{"model": "auto", "query": _QUESTION, "k": 2}]})
     model: str = Field(..., min_length=1, max_length=128, description="a domain name, or `auto`")
     query: str = Field(..., min_length=1)
     k: int = Field(5, ge=1)
-    mode: RetrievalMode = "hybrid"
+    mode: SearchMode = "hybrid"
     filters: dict[str, FilterValue | list[FilterValue]] | None = None
 
 

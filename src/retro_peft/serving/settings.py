@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
                                YamlConfigSettingsSource)
 
+from retro_peft.choices import DType, KVLayout
 from retro_peft.errors import InputError
 
 # uvicorn's event loop. Not uvloop: under 200 connections on 2 cores uvloop left some connections
@@ -40,7 +41,7 @@ class DomainConfig(_Section):
     adapter: str | None = None
     description: str | None = None
     kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
-    kv_layout: Literal["block", "prefix"] | None = None  # with kv_cache: block (default) or prefix (same answers)
+    kv_layout: KVLayout | None = None  # with kv_cache: block (default) or prefix (same answers)
 
     @model_validator(mode="after")
     def _layout_needs_a_cache(self):
@@ -128,7 +129,7 @@ class ServeSettings(BaseSettings):
 
     model: str = "smollm2-135m"
     device: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DType = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on a CPU; bfloat16 halves CPU prefill on CPUs with "
                             "native bf16 (AVX512-BF16, AMX)")
     max_adapters: int = Field(8, ge=1)

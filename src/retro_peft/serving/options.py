@@ -1,0 +1,39 @@
+"""A request's generation options as the library's configs, bounded by the server's settings
+(bounds that depend on the settings are checked here rather than declared in the schema)."""
+
+from __future__ import annotations
+
+from retro_peft.errors import InputError
+from retro_peft.generation import SamplingConfig, SearchOptions
+from retro_peft.serving.errors import ApiError
+from retro_peft.serving.schemas import ChatRequest, CompletionRequest, RetrievalOptions
+from retro_peft.serving.settings import ServeSettings
+
+
+def sampling(settings: ServeSettings, body: CompletionRequest | ChatRequest, chat: bool) -> SamplingConfig:
+    limits = settings.generation
+    max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_tokens_limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > settings.http.max_stop or any(not s for s in stop):
+        raise ApiError(400, f"stop: at most {settings.http.max_stop} non-empty strings", param="stop",
+                       code="invalid_value")
+    temperature = limits.default_temperature if body.temperature is None else body.temperature
+    try:
+        return SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), seed=body.seed or 0)
+    except InputError as e:
+        raise ApiError(400, str(e), code="invalid_value") from None
+
+
+def search(settings: ServeSettings, options: RetrievalOptions | None) -> SearchOptions | None:
+    """The request's `retrieval` options; None: the domain's own."""
+    if options is None:
+        return None
+    if options.k is not None and options.k > settings.http.max_k:
+        raise ApiError(400, f"retrieval.k is at most {settings.http.max_k}", param="retrieval.k",
+                       code="invalid_value")
+    found = SearchOptions.of(options.k, options.mode, options.filters)
+    return None if found == SearchOptions() else found

@@ -1,0 +1,116 @@
+"""OpenAI's response bodies, built as the models of `schemas` and serialised from them.
+
+A completion's body is cached without its `id` and `created` (`unstamped`); `stamped` puts them back in
+front of the cached bytes, so a response-cache hit costs a concatenation, not a model (see
+middleware.RequestContext._cache_hit). Errors are `ApiError.body()`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.responses import Response
+
+from retro_peft.generation import Answer
+from retro_peft.index import Hit
+from retro_peft.serving.ids import new_response_id
+from retro_peft.serving.schemas import (AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta,
+                                        ChatResponse, Citation, CompletionChoice, CompletionChunk,
+                                        CompletionChunkChoice, CompletionResponse, RetrieveResponse, Usage)
+
+_STAMP = {"id", "created"}
+DONE = b"data: [DONE]\n\n"  # the last server-sent event of a stream
+
+
+def kind(chat: bool) -> str:
+    """The response's `object`: "chat.completion" or "text_completion" (also the response cache's namespace)."""
+    return (ChatResponse if chat else CompletionResponse).model_fields["object"].default
+
+
+def citations(answer: Answer) -> list[Citation]:
+    return [Citation(chunk_id=c[0], doc_id=c[1], title=c[2], score=c[3]) for c in answer.citations]
+
+
+def usage(answers: list[Answer]) -> Usage:
+    prompt = sum(a.prompt_tokens for a in answers)
+    completion = sum(a.completion_tokens for a in answers)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def completion(answers: list[Answer], model: str, chat: bool) -> CompletionResponse | ChatResponse:
+    """One choice per answer, with its citations."""
+    ident, created = new_response_id(chat), int(time.time())
+    if chat:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
+                              citations=citations(a)) for i, a in enumerate(answers)]
+        return ChatResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
+    choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, citations=citations(a))
+               for i, a in enumerate(answers)]
+    return CompletionResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
+
+
+def unstamped(response: CompletionResponse | ChatResponse) -> bytes:
+    """The response's JSON without `id` and `created`: what the response cache keeps."""
+    return response.model_dump_json(exclude=_STAMP).encode()
+
+
+def stamped(body: bytes, ident: str, created: int) -> bytes:
+    """`body` (from `unstamped`) with `id` and `created` put back, first, as OpenAI sends them."""
+    return b'{"id":"%s","created":%d,' % (ident.encode(), created) + body[1:]
+
+
+def restamped(body: bytes, chat: bool) -> bytes:
+    """A cached body as a new response: a new id, created now."""
+    return stamped(body, new_response_id(chat), int(time.time()))
+
+
+def json_response(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+def retrieval(model: str, hits: list[Hit]) -> bytes:
+    """The passages found; metadata values JSON cannot hold are given as strings."""
+    return RetrieveResponse(model=model, data=[h.to_dict() for h in hits]).model_dump_json(fallback=str).encode()
+
+
+def event(data: bytes) -> bytes:
+    """One server-sent event."""
+    return b"data: " + data + b"\n\n"
+
+
+class Chunks:
+    """The server-sent events of one streamed answer, in OpenAI's chunk format (`CompletionChunk`, `ChatChunk`)."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+        self.id, self.created = new_response_id(chat), int(time.time())
+
+    def opening(self) -> list[bytes]:
+        """What a chat stream starts with: the role, with empty content (a completion stream, nothing)."""
+        if not self.chat:
+            return []
+        return [self._event([ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])]
+
+    def piece(self, text: str) -> bytes:
+        return self._event([self._choice(text)])
+
+    def last(self, answer: Answer, usage_chunk: bool) -> list[bytes]:
+        """The finish reason, the citations and the usage; with `usage_chunk` the usage again, without choices
+        (OpenAI's `stream_options.include_usage`). Then [DONE]."""
+        used = usage([answer])
+        events = [self._event([self._choice(None, answer.finish_reason, citations(answer))], used)]
+        if usage_chunk:
+            events.append(self._event([], used))
+        return events + [DONE]
+
+    def _choice(self, text: str | None, finish_reason: str | None = None,
+                cited: list[Citation] | None = None) -> CompletionChunkChoice | ChatChunkChoice:
+        if self.chat:
+            return ChatChunkChoice(index=0, delta=ChatDelta(content=text), finish_reason=finish_reason,
+                                   citations=cited)
+        return CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason, citations=cited)
+
+    def _event(self, choices: list, used: Usage | None = None) -> bytes:
+        chunk = (ChatChunk if self.chat else CompletionChunk)(id=self.id, created=self.created, model=self.model,
+                                                              choices=choices, usage=used)
+        return event(chunk.model_dump_json().encode())

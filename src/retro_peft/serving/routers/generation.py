@@ -1,0 +1,116 @@
+"""/v1/completions and /v1/chat/completions: OpenAI's endpoints over the domains. Greedy answers come from
+the response cache when they can; `stream: true` answers as server-sent events (`streaming`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from retro_peft.domains.registry import AUTO
+from retro_peft.generation import SamplingConfig
+from retro_peft.serving import jobs, options, payloads
+from retro_peft.serving.auth import Principal
+from retro_peft.serving.cache import cache_key
+from retro_peft.serving.dependencies import State, authorized
+from retro_peft.serving.errors import ApiError, RateLimited
+from retro_peft.serving.openapi import errors, streamed
+from retro_peft.serving.schemas import (ChatChunk, ChatRequest, ChatResponse, CompletionChunk, CompletionRequest,
+                                        CompletionResponse)
+from retro_peft.serving.state import BASE, ServerState
+from retro_peft.serving.streaming import stream
+
+router = APIRouter(tags=["generation"])
+Caller = Annotated[Principal, Depends(authorized("generate"))]
+_ERRORS = errors(400, 401, 403, 404, 413, 429, 503)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: streamed(CompletionChunk)})
+async def completions(body: CompletionRequest, request: Request, state: State, caller: Caller) -> Response:
+    questions = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    return await _generate(state, request, caller, body, questions, chat=False)
+
+
+@router.post("/v1/chat/completions", response_model=ChatResponse, responses={**_ERRORS, 200: streamed(ChatChunk)})
+async def chat_completions(body: ChatRequest, request: Request, state: State, caller: Caller) -> Response:
+    return await _generate(state, request, caller, body, [_question(body)], chat=True)
+
+
+def _question(body: ChatRequest) -> str:
+    """The last user message is the question: the bank answers one question from its domain's passages
+    (earlier turns and system messages are not part of its prompt)."""
+    for message in reversed(body.messages):
+        if message.role == "user":
+            content = message.content
+            if isinstance(content, list):
+                content = "\n".join(part.text for part in content)
+            return content or ""
+    raise ApiError(400, "messages: there is no user message to answer", param="messages", code="invalid_value")
+
+
+async def _generate(state: ServerState, request: Request, caller: Principal, body: CompletionRequest | ChatRequest,
+                    questions: list[str], chat: bool) -> Response:
+    request.state.domain = body.model
+    model = state.resolve_domain(body.model)
+    _check_questions(state, questions, body.stream, chat)
+    sampling = options.sampling(state.settings, body, chat)
+    search = options.search(state.settings, body.retrieval)
+
+    # Greedy answers are a function of (domain, question, settings): serve them from the cache.
+    key = None
+    if state.response_cache is not None and sampling.greedy and not body.stream:
+        key = cache_key(payloads.kind(chat), [model, state.bank.version(model), questions, sampling.max_new_tokens,
+                                              sampling.stop, search])
+        identity = getattr(request.state, "request_identity", None)  # set by RequestContext
+        if identity is not None:
+            state.known_requests.put(identity, (key, chat, body.model))
+        cached = await state.response_cache.aget(key)
+        state.metrics.cache.labels("response", "hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            request.state.extra_headers["x-cache"] = "hit"
+            return payloads.json_response(payloads.restamped(cached, chat))
+
+    await _admit_tokens(state, request, caller, questions, sampling)
+    domains = [await state.route(q) for q in questions] if model == AUTO else [model] * len(questions)
+    reported = (domains[0] if model == AUTO else model) or BASE
+    if body.stream:
+        usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
+        return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk)
+    answers = await jobs.wait_all(state, request, jobs.submit_all(state, questions, domains, sampling, search))
+    if answers is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    response = payloads.completion(answers, reported, chat)
+    jobs.count_tokens(state, answers, domains)
+    cacheable = payloads.unstamped(response)
+    if key is not None:
+        await state.response_cache.aset(key, cacheable)
+        request.state.extra_headers["x-cache"] = "miss"
+    return payloads.json_response(payloads.stamped(cacheable, response.id, response.created))
+
+
+def _check_questions(state: ServerState, questions: list[str], streamed: bool, chat: bool) -> None:
+    limit = state.settings.generation.max_prompts_per_request
+    if not questions or len(questions) > limit:
+        raise ApiError(400, f"prompt: give 1 to {limit} prompts", param="prompt", code="invalid_value")
+    if any(not isinstance(q, str) or not q.strip() for q in questions):
+        raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt", code="invalid_value")
+    if streamed and len(questions) > 1:
+        raise ApiError(400, "stream: one prompt per streamed request", param="stream", code="invalid_value")
+
+
+async def _admit_tokens(state: ServerState, request: Request, caller: Principal, questions: list[str],
+                        sampling: SamplingConfig) -> None:
+    """Refuse a prompt over the length limit, and count the tokens the request may use against the caller's
+    token limit (prompt + max_tokens per question, as OpenAI counts them before generating)."""
+    limit = state.settings.generation.max_prompt_tokens
+    counts = [len(state.bank.tokenizer(q, add_special_tokens=False).input_ids) for q in questions]
+    if max(counts) > limit:
+        raise ApiError(400, f"the prompt has {max(counts)} tokens; this server allows at most {limit}",
+                       param="prompt", code="context_length_exceeded")
+    if state.limiter is not None:
+        try:
+            request.state.extra_headers.update(
+                await state.limiter.hit_tokens(caller.name, sum(counts) + sampling.max_new_tokens * len(questions)))
+        except RateLimited:
+            state.metrics.rejected.labels("rate_limit").inc()
+            raise
