@@ -6,7 +6,7 @@ import json
 import os
 
 from retro_peft.choices import DTYPE_NAMES
-from retro_peft.cli import add_kv_cache_arguments
+from retro_peft.cli import add_kv_cache_arguments, given
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -22,8 +22,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N questions")
     p.add_argument("--k", type=int, help="passages per prompt (default: the adapter's, else 3)")
     p.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: the adapter's, else 700)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, help="questions per decode pass (default: Generator's)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length bound (default: Generator's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
@@ -54,7 +54,7 @@ def run(args) -> int:
         check_output_file(args.kv_cache, "--kv-cache")
     if args.kv_layout and not args.kv_cache:
         raise InputError("--kv-layout says how to use a frozen KV cache: it needs --kv-cache FILE")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be positive, got {args.limit}")
@@ -81,8 +81,8 @@ def run(args) -> int:
         from retro_peft.kvcache import load_or_build
 
         kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout)
-    generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, kv_cache=kv_cache)
+    generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache,
+                          **given(args, "max_new_tokens", "batch_size"))
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)
     if args.predictions:
         atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())
