@@ -80,6 +80,13 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return [c for c in found if not all(x == c[0] or x.startswith(c[0] + ".") for x in c[1:])]
 
 
+def test_the_methods_the_cli_offers_are_the_adapter_methods():
+    from retro_peft.adapters import METHODS
+    from retro_peft.choices import PEFT_METHODS
+
+    assert tuple(METHODS) == PEFT_METHODS  # choices.PeftMethod is what argparse and the server accept
+
+
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
+from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model
 from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
 from retro_peft.generation.generator import Generator
-from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model
 from retro_peft.storage import replace_folder, sha256_file
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ def run(args) -> int:
 
     from retro_peft.adapters import RetrievalConfig, RetroPeftModel
     from retro_peft.adapters.model import check_index, read_retro_config
-    from retro_peft.cli.train import parse_articles
     from retro_peft.base_model import check_device, inference_dtype, load_base_model
+    from retro_peft.cli.train import parse_articles
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa
