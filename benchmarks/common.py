@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the project root
-DATA = ROOT.parent / "shared" / "data"  # read-only data sets beside the checkout, never copied
+# read-only data sets beside the checkout, never copied into it; RETRO_PEFT_DATA points elsewhere (on the GPU
+# machine, a carried copy that is not part of the project)
+DATA = Path(os.environ["RETRO_PEFT_DATA"]) if os.environ.get("RETRO_PEFT_DATA") else ROOT.parent / "shared" / "data"
 SQUAD = DATA / "squad-v2-dev-5-articles.json"
 WIKI = DATA / "wikipedia-vital-10k-en.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"  # the raw results BENCHMARKS.md cites

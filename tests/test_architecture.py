@@ -106,3 +106,10 @@ def test_the_graph_sees_the_layers():
 def test_stages_import_in_any_order(order):
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in order)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_the_cli_parser_imports_no_torch():
+    # `retro-peft --help` and `domain list` must start in a fraction of a second: torch costs seconds.
+    code = "import sys, retro_peft.cli; retro_peft.cli.build_parser(); assert 'torch' not in sys.modules, " \
+           "sorted(m for m in sys.modules if m.startswith('retro_peft'))"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -217,3 +217,69 @@ def test_domains_answer_through_their_frozen_kv_cache_alone_mixed_and_as_their_g
         bank.load("d-kv", idx_a, adapters["c"], kv_cache=tmp_path / "a-file" / "kv.safetensors")
     assert "d-kv" not in bank.domains and "d-kv" not in bank.model.peft_config
     assert bank.answer(questions[0], "a-kv").text == batched[0].text
+
+
+# -- answer choices and the answerability head --------------------------------------------------
+
+
+def adapter_with_head(model_dir, out_dir, index, threshold: float | None = None):
+    """A copy of the adapter in `model_dir` with an answerability head fitted on random features (saved).
+    threshold: put in place of the fitted one (1e9: every prompt scores below it, so the head abstains)."""
+    import dataclasses
+
+    import torch
+
+    from retro_peft.generation.answerability import fit_head
+    from retro_peft.generation.prompt import encode
+
+    model = RetroPeftModel.load(model_dir)
+    torch.manual_seed(0)
+    features = torch.randn(16, model.model.config.hidden_size + 1)
+    head = fit_head(features, [i % 4 != 0 for i in range(16)], answer_rate=0.9,
+                    abstain_token=encode(model.tokenizer, model.retrieval.abstention)[0])
+    model.answerability = head if threshold is None else dataclasses.replace(head, threshold=threshold)
+    return model.save(out_dir, index=index)
+
+
+def test_domain_choices_and_answerability_heads_per_row_of_a_mixed_batch(setup, tmp_path):
+    from retro_peft.index import open_index
+
+    root, base, idx_a, idx_b, adapters = setup
+    head_dir = adapter_with_head(adapters["a"], tmp_path / "with-head", open_index(idx_a), threshold=1e9)
+    bank = _bank(setup)
+    abstention = bank.domains["a"].generator.retrieval.abstention
+    bank.load("yn", idx_b, adapters["b"], choices=["yes", "no", "maybe"])
+    bank.load("strict", idx_a, head_dir)  # the threshold as saved: everything scores below it
+    bank.load("off", idx_a, head_dir, abstain_at=0.0)  # "off": never abstains by the score
+    assert len({bank.version(n) for n in ("a", "strict", "off")}) == 3  # the head and its rate change answers
+
+    strict, off = bank.answer(QUESTIONS[0], "strict"), bank.answer(QUESTIONS[0], "off")
+    assert strict.abstained and strict.text == abstention and strict.answerability < 1e9
+    assert strict.completion_tokens == 0 and strict.citations == []
+    assert not off.abstained and off.completion_tokens > 0 and off.answerability == strict.answerability
+    assert bank.answer(QUESTIONS[0], "a").answerability is None  # no head: no score
+
+    assert bank.answer(QUESTIONS[1], "yn").text in ("yes", "no", "maybe")
+    assert bank.answer(QUESTIONS[1], "yn", choices=["red", "blue"]).text in ("red", "blue")  # the request's first
+    assert bank.answer(QUESTIONS[1], "strict", choices=["red", "blue"]).abstained  # the head decides first
+
+    # one batch: free and choice rows, LoRA adapters of several domains, the base model, heads or none
+    domains = ["yn", "strict", "a", "off", None, "c", "yn", "a", "plain"]
+    choices = [None, None, ["red", "blue"], None, ["up", "down"], ["x", "y", "z"], ["on", "off"], None, None]
+    questions = (QUESTIONS * 3)[: len(domains)]
+    batched = bank.answer_many(questions, domains, choices=choices)
+    singles = [bank.answer_many([q], [d], choices=[c])[0] for q, d, c in zip(questions, domains, choices)]
+    assert [(a.text, a.abstained) for a in batched] == [(a.text, a.abstained) for a in singles]
+    assert [a.answerability for a in batched] == [pytest.approx(a.answerability, abs=1e-4) for a in singles]
+    assert batched[0].text in ("yes", "no", "maybe") and batched[6].text in ("on", "off")
+    assert batched[2].text in ("red", "blue") and batched[4].text in ("up", "down") and batched[5].text in "xyz"
+    assert batched[1].abstained and not batched[3].abstained
+    assert [a.answerability is None for a in batched] == [d not in ("strict", "off") for d in domains]
+
+    for bad, message in ((dict(choices=["yes"]), "at least two different non-empty"),
+                         (dict(choices=["yes", " "]), "at least two different non-empty"),
+                         (dict(abstain_at=1.5), "abstain_at must be an answer rate")):
+        with pytest.raises(DomainError, match=message):
+            bank.load("bad", idx_a, head_dir, **bad)
+    with pytest.raises(InputError, match="choices must be at least two"):
+        bank.answer(QUESTIONS[0], "a", choices=["only"])

@@ -192,6 +192,52 @@ def test_cli(home, wiki_indexes, adapter_dir, monkeypatch, capsys):
     assert list_domains() == []
 
 
+def test_answer_choices_and_abstain_at_are_recorded_checked_and_optional(home, wiki_indexes, adapter_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    from test_bank import adapter_with_head
+
+    head_dir = adapter_with_head(adapter_dir, tmp_path / "with-head", None)
+    spec = add_domain("pubmed", wiki_indexes["bio"], adapter=head_dir, choices=["yes", "no", "maybe"],
+                      abstain_at=0.9)
+    assert spec == get_domain("pubmed") and spec.choices == ("yes", "no", "maybe") and spec.abstain_at == 0.9
+    saved = json.loads((home / "domains" / "pubmed.json").read_text())
+    assert saved["choices"] == ["yes", "no", "maybe"] and saved["abstain_at"] == 0.9
+
+    # a domain file written before these keys existed still reads (no choices, the head's own rate)
+    old = {k: v for k, v in saved.items() if k not in ("choices", "abstain_at")}
+    (home / "domains" / "old.json").write_text(json.dumps({**old, "name": "old"}))
+    assert get_domain("old").choices is None and get_domain("old").abstain_at is None
+
+    for kwargs, message in ((dict(choices=["yes"]), "choices must be a list of at least two different"),
+                            (dict(choices=["yes", ""]), "at least two different non-empty"),
+                            (dict(choices=["yes", "yes"]), "at least two different"),
+                            (dict(choices="yes,no"), "must be a list"),
+                            (dict(abstain_at=1.5, adapter=head_dir), r"abstain_at must be an answer rate in \(0, 1\]"),
+                            (dict(abstain_at=True, adapter=head_dir), "abstain_at must be an answer rate"),
+                            (dict(abstain_at=0.9), "abstain_at needs an adapter"),
+                            (dict(abstain_at=0.9, adapter=adapter_dir), "has none")):  # no answerability.json
+        with pytest.raises(InputError, match=message):
+            add_domain("x", wiki_indexes["geo"], **kwargs)
+    (home / "domains" / "bad.json").write_text(json.dumps({**old, "name": "bad", "choices": ["only"]}))
+    with pytest.raises(InputError, match="bad.json is malformed.*choices"):
+        get_domain("bad")
+    (home / "domains" / "bad.json").unlink()
+
+    # the CLI: --choices is comma-separated, --abstain-at takes ask's syntax (off: never by the score)
+    assert cli(monkeypatch, "domain", "add", "yn", "--index", wiki_indexes["geo"], "--adapter", head_dir,
+               "--choices", "yes, no", "--abstain-at", "off") == 0
+    assert "choices yes,no" in capsys.readouterr().out
+    assert get_domain("yn").choices == ("yes", "no") and get_domain("yn").abstain_at == 0.0
+    assert cli(monkeypatch, "domain", "show", "yn") == 0 and "yes,no" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "list") == 0 and "choices=yes,no" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, "domain", "add", "z", "--index", wiki_indexes["geo"], "--choices", "yes")
+    assert "--choices must be a list of at least two" in capsys.readouterr().err
+    assert cli(monkeypatch, "domain", "add", "z", "--index", wiki_indexes["geo"], "--adapter", head_dir,
+               "--abstain-at", "rate=0.9") == 2
+    assert "abstain_at must be 'answer_rate=R'" in capsys.readouterr().err
+
+
 # -- routing -------------------------------------------------------------------------------------
 
 QUERIES = {

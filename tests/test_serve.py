@@ -399,3 +399,89 @@ def test_a_server_configured_with_frozen_kv_caches_builds_them_and_answers_throu
 
     want = reference.answer_many([QUESTIONS[0]] * 2, ["a", "plain"], sampling=SamplingConfig(max_new_tokens=6))
     assert [c.choices[0].text for c in served] == [w.text for w in want]
+
+
+# -- answer choices and abstention -----------------------------------------------------------------
+
+YES_NO = ["yes", "no", "maybe"]
+
+
+def last_event(url: str, path: str, body: dict) -> tuple[str, dict]:
+    """A streamed answer's text, and its last chunk's choice (the one with the finish reason)."""
+    with httpx.stream("POST", f"{url}{path}", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**body, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    text = "".join(c.get("text") or c.get("delta", {}).get("content") or "" for c in choices)
+    return text, choices[-1]
+
+
+def test_guided_choice_answers_one_of_them_and_every_choice_says_whether_it_abstained(client, url):
+    free = client.completions.create(model="a", prompt=QUESTIONS[1], max_tokens=6, temperature=0)
+    assert free.choices[0].model_extra["abstained"] is False and free.choices[0].model_extra["answerability"] is None
+    # same question, now constrained: not the cached free answer (the choices are part of the cache key)
+    guided = client.completions.create(model="a", prompt=QUESTIONS[1], max_tokens=6, temperature=0,
+                                       extra_body={"guided_choice": YES_NO})
+    assert guided.choices[0].text in YES_NO and guided.choices[0].model_extra["abstained"] is False
+    assert guided.choices[0].model_extra["citations"]
+    chat = client.chat.completions.create(model="plain", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                          extra_body={"guided_choice": ["Cristofori", "Scheele"]})
+    assert chat.choices[0].message.content in ("Cristofori", "Scheele")
+    assert chat.choices[0].model_extra["abstained"] is False and "answerability" in chat.choices[0].model_extra
+    several = client.completions.create(model="auto", prompt=QUESTIONS[:3], extra_body={"guided_choice": YES_NO})
+    assert all(c.text in YES_NO for c in several.choices)
+
+    for path, body in (("/v1/completions", {"model": "b", "prompt": QUESTIONS[0]}),
+                       ("/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": QUESTIONS[0]}]})):
+        text, last = last_event(url, path, {**body, "guided_choice": YES_NO})
+        assert text in YES_NO and last["abstained"] is False and "answerability" not in last  # no head: absent
+        assert last["finish_reason"] == "stop" and "citations" in last
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for bad in (["yes"], ["yes", ""], ["yes", "  "], ["yes", "yes"], "yes", [1, 2], [str(i) for i in range(33)]):
+        response = httpx.post(f"{url}/v1/completions", headers=headers,
+                              json={"model": "a", "prompt": QUESTIONS[0], "guided_choice": bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"].startswith("guided_choice"), response.text
+
+
+def test_domains_with_choices_and_answerability_heads_serve_them_and_mix_in_a_batch(bank, tmp_path):
+    from test_bank import adapter_with_head
+
+    a, plain = bank.domains["a"], bank.domains["plain"]
+    head = adapter_with_head(a.adapter_dir, tmp_path / "with-head", a.index, threshold=1e9)
+    domains = [{"name": "yn", "index": str(plain.index.path), "choices": YES_NO},
+               {"name": "strict", "index": str(a.index.path), "adapter": str(head)},  # abstains on every question
+               {"name": "off", "index": str(a.index.path), "adapter": str(head), "abstain_at": 0.0},
+               {"name": "a", "index": str(a.index.path), "adapter": str(a.adapter_dir)}]
+    configured = ServeSettings(**{**settings(max_batch_size=4, max_wait_ms=600_000).model_dump(),
+                                  "model": bank.base_model_name, "domains": domains})
+    requests = [("yn", None), ("strict", None), ("off", ["up", "down"]), ("a", ["red", "blue"])]
+    with serve_in_thread(create_app(configured)) as base_url:
+        async def both_rounds():  # each round fills the batch before its (very long) wait ends: one mixed pass
+            client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+
+            async def ask(model, choices, question=QUESTIONS[0]):
+                extra = {} if choices is None else {"guided_choice": choices}
+                return (await client.completions.create(model=model, prompt=question, temperature=0,
+                                                        extra_body=extra)).choices[0]
+
+            first = await asyncio.gather(*[ask(m, c) for m, c in requests])
+            body = {"model": "strict", "messages": [{"role": "user", "content": QUESTIONS[1]}]}
+            streamed = asyncio.to_thread(last_event, base_url, "/v1/chat/completions", body)
+            second = await asyncio.gather(streamed, *[ask(m, c, QUESTIONS[2]) for m, c in requests[1:]])
+            return first, second
+
+        batched, ((streamed, last), *more) = asyncio.run(both_rounds())
+        assert metric(base_url, "retro_peft_batch_size_bucket", le="4.0") == 2
+        assert metric(base_url, "retro_peft_batch_size_bucket", le="2.0") == 0
+    yn, strict, off, guided = (c.model_extra for c in batched)
+    assert batched[0].text in YES_NO and batched[3].text in ("red", "blue") and batched[2].text in ("up", "down")
+    assert yn["abstained"] is False and yn["answerability"] is None
+    assert strict["abstained"] is True and batched[1].text == a.generator.retrieval.abstention
+    assert isinstance(strict["answerability"], float) and strict["answerability"] < 1e9
+    assert off["abstained"] is False and isinstance(off["answerability"], float)
+    assert guided["answerability"] is None
+    assert last["abstained"] is True and isinstance(last["answerability"], float)
+    assert streamed == a.generator.retrieval.abstention
+    assert more[0].model_extra["abstained"] and not more[1].model_extra["abstained"] and more[2].text in ("red", "blue")

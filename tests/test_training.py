@@ -89,8 +89,10 @@ def test_examples_follow_raft_and_put_loss_on_the_answer_only(items, index, toke
         if item.is_impossible:
             assert ex.target == "I don't know." and not ex.has_gold
         elif ex.has_gold:
-            # The target is the first answer the prompt's passages hold (here every item's answers[0]).
-            assert ex.target == item.answers[0] and item.gold_doc_ids[0] in docs
+            # The target is the first answer the prompt's passages hold (here every item's answers[0]), then
+            # (citations on, the default) the markers of the gold document's passages, in prompt order.
+            markers = "".join(f"[{i}]" for i, d in enumerate(docs, 1) if d in item.gold_doc_ids)
+            assert markers and ex.target == f"{item.answers[0]} {markers}" and item.gold_doc_ids[0] in docs
         else:
             assert ex.target == "I don't know." and item.gold_doc_ids[0] not in docs
             prompt = tokenizer.decode(ex.input_ids[:first])
@@ -127,12 +129,30 @@ def word_index(tmp_path_factory):
     return tiny_index(tmp_path_factory.mktemp("words") / "idx", docs=WORD_DOCS)
 
 
-def test_target_is_the_answer_the_kept_passages_hold(word_index, tokenizer):
+@pytest.mark.parametrize("grounding", ["span", "doc", "auto"])
+def test_target_is_the_answer_the_kept_passages_hold(word_index, tokenizer, grounding):
     item = QAItem("us", "Which country declared independence in 1776?", ("USA", "United States"), ("usa",))
-    retrieval = RetrievalConfig(k=1, distractors=0, oracle_fraction=1.0, context_tokens=300)
+    retrieval = RetrievalConfig(k=1, distractors=0, oracle_fraction=1.0, context_tokens=300, grounding=grounding,
+                                citations=False)
     (ex,) = build_examples([item], word_index, tokenizer, retrieval)
     # The gold passage says "United States", never "USA": training on "USA" would teach an unsupported answer.
     assert ex.has_gold and ex.target == "United States"
+    # With citations (the default) the target ends with the gold passage's marker.
+    (cited,) = build_examples([item], word_index, tokenizer, dataclasses.replace(retrieval, citations=True))
+    assert cited.target == "United States [1]" and cited.input_ids[:-5] == ex.input_ids[:-2]
+
+
+def test_grounding_by_document_keeps_an_answer_no_passage_spells(word_index, tokenizer):
+    # No passage says "USA": under the span rule the gold document holds no gold passage (the example targets
+    # abstention); grounded by document, its chunk is the gold passage and the target is the answer as given.
+    item = QAItem("us", "Which country declared independence in 1776?", ("USA",), ("usa",))
+    retrieval = RetrievalConfig(k=1, distractors=0, oracle_fraction=1.0, context_tokens=300)
+    docs = {c.id: c.doc_id for c in word_index.chunks()}
+    (span,) = build_examples([item], word_index, tokenizer, dataclasses.replace(retrieval, grounding="span"))
+    assert not span.has_gold and span.target == "I don't know."
+    for grounding in ("doc", "auto"):
+        (ex,) = build_examples([item], word_index, tokenizer, dataclasses.replace(retrieval, grounding=grounding))
+        assert ex.has_gold and ex.target == "USA [1]" and [docs[c] for c in ex.chunk_ids] == ["usa"]
 
 
 def test_an_answer_counts_as_mentioned_only_as_whole_words(word_index, tokenizer):
@@ -355,7 +375,9 @@ def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     # The rest runs the same CLI code in this process (a new process costs ~10 s of imports).
     assert main(["eval", *map(str, common), "--adapter", str(out), "--limit", "3", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) == {"n", "em", "f1", "abstain_unanswerable", "answer_answerable", "retrieval_recall"}
+    # One JSON shape for every answer kind: a span file's scores, the other kinds' set to null.
+    assert {"n", "em", "f1", "abstain_unanswerable", "answer_answerable", "retrieval_recall"} <= set(scores)
+    assert scores["kind"] == "span" and scores["accuracy"] is None and scores["rouge_l"] is None
     assert scores["n"] == 3 and scores["retrieval_recall"] == 1.0
     assert main(["eval", "--model", str(tiny), "--qa", str(qa_file), "--no-retrieval", "--limit", "2", "--json"]) == 0
     closed = json.loads(capsys.readouterr().out)
@@ -481,3 +503,32 @@ def test_killed_training_process_resumes_to_the_same_adapter(tiny, index, qa_fil
     a = load_file(killed / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_abstain_at_fits_the_head_saved_with_the_adapter(tiny, index, qa_file, tmp_path, capsys):
+    out = tmp_path / "calibrated"
+    common = ["--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file)]
+    assert main(["train", *common, "--out", str(out), "--steps", "2", "--batch-size", "2", "--k", "2",
+                 "--context-tokens", "220", "--checkpoint-every", "0", "--no-progress",
+                 "--abstain-at", "answer_rate=0.5", "--held-out", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    held = summary["answerability"]
+    assert held["answer_rate"] == 0.5 and held["held_out"] >= 1 and held["answerable"] >= 1
+    assert summary["examples"] == len(QA) - held["held_out"]  # the held-out questions are not trained on
+    info = json.loads((out / "retro_config.json").read_text())
+    assert info["answerability_sha256"] and (out / "answerability.json").is_file()
+    assert info["adapter"]["retrieval"]["grounding"] == "auto" and info["adapter"]["retrieval"]["citations"] is True
+
+    # eval abstains by the head; "off" never does by the score; a broken head file is refused
+    assert main(["eval", *common, "--adapter", str(out), "--abstain-at", "answer_rate=1.0", "--json",
+                 "--predictions", str(tmp_path / "p.jsonl")]) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").open()]
+    assert all(isinstance(r["answerability"], float) for r in rows)
+    assert main(["eval", *common, "--abstain-at", "answer_rate=0.9"]) == 2
+    assert "give --adapter" in capsys.readouterr().err
+    (out / "answerability.json").write_text("{}")
+    assert main(["eval", *common, "--adapter", str(out), "--limit", "1"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["train", *common, "--out", str(tmp_path / "x"), "--held-out", "0.5"]) == 2
+    assert "--abstain-at" in capsys.readouterr().err

@@ -39,3 +39,14 @@ PROMPT_TEMPLATES: tuple[str, ...] = get_args(PromptTemplate)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)
+
+# What a QA item's answer is: a span copied from a passage (SQuAD), free text of its own, or one of given choices.
+AnswerKind = Literal["span", "free", "choice"]
+ANSWER_KINDS: tuple[str, ...] = get_args(AnswerKind)
+
+# Which passages count as an item's gold ones (training's oracle/distractor split, recall, citations):
+#   doc:  the chunks of its gold documents, whatever the answer's wording
+#   span: chunks that contain the answer's words (and, when known, come from a gold document): the old rule
+#   auto: doc for items with gold documents, span for the others
+Grounding = Literal["auto", "doc", "span"]
+GROUNDINGS: tuple[str, ...] = get_args(Grounding)

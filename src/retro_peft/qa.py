@@ -3,7 +3,10 @@
 Two formats:
 - JSONL, one object a line: `question`, `answers` (list of strings; empty or
   absent with `"is_impossible": true` for an unanswerable question), optional
-  `gold_doc_ids` and `id`.
+  `gold_doc_ids`, `id`, `kind` (`span`: the answer is words of a passage, the
+  default; `free`: an answer of its own; `choice`: one of `choices`) and
+  `choices` (list of strings; a domain may give default ones). One file holds
+  one kind; a choice answer must be one of its choices.
 - SQuAD 1.1/2.0 JSON: every question's gold document is its paragraph, whose
   document id is `squad_doc_id(title, paragraph_index)` (the same id the SQuAD
   document loader gives that paragraph).
@@ -15,7 +18,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retro_peft.choices import ANSWER_KINDS, AnswerKind
 from retro_peft.errors import InputError
+from retro_peft.text import normalize_answer
 from retro_peft.jsonl import read_jsonl
 
 
@@ -27,6 +32,15 @@ class QAItem:
     gold_doc_ids: tuple[str, ...] = ()
     is_impossible: bool = False
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
+    kind: AnswerKind = "span"
+    choices: tuple[str, ...] = ()  # kind "choice": the answers allowed, in the order the prompt shows them
+
+    @property
+    def answerable(self) -> bool:
+        return bool(self.answers) and not self.is_impossible
+
+
+QA_FIELDS = frozenset({"id", "question", "answers", "gold_doc_ids", "is_impossible", "kind", "choices"})
 
 
 def squad_doc_id(title: str, paragraph_index: int) -> str:
@@ -64,8 +78,15 @@ def squad_paragraphs(obj, path: Path, articles: slice | None = None):
             yield where, title, pi, paragraph
 
 
-def load_qa(path: str | Path, *, articles: slice | None = None, require_answers: bool = False) -> list[QAItem]:
-    """Read a QA file; `articles` selects SQuAD articles (e.g. `slice(0, 3)` for the training split)."""
+def load_qa(path: str | Path, *, articles: slice | None = None, require_answers: bool = False,
+            kind: AnswerKind | None = None, choices: list[str] | tuple[str, ...] | None = None) -> list[QAItem]:
+    """Read a QA file; `articles` selects SQuAD articles (e.g. `slice(0, 3)` for the training split).
+
+    `kind` and `choices`: the defaults for items that name none (a domain's declared kind and choices).
+    """
+    if kind is not None and kind not in ANSWER_KINDS:
+        raise InputError(f"unknown answer kind {kind!r}; choose one of {', '.join(ANSWER_KINDS)}")
+    default_choices = _choices(choices, "the default choices") if choices else ()
     path = Path(path)
     if not path.is_file():
         raise InputError(f"QA file not found: {path}")
@@ -75,7 +96,7 @@ def load_qa(path: str | Path, *, articles: slice | None = None, require_answers:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
     else:
-        items = _load_jsonl(path)
+        items = _load_jsonl(path, kind, default_choices)
     if not items:
         raise InputError(f"QA file {path} holds no questions")
     if require_answers and not any(item.answers for item in items):
@@ -108,6 +129,28 @@ def _load_squad(obj, path: Path, articles: slice | None) -> list[QAItem]:
     return items
 
 
+def _choices(value, where: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise InputError(f"{where}: 'choices' must be a list of non-empty strings")
+    out = tuple(dict.fromkeys(c.strip() for c in value))
+    if len({normalize_answer(c) for c in out}) < len(out):
+        raise InputError(f"{where}: two of the choices {list(out)!r} are the same answer after normalisation")
+    if len(out) < 2:
+        raise InputError(f"{where}: 'choices' needs at least two different choices, got {list(value)!r}")
+    return out
+
+
+def _choice_answers(answers: tuple[str, ...], choices: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The answers spelled as their choices (matched after normalisation), or an error naming the stray one."""
+    by_norm = {normalize_answer(c): c for c in choices}
+    out = []
+    for a in answers:
+        if normalize_answer(a) not in by_norm:
+            raise InputError(f"{where}: answer {a!r} is not one of its choices ({', '.join(choices)})")
+        out.append(by_norm[normalize_answer(a)])
+    return tuple(dict.fromkeys(out))
+
+
 def _flag(obj: dict, name: str, where: str) -> bool:
     # A JSON boolean only (null or absent: false): the string "false" would otherwise count as true.
     value = obj.get(name)
@@ -118,8 +161,9 @@ def _flag(obj: dict, name: str, where: str) -> bool:
     return value
 
 
-def _load_jsonl(path: Path) -> list[QAItem]:
+def _load_jsonl(path: Path, default_kind: str | None, default_choices: tuple[str, ...]) -> list[QAItem]:
     items = []
+    file_kind = None  # the kind of the first item: every other must match it
     for lineno, obj in read_jsonl(path):
         if not isinstance(obj.get("question"), str) or not obj["question"].strip():
             raise InputError(f"{path}:{lineno}: each line needs a non-empty 'question' string")
@@ -137,12 +181,28 @@ def _load_jsonl(path: Path) -> list[QAItem]:
             gold = [gold]
         if not isinstance(gold, list) or not all(isinstance(g, (str, int)) and not isinstance(g, bool) for g in gold):
             raise InputError(f"{path}:{lineno}: 'gold_doc_ids' must be a list of document ids (strings)")
+        where = f"{path}:{lineno}"
+        choices = _choices(obj["choices"], where) if obj.get("choices") is not None else default_choices
+        kind = obj.get("kind") or default_kind or ("choice" if choices else "span")
+        if kind not in ANSWER_KINDS:
+            raise InputError(f"{where}: unknown answer kind {kind!r}; choose one of {', '.join(ANSWER_KINDS)}")
+        if file_kind is None:
+            file_kind = kind
+        elif kind != file_kind:
+            raise InputError(f"{where}: answer kind {kind!r}, but the file's first question is {file_kind!r} "
+                             "(one QA file holds one kind; split the file)")
+        if kind == "choice":
+            if not choices:
+                raise InputError(f"{where}: a 'choice' question needs its 'choices' (or the domain's default ones)")
+            answers = _choice_answers(answers, choices, where)
         items.append(QAItem(
             id=str(obj.get("id", f"{path.stem}:{lineno}")),
             question=obj["question"].strip(),
             answers=() if impossible else answers,
             gold_doc_ids=tuple(str(g) for g in gold),
             is_impossible=impossible,
-            metadata={k: v for k, v in obj.items() if k not in {"id", "question", "answers", "gold_doc_ids", "is_impossible"}},
+            metadata={k: v for k, v in obj.items() if k not in QA_FIELDS},
+            kind=kind,
+            choices=choices if kind == "choice" else (),
         ))
     return items

@@ -78,7 +78,10 @@ class RetroAdapterConfig:
         known = {f.name for f in dataclasses.fields(cls.peft_class)}
         peft_cfg = cls.peft_class(**{k: v for k, v in peft_kwargs.items() if k in known and k != "peft_type"})
         known_r = {f.name for f in dataclasses.fields(RetrievalConfig)}
-        retrieval = RetrievalConfig(**{k: v for k, v in (obj.get("retrieval") or {}).items() if k in known_r})
+        saved = obj.get("retrieval") or {}
+        # Adapters saved before grounding and citation markers existed were trained on the span rule, without markers.
+        retrieval = RetrievalConfig(**{"grounding": "span", "citations": False,
+                                       **{k: v for k, v in saved.items() if k in known_r}})
         return cls(peft=peft_cfg, retrieval=retrieval)
 
     def to_json(self) -> str:

@@ -3,6 +3,7 @@
 Folder layout (plain `peft.PeftModel.from_pretrained` loads it as is):
     adapter_config.json         peft's own config
     adapter_model.safetensors   the adapter weights
+    answerability.json          (optional) the calibrated abstention head (`generation.answerability`)
     retro_config.json           the retrieval settings, the index and encoder it was
                                 trained with, the base model (name + fingerprints)
                                 and the training data's sha256
@@ -24,6 +25,7 @@ import torch
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
 from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model
 from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
+from retro_peft.generation.answerability import ANSWERABILITY_FILE, AnswerabilityHead
 from retro_peft.generation.generator import Generator
 from retro_peft.storage import replace_folder, sha256_file
 
@@ -58,6 +60,7 @@ class RetroPeftModel:
         self.config = config
         self.base_model_name = base_model_name
         self.info = dict(info or {})
+        self.answerability: AnswerabilityHead | None = None  # fitted by `training.calibrate`, saved with the adapter
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -106,7 +109,9 @@ class RetroPeftModel:
             peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
         except (ValueError, RuntimeError, KeyError) as e:
             raise AdapterMismatchError(f"adapter {adapter_dir} does not fit base model {name!r}: {e}") from None
-        return cls(peft_model, tokenizer, config, name, info)
+        model = cls(peft_model, tokenizer, config, name, info)
+        model.answerability = load_answerability(adapter_dir, info)
+        return model
 
     # -- saving -------------------------------------------------------------------------
     def save(self, out_dir, *, index=None, training_data_sha256: str | None = None, extra: dict | None = None) -> Path:
@@ -121,6 +126,8 @@ class RetroPeftModel:
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card; the folder is the three files
+            if self.answerability is not None:
+                self.answerability.save(tmp)
             info = {
                 "format_version": FORMAT_VERSION,
                 "method": self.config.method,
@@ -131,6 +138,7 @@ class RetroPeftModel:
                 "template": self.config.retrieval.template,
                 "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
                 **{key: sha256_file(tmp / name) for name, key in CHECKSUM_KEYS.items()},
+                "answerability_sha256": sha256_file(tmp / ANSWERABILITY_FILE) if self.answerability else None,
                 "final_ranks": self.final_ranks(),
                 **(extra or {}),
             }
@@ -165,8 +173,12 @@ class RetroPeftModel:
     def retrieval(self):
         return self.config.retrieval
 
-    def generator(self, index=None, **kwargs):
-        return Generator(self.model, self.tokenizer, index=index, retrieval=self.config.retrieval, **kwargs)
+    def generator(self, index=None, *, abstain_at: float | None = None, **kwargs):
+        """A Generator with this adapter. abstain_at: the answer rate to abstain at by the calibrated head
+        (None: the rate it was calibrated for; 0: never by the score); ignored without a head."""
+        head = self.answerability.at_rate(abstain_at) if self.answerability is not None else None
+        return Generator(self.model, self.tokenizer, index=index, retrieval=self.config.retrieval,
+                         answerability=head, **kwargs)
 
 
 def _index_info(index) -> dict:
@@ -184,6 +196,18 @@ def check_index(info: dict, index) -> None:
             f"the adapter was trained with an index built by encoder {info['index'].get('encoder')!r} "
             f"(fingerprint {recorded}), but index {index.path} was built by {index.encoder_name!r} "
             f"(fingerprint {found}); rebuild the index with --encoder {info['index'].get('encoder')}")
+
+
+def load_answerability(adapter_dir, info: dict) -> AnswerabilityHead | None:
+    """The adapter's calibrated head, checked against the checksum its save recorded (None if it has none)."""
+    adapter_dir = Path(adapter_dir)
+    recorded = info.get("answerability_sha256")
+    path = adapter_dir / ANSWERABILITY_FILE
+    if recorded is None:
+        return None
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise InputError(f"{path} is missing or does not match {RETRO_CONFIG} (changed after the save)")
+    return AnswerabilityHead.load(adapter_dir)
 
 
 def read_retro_config(adapter_dir) -> dict:

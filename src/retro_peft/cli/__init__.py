@@ -39,6 +39,33 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
                         "answers)")
 
 
+def add_answer_arguments(p: argparse.ArgumentParser, choices_default: str, abstain_default: str) -> None:
+    """--choices and --abstain-at, for `ask` and for a domain's defaults (`domain add`)."""
+    p.add_argument("--choices", type=parse_choices, metavar="A,B,...",
+                   help=f"comma-separated answer choices: every answer is exactly one of them ({choices_default})")
+    p.add_argument("--abstain-at", metavar="answer_rate=R|off",
+                   help="abstain below the adapter's calibrated answerability head's threshold for answer rate R "
+                        f"(0 < R <= 1), or never by the score (off); default: {abstain_default}")
+
+
+def parse_choices(text: str) -> tuple[str, ...]:
+    from retro_peft.domains.registry import check_choices
+
+    try:
+        return check_choices([c.strip() for c in text.split(",")], "--choices")
+    except RetroPeftError as e:  # argparse shows its message for an ArgumentTypeError only
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def abstain_at(args: argparse.Namespace) -> float | None:
+    """--abstain-at as an answer rate (0: off), or None when not given."""
+    if args.abstain_at is None:
+        return None
+    from retro_peft.generation.answerability import parse_abstain_at  # loads torch
+
+    return parse_abstain_at(args.abstain_at)
+
+
 def given(args: argparse.Namespace, *names: str) -> dict:
     """The options among `names` the user set (argparse default None): a config dataclass fills in the rest,
     so each default is written once, in the dataclass (`RetrievalConfig`, `TrainConfig`, `SamplingConfig`)."""

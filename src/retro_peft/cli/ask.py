@@ -6,7 +6,7 @@ import json
 import sys
 
 from retro_peft.choices import DTYPE_NAMES
-from retro_peft.cli import given
+from retro_peft.cli import abstain_at, add_answer_arguments, given
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU")
+    add_answer_arguments(p, "default: the domain's, if any", "the domain's abstain_at, else the rate the head was "
+                                                             "calibrated for")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -75,6 +77,7 @@ def run(args) -> int:
     sampling = SamplingConfig(**given(args, "max_new_tokens", "temperature", "top_p", "seed"),
                               stop=tuple(args.stop or ()))
     targets, name = _targets(args)
+    rate = abstain_at(args)
     route = None
     if name == AUTO:  # route on the indexes first, so only the chosen domain's adapter is loaded
         route = Router({n: spec.index for n, spec in targets.items()}).route(args.text)
@@ -83,20 +86,26 @@ def run(args) -> int:
     bank = AdapterBank(_base_model(args, chosen), max_new_tokens=sampling.max_new_tokens, dtype=args.dtype)
     if name is not None:
         spec = targets[name]
-        bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout)
+        bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout,
+                  choices=spec.choices, abstain_at=spec.abstain_at if rate is None else rate)
+    head = bank.domains[name].generator.answerability if name is not None else None
+    if rate is not None and head is None:
+        print(f"note: --abstain-at is ignored: {f'domain {name}' if name else 'the base model'} has no adapter "
+              "answerability head (answerability.json)", file=sys.stderr)
     if args.stream and not args.json:
         answer = None
-        for piece in bank.stream(args.text, name, sampling=sampling):
+        for piece in bank.stream(args.text, name, sampling=sampling, choices=args.choices):
             if isinstance(piece, str):
                 print(piece, end="", flush=True)
             else:
                 answer = piece
         print()
     else:
-        answer = bank.answer(args.text, name, sampling=sampling)
+        answer = bank.answer(args.text, name, sampling=sampling, choices=args.choices)
     if args.json:
         json.dump({
             "answer": answer.text, "domain": name, "abstained": answer.abstained,
+            "answerability": answer.answerability,
             "route": None if route is None else {"domain": route.domain, "score": route.score,
                                                   "similarity": route.similarity},
             "citations": [{"chunk_id": c, "doc_id": d, "title": t, "score": s} for c, d, t, s in answer.citations],
@@ -108,7 +117,10 @@ def run(args) -> int:
     if not args.stream:
         print(answer.text)
     where = f"domain {name}" if name else "base model (no domain matched; no retrieval)"
-    print(f"\n[{where}{', abstained' if answer.abstained else ''}]")
+    # the score is there when the adapter has an answerability head (with the threshold it was compared with)
+    scored = "" if answer.answerability is None else \
+        f", answerability {answer.answerability:.3f} (threshold {head.threshold:.3f})"
+    print(f"\n[{where}{', abstained' if answer.abstained else ''}{scored}]")
     for i, (chunk_id, doc_id, title, score) in enumerate(answer.citations, start=1):
         print(f"  [{i}] {title or doc_id}  ({chunk_id}, score {score:.3f})")
     return 0

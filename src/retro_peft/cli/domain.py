@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retro_peft.cli import add_kv_cache_arguments
+from retro_peft.cli import abstain_at, add_answer_arguments, add_kv_cache_arguments
 from retro_peft.domains import add_domain, get_domain, list_domains, remove_domain
 
 
@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--description", help="what the domain covers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain of that name")
     add_kv_cache_arguments(p)  # the file is computed when the domain is first loaded
+    add_answer_arguments(p, "default: free answers; a request's own choices come first",
+                         "the rate the head was calibrated for")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("list", help="list registered domains")
@@ -37,9 +39,12 @@ def register(sub) -> None:
 
 def _add(args) -> int:
     spec = add_domain(args.name, args.index, adapter=args.adapter, description=args.description,
-                      overwrite=args.overwrite, kv_cache=args.kv_cache, kv_layout=args.kv_layout)
+                      overwrite=args.overwrite, kv_cache=args.kv_cache, kv_layout=args.kv_layout,
+                      choices=args.choices, abstain_at=abstain_at(args))
     cache = f", frozen KV cache {spec.kv_cache} ({spec.kv_layout or 'block'})" if spec.kv_cache else ""
-    print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}{cache}")
+    answers = f", choices {','.join(spec.choices)}" if spec.choices else ""
+    print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}{cache}"
+          f"{answers}")
     return 0
 
 
@@ -53,7 +58,8 @@ def _list(args) -> int:
     for s in specs:
         desc = f"  {s.description}" if s.description else ""
         cache = f"\tkv_cache={s.kv_cache} ({s.kv_layout or 'block'})" if s.kv_cache else ""
-        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{desc}")
+        answers = f"\tchoices={','.join(s.choices)}" if s.choices else ""
+        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{answers}{desc}")
     return 0
 
 
@@ -63,6 +69,7 @@ def _show(args) -> int:
         print(json.dumps(spec.to_dict()))
         return 0
     for key, value in spec.to_dict().items():
+        value = ",".join(value) if isinstance(value, tuple) else value  # choices, as --choices takes them
         print(f"{key:12s} {value if value is not None else '-'}")
     return 0
 

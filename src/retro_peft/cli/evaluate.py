@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-from retro_peft.choices import DTYPE_NAMES
-from retro_peft.cli import add_kv_cache_arguments, given
+from retro_peft.choices import ANSWER_KINDS, DTYPE_NAMES
+from retro_peft.cli import abstain_at, add_answer_arguments, add_kv_cache_arguments, given
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate answers: SQuAD EM/F1, abstention, retrieval recall")
+    p = sub.add_parser("eval", help="evaluate answers: EM/F1 (span), accuracy/macro-F1 (choice), token F1/ROUGE-L "
+                                    "(free), abstention, retrieval recall, citation precision/recall")
     p.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model: {DEFAULT_GENERATOR}, a local folder or a HF id")
     p.add_argument("--adapter", help="adapter folder written by `retro-peft train`")
     p.add_argument("--index", help="index name or path (required unless --no-retrieval)")
@@ -28,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
                         "native bf16, e.g. AVX512-BF16)")
+    p.add_argument("--kind", choices=ANSWER_KINDS, help="answer kind of questions that name none")
+    add_answer_arguments(p, "default: questions that name none answer freely", "the rate the head was calibrated for")
     add_kv_cache_arguments(p)
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
@@ -60,7 +63,8 @@ def run(args) -> int:
         raise InputError(f"--limit must be positive, got {args.limit}")
     if not args.no_retrieval and not args.index:
         raise InputError("--index is required (or pass --no-retrieval for closed-book answers)")
-    items = load_qa(args.qa, articles=parse_articles(args.articles))
+    answer_rate = abstain_at(args)
+    items = load_qa(args.qa, articles=parse_articles(args.articles), kind=args.kind, choices=args.choices)
     info = read_retro_config(args.adapter) if args.adapter else None
     index = open_index(args.index) if args.index and not args.no_retrieval else None
     if info and index is not None:
@@ -69,7 +73,14 @@ def run(args) -> int:
     if args.adapter:
         model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device)
         lm, tokenizer, retrieval = model.model, model.tokenizer, model.retrieval
+        if answer_rate and model.answerability is None:
+            raise InputError(f"adapter {args.adapter} has no calibrated answerability head (train it with "
+                             "--abstain-at answer_rate=R); --abstain-at needs one")
+        head = model.answerability.at_rate(answer_rate) if model.answerability is not None else None
     else:
+        if answer_rate:
+            raise InputError("--abstain-at uses an adapter's calibrated answerability head: give --adapter")
+        head = None
         lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device)
         retrieval = RetrievalConfig()
     overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
@@ -81,16 +92,16 @@ def run(args) -> int:
         from retro_peft.kvcache import load_or_build
 
         kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout)
-    generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache,
+    generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache, answerability=head,
                           **given(args, "max_new_tokens", "batch_size"))
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)
     if args.predictions:
         atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())
-    scores = {"n": result.n, "em": result.em, "f1": result.f1, "abstain_unanswerable": result.abstain_unanswerable,
-              "answer_answerable": result.answer_answerable, "retrieval_recall": result.retrieval_recall}
+    scores = result.summary()
     if args.json:
         print(json.dumps(scores))
     else:
         for key, value in scores.items():
-            print(f"{key:22s} {value if value is None or isinstance(value, int) else f'{value:.4f}'}")
+            if value is not None:  # the scores of other answer kinds are None
+                print(f"{key:22s} {value if isinstance(value, (int, str)) else f'{value:.4f}'}")
     return 0

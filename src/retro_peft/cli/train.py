@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from retro_peft.choices import PEFT_METHODS, SEARCH_MODES
-from retro_peft.cli import given
+from retro_peft.choices import ANSWER_KINDS, GROUNDINGS, PEFT_METHODS, SEARCH_MODES
+from retro_peft.cli import abstain_at, given, parse_choices
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -44,6 +44,18 @@ def register(sub) -> None:
     p.add_argument("--block-attention", action="store_true",
                    help="train in the frozen KV cache's layout (each passage computed apart, whole passages), "
                         "for an adapter that answers through `eval --kv-cache`")
+    p.add_argument("--grounding", choices=GROUNDINGS,
+                   help="which passages are a question's gold ones: doc (its gold documents' chunks), span (chunks "
+                        "holding the answer's words), auto (doc where the question names gold documents; default)")
+    p.add_argument("--no-citations", action="store_true",
+                   help="do not train answers to end with their gold passages' markers ([2])")
+    p.add_argument("--kind", choices=ANSWER_KINDS, help="answer kind of questions that name none (default: span, "
+                                                         "or choice when --choices is given)")
+    p.add_argument("--choices", type=parse_choices, metavar="A,B,...",
+                   help="default answer choices of questions that name none, comma-separated (e.g. yes,no,maybe)")
+    p.add_argument("--abstain-at", help="answer_rate=R: hold out questions, fit the calibrated abstention head on "
+                                        "them and abstain below the score that answers R of answerable questions")
+    p.add_argument("--held-out", type=float, help="share of questions held out for --abstain-at (default 0.15)")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
     p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
     p.add_argument("--batch-size", type=int)
@@ -70,6 +82,7 @@ def run(args) -> int:
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
+    from retro_peft.training.calibrate import DEFAULT_HELD_OUT, calibrate, split_held_out
     from retro_peft.training.trainer import check_output_dir
 
     out = Path(args.out)
@@ -77,15 +90,23 @@ def run(args) -> int:
     if (out / "retro_config.json").exists() and not args.resume:
         raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
     check_output_dir(out, resume=args.resume)
-    retrieval = RetrievalConfig(**given(args, "k", "distractors", "oracle_fraction", "context_tokens", "mode"),
-                                block_attention=args.block_attention)
+    retrieval = RetrievalConfig(**given(args, "k", "distractors", "oracle_fraction", "context_tokens", "mode",
+                                        "grounding"),
+                                block_attention=args.block_attention, citations=not args.no_citations)
+    answer_rate = abstain_at(args)
     train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device"),
                                checkpoint_every=args.checkpoint_every, compile=args.compile)
     config = config_for_method(args.method, retrieval=retrieval, steps=train_config.steps)
     # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
     train_config.lr = args.lr if args.lr is not None else config.default_lr
     train_config.validate()
-    items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True)
+    items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True, kind=args.kind,
+                    choices=args.choices)
+    held_out = None
+    if answer_rate:
+        items, held_out = split_held_out(items, args.held_out or DEFAULT_HELD_OUT, train_config.seed)
+    elif args.held_out is not None:
+        raise InputError("--held-out is the calibration share of --abstain-at: give --abstain-at answer_rate=R")
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
     index = open_index(args.index, encoder=args.encoder)
     data_sha = hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest()
@@ -95,8 +116,13 @@ def run(args) -> int:
     eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=seed) if eval_items else None
     if args.resume and latest_checkpoint(out) is None:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+
+    def fit_answerability() -> None:
+        if held_out:
+            model.answerability = calibrate(model.generator(index), held_out, answer_rate=answer_rate, seed=seed)
+
     result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,
-                   index=index, data_sha256=data_sha, progress=not args.no_progress)
+                   index=index, data_sha256=data_sha, progress=not args.no_progress, before_save=fit_answerability)
     trainable, total = model.trainable_parameters()
     summary = {"out": str(out), "method": args.method, "steps": result.steps, "final_loss": result.final_loss,
                "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 1),
@@ -104,5 +130,8 @@ def run(args) -> int:
                "resumed_from": result.resumed_from, "eval_losses": result.eval_losses}
     if result.final_ranks is not None:
         summary["final_ranks"] = result.final_ranks
+    if model.answerability is not None:
+        summary["answerability"] = {"answer_rate": model.answerability.answer_rate,
+                                    "threshold": model.answerability.threshold, **model.answerability.stats}
     print(json.dumps(summary, indent=2))
     return 0

@@ -11,6 +11,11 @@ and template, and decoded in one pass with its own adapter (`MixedLoRA`, for
 LoRA adapters; other methods are decoded one domain group at a time). A bank
 holds adapters of one PEFT method: PEFT cannot combine, say, LoRA and IA3
 layers in one model.
+
+A domain may also bring its adapter's calibrated answerability head (at the
+domain's `abstain_at` rate) and default answer choices; each row carries its
+own (`Row`), so they mix in a batch as well. Rows answered by scoring choices
+are decoded one adapter at a time (see `_decode_groups`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ import torch
 import retro_peft
 
 from retro_peft.adapters.config import RetroAdapterConfig
-from retro_peft.adapters.model import CHECKSUM_KEYS, read_retro_config
+from retro_peft.adapters.model import CHECKSUM_KEYS, load_answerability, read_retro_config
 from retro_peft.base_model import base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model
 from retro_peft.choices import check_kv_layout
 from retro_peft.domains.mixed_lora import MixedLoRA
-from retro_peft.domains.registry import AUTO
+from retro_peft.domains.registry import AUTO, check_abstain_at, check_choices
 from retro_peft.domains.routing import Router
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation import (Answer, BatchRunner, Generator, RetrievalConfig, SamplingConfig, SearchOptions,
@@ -99,20 +104,27 @@ class AdapterBank:
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, name: str, index, adapter: str | Path | None = None, *,
-             kv_cache: str | Path | None = None, kv_layout: str | None = None) -> Domain:
+             kv_cache: str | Path | None = None, kv_layout: str | None = None,
+             choices: list[str] | tuple[str, ...] | None = None, abstain_at: float | None = None) -> Domain:
         """Open a domain's index (a name, path or open Index) and load its adapter, if any.
 
         kv_cache: the domain's frozen KV cache file, computed there if missing (`kvcache.load_or_build`);
         its rows then prefill only their question (kv_layout block, the default) or what follows their
         first passage (prefix: a full prefill's answers).
+        choices: the answers its questions choose from when a request gives none. abstain_at: the answer
+        rate the adapter's answerability head abstains at (None: as calibrated; 0: never by the score);
+        without a head, abstention is only the adapter's own phrase.
         """
         try:
             if kv_layout is not None and kv_cache is None:
                 raise InputError("kv_layout needs kv_cache (the frozen KV cache file)")
             layout = check_kv_layout(kv_layout) if kv_cache is not None else None
+            choices = check_choices(choices) if choices else ()
+            if abstain_at is not None:
+                check_abstain_at(abstain_at)
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
-            retrieval, method, adapter_files = RetrievalConfig(), None, None
+            retrieval, method, adapter_files, head = RetrievalConfig(), None, None, None
             if adapter is not None:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
@@ -121,14 +133,19 @@ class AdapterBank:
                                  for file, key in CHECKSUM_KEYS.items()}
                 check_fingerprint(info["base_model"], self.fingerprint, what=f"adapter {adapter}",
                                   found_name=self.base_model_name)
+                head = load_answerability(adapter, info)
+                head = head.at_rate(abstain_at) if head is not None else None
         except RetroPeftError as e:
             raise DomainError(f"domain {name!r}: {e}") from None
         if name in self.domains:  # reloading a domain replaces it
             self.unload(name)
         generator = Generator(self.model, self.tokenizer, index=index, retrieval=retrieval,
-                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, answerability=head,
+                              choices=choices)
         index_version = _digest([index.manifest["encoder"], index.manifest["files"], retro_peft.__version__])
-        version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout])
+        # the head (its weights and the threshold picked) and the default choices change answers too
+        version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout,
+                           None if head is None else asdict(head), choices])
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
                                     index_version)
         self._auto_version = None
@@ -229,40 +246,47 @@ class AdapterBank:
     # -- answering ---------------------------------------------------------------------------
 
     def answer(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None,
-               on_text=None) -> Answer:
+               on_text=None, choices=None) -> Answer:
         stream = None if on_text is None else (lambda _row, delta: on_text(delta))
-        return self.answer_many([question], [domain], sampling=sampling, on_text=stream)[0]
+        return self.answer_many([question], [domain], sampling=sampling, on_text=stream,
+                                choices=None if choices is None else [choices])[0]
 
-    def stream(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None):
+    def stream(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None, choices=None):
         """Yield text pieces as they are generated, then the final `Answer`."""
-        return stream_answer(lambda on_text: self.answer(question, domain, sampling=sampling, on_text=on_text))
+        return stream_answer(lambda on_text: self.answer(question, domain, sampling=sampling, on_text=on_text,
+                                                         choices=choices))
 
     def answer_many(self, questions: list[str], domains: list[str | None], *, sampling: SamplingConfig | None = None,
-                    search: SearchOptions | None = None, on_text=None, cancelled=None) -> list[Answer]:
+                    search: SearchOptions | None = None, on_text=None, cancelled=None,
+                    choices: list | None = None) -> list[Answer]:
         """Answer a batch whose rows may belong to different domains (None: base model, no retrieval).
 
         search: retrieval k / mode / filters for every row, in place of each domain's own.
+        choices: per row, the strings its answer must be one of (None: its domain's choices, if any).
         on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
         """
-        if len(questions) != len(domains):
-            raise InputError("answer_many needs one domain per question")
+        if len(questions) != len(domains) or (choices is not None and len(choices) != len(questions)):
+            raise InputError("answer_many needs one domain (and, if given, one choice list) per question")
         rows: list = [None] * len(questions)
-        for name in set(domains):  # each row prompted by its own domain (index, template, frozen KV cache)
+        for name in set(domains):  # each row prompted by its own domain (index, template, head, choices, KV cache)
             generator = self._base_generator if name is None else self._get(name).generator
             at = [r for r, d in enumerate(domains) if d == name]
-            for r, row in zip(at, generator.rows([questions[r] for r in at], search=search)):
+            mine = None if choices is None else [choices[r] for r in at]
+            for r, row in zip(at, generator.rows([questions[r] for r in at], search=search, choices=mine)):
                 rows[r] = row
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
+        scored = [bool(row.choices) for row in rows]
         return self._runner.run(rows, sampling, on_text=on_text, cancelled=cancelled,
-                                groups=lambda batch: self._groups(batch, domains))
+                                groups=lambda batch: self._groups(batch, domains, scored))
 
-    def _groups(self, batch: list[int], domains: list[str | None]):
+    def _groups(self, batch: list[int], domains: list[str | None], scored: list[bool]):
         """The runner's decode groups of one batch: its adapters brought into memory (at most max_adapters at
-        a time), then one pass per group that can share it, inside that group's adapter context."""
+        a time), then one pass per group that can share it, inside that group's adapter context.
+        scored[r]: row r is answered by scoring its choices."""
         for part in self._resident_parts(batch, domains):
             for name in dict.fromkeys(domains[r] for r in part if domains[r] is not None):
                 self._ensure_resident(name)
-            for group in self._decode_groups(part, domains):
+            for group in self._decode_groups(part, domains, scored):
                 yield group, self._adapters_for([domains[r] for r in group])
 
     def _resident_parts(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
@@ -291,12 +315,16 @@ class AdapterBank:
     def _adapter_of(self, name: str | None) -> str | None:
         return None if name is None or self.domains[name].adapter_dir is None else name
 
-    def _decode_groups(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
-        """One group if every adapter involved can share a mixed pass, else one group per adapter."""
-        adapters = {self._adapter_of(domains[r]) for r in rows}
+    def _decode_groups(self, rows: list[int], domains: list[str | None], scored: list[bool]) -> list[list[int]]:
+        """Rows decoded freely: one group if every adapter involved can share a mixed pass, else one group per
+        adapter. Rows answered by scoring choices: one group per adapter, always, since their scoring pass runs
+        each row once per choice, which a mixed pass's row -> adapter map does not follow."""
+        free = [r for r in rows if not scored[r]]
+        groups = list(self._by_adapter([r for r in rows if scored[r]], domains).values())
+        adapters = {self._adapter_of(domains[r]) for r in free}
         if len(adapters) <= 1 or all(a is None or self._mixed_lora().supports(a) for a in adapters):
-            return [rows]
-        return list(self._by_adapter(rows, domains).values())
+            return [free, *groups] if free else groups
+        return [*self._by_adapter(free, domains).values(), *groups]
 
     def _by_adapter(self, rows: list[int], domains: list[str | None]) -> dict:
         """{adapter name or None: its rows}, in first-seen order."""

@@ -4,7 +4,7 @@ A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
 
     {"format": "retro-peft-domain", "format_version": 1, "name": "law",
      "index": "law-docs", "adapter": "/abs/path/to/adapter", "description": "...",
-     "kv_cache": null, "kv_layout": null, "created_at": "..."}
+     "kv_cache": null, "kv_layout": null, "choices": null, "abstain_at": null, "created_at": "..."}
 
 `index` is kept as given when it is a bare index name (so it follows
 `$RETRO_PEFT_HOME`), as an absolute path otherwise; `adapter` is always an
@@ -12,6 +12,10 @@ absolute path. `kv_cache` (opt-in, absolute path or null): the domain answers
 through a frozen KV cache stored in that file (`retro_peft.kvcache`), computed
 when the domain is first loaded and read back after; `kv_layout` says how
 (`block`, the default, or `prefix`: see `retro_peft.choices.KVLayout`).
+`choices` (optional): the answer choices its questions take by default (e.g. yes/no/maybe; a
+request's own choices come first); `abstain_at` (optional): the answer rate its adapter's
+calibrated answerability head abstains at (null: the rate it was calibrated for; 0: never by the
+score). Files written before these two keys existed read as null.
 Files are written atomically, so a crash never leaves half a domain.
 """
 
@@ -48,6 +52,8 @@ class DomainSpec:
     kv_cache: str | None = None  # absolute path of the domain's frozen KV cache file; None = full prefill
     created_at: str | None = None
     kv_layout: str | None = None  # how it uses the cache: block (None means block) or prefix
+    choices: tuple[str, ...] | None = None  # every answer is one of these (None: free answers)
+    abstain_at: float | None = None  # the head's answer rate (None: as calibrated; 0: never abstains by score)
 
     @property
     def index_path(self) -> Path:
@@ -74,20 +80,42 @@ def check_domain_name(name: str) -> str:
     return name
 
 
+def check_choices(choices, field: str = "choices") -> tuple[str, ...]:
+    """Answer choices as the domain file, `ask` and `serve` take them: two or more different non-empty strings."""
+    if (not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in choices)
+            or len(set(choices)) < 2 or len(set(choices)) != len(choices)):
+        raise InputError(f"{field} must be a list of at least two different non-empty strings, got {choices!r}")
+    return tuple(choices)
+
+
+def check_abstain_at(rate) -> float:
+    """A domain's `abstain_at`: an answer rate in (0, 1], or 0 (never abstain by the score)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise InputError(f"abstain_at must be an answer rate in (0, 1] or 0 (off), got {rate!r}")
+    return float(rate)
+
+
 def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, description: str | None = None,
                overwrite: bool = False, kv_cache: str | Path | None = None,
-               kv_layout: str | None = None) -> DomainSpec:
+               kv_layout: str | None = None, choices: list[str] | tuple[str, ...] | None = None,
+               abstain_at: float | None = None) -> DomainSpec:
     """Register a domain after checking that its index opens and its adapter folder is complete.
 
     kv_cache: a file for the domain's frozen KV cache (built on first load if missing); answers then
     change (passages do not attend to each other: BENCHMARKS.md), so it is opt-in.
+    choices: the answers its questions choose from by default; abstain_at: the answer rate of its
+    adapter's answerability head (the adapter must have one: a rate for no head would be ignored).
     """
     check_domain_name(name)
     file = _file(name)
     if file.exists() and not overwrite:
         raise InputError(f"domain {name!r} already exists: use overwrite (--overwrite) to replace it")
+    choices = check_choices(choices) if choices is not None else None
+    abstain_at = check_abstain_at(abstain_at) if abstain_at is not None else None
+    if abstain_at is not None and adapter is None:
+        raise InputError("abstain_at needs an adapter with an answerability head (--adapter)")
     index_text = _check_index(index)
-    adapter_text = _check_adapter(adapter) if adapter is not None else None
+    adapter_text = _check_adapter(adapter, abstain_at) if adapter is not None else None
     if description is not None and not isinstance(description, str):
         raise InputError(f"domain description must be text, got {type(description).__name__}")
     if kv_cache is not None:
@@ -98,7 +126,8 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
         if kv_cache is None:
             raise InputError("a KV cache layout needs a KV cache file (--kv-cache)")
         check_kv_layout(kv_layout)
-    spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now(), kv_layout)
+    spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now(), kv_layout, choices,
+                      abstain_at)
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec
 
@@ -165,13 +194,16 @@ def _check_index(index: str | Path) -> str:
     return str(index) if path == paths.home() / "indexes" / str(index) else str(path)
 
 
-def _check_adapter(adapter: str | Path) -> str:
+def _check_adapter(adapter: str | Path, abstain_at: float | None = None) -> str:
     # Imported here: it loads torch, which `domain list` and `show` do not need.
-    from retro_peft.adapters.model import read_retro_config
+    from retro_peft.adapters.model import load_answerability, read_retro_config
 
     path = Path(adapter).expanduser().resolve()
     # The checks the domain's loading does (files, retro_config.json, hashes): refused now, not at serve time.
-    read_retro_config(path)
+    info = read_retro_config(path)
+    if load_answerability(path, info) is None and abstain_at is not None:
+        raise InputError(f"abstain_at needs an answerability head, and adapter {path} has none "
+                         "(its folder has no answerability.json)")
     return str(path)
 
 
@@ -190,6 +222,13 @@ def _read(file: Path) -> DomainSpec:
     if data.get("kv_layout") not in (None, *KV_LAYOUTS) or (data.get("kv_layout") and not data.get("kv_cache")):
         raise InputError(f"domain file {file} is malformed (kv_layout {data.get('kv_layout')!r}: "
                          f"{' or '.join(KV_LAYOUTS)}, with a kv_cache)")
+    try:
+        if data.get("choices") is not None:
+            data["choices"] = check_choices(data["choices"])
+        if data.get("abstain_at") is not None:
+            check_abstain_at(data["abstain_at"])
+    except InputError as e:
+        raise InputError(f"domain file {file} is malformed ({e})") from None
     fields = DomainSpec.__dataclass_fields__
     return DomainSpec(**{k: v for k, v in data.items() if k in fields})
 

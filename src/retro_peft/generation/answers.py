@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass, field
 
 from retro_peft.generation.prompt import Passage
+from retro_peft.text import mentions, normalize_answer
+
+__all__ = ["Answer", "cite", "is_abstention", "mentions", "normalize_answer", "split_citations"]
 
 
 @dataclass
@@ -18,29 +20,8 @@ class Answer:
     completion_tokens: int = 0
     passages: list[Passage] = field(default_factory=list, repr=False)  # what the prompt held
     finish_reason: str = "stop"  # "stop", "length" or "cancelled"
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-# Words for "does this text hold the answer": a number keeps its decimal point or separators ("0.8" is one
-# word, so "8" is not in it), other punctuation separates ("32-token" holds "32"); case and articles aside.
-_WORD = re.compile(r"\d+(?:[.,]\d+)*|[^\W_]+")
-
-
-def _words(text: str) -> str:
-    return " ".join(w for w in _WORD.findall(text.lower()) if w not in ("a", "an", "the"))
-
-
-def mentions(text: str, answer: str) -> bool:
-    """`answer` occurs in `text` as whole words: "1" is not in "1945", "8" not in "0.8" or "448"."""
-    answer = _words(answer)
-    return bool(answer) and f" {answer} " in f" {_words(text)} "
+    # The calibrated answerability score (an adapter's head; None without one): below its threshold, abstained.
+    answerability: float | None = None
 
 
 def is_abstention(text: str, phrase: str) -> bool:
@@ -49,7 +30,23 @@ def is_abstention(text: str, phrase: str) -> bool:
     return bool(target) and norm.startswith(target)
 
 
-def cite(answer: str, passages: list[Passage]) -> list[tuple[str, str, str, float]]:
-    """The passages that contain the answer (as whole words); if none does, every passage the prompt held."""
-    hits = [p for p in passages if mentions(p.text, answer)] or list(passages)
+# ALCE-style citation markers: "[2]" or "[1][3]", anywhere in the answer (a trained adapter ends with them).
+_MARKERS = re.compile(r"\s*\[(\d{1,3})\]")
+
+
+def split_citations(text: str, passages: list[Passage]) -> tuple[str, list[Passage]]:
+    """(the text without its markers, the passages they name, in order). Markers naming no passage of the
+    prompt are dropped from the text too: they cite nothing."""
+    cited = []
+    for m in _MARKERS.finditer(text):
+        n = int(m.group(1))
+        if 1 <= n <= len(passages) and passages[n - 1] not in cited:
+            cited.append(passages[n - 1])
+    return _MARKERS.sub("", text).strip(), cited
+
+
+def cite(answer: str, passages: list[Passage], cited: list[Passage] | None = None) -> list[tuple[str, str, str, float]]:
+    """The passages the answer cites: those its markers name (`cited`, from `split_citations`); without
+    markers, those that contain the answer (as whole words); if none does, every passage the prompt held."""
+    hits = cited or [p for p in passages if mentions(p.text, answer)] or list(passages)
     return [(p.chunk_id, p.doc_id, p.title, p.score) for p in hits]

@@ -8,7 +8,8 @@ import threading
 from retro_peft.errors import InputError
 from retro_peft.generation.answers import Answer
 from retro_peft.generation.decode import StaticDecode
-from retro_peft.generation.prompt import Passage, Prompt, RetrievalConfig, SearchOptions, build_prompt
+from retro_peft.generation.answerability import AnswerabilityHead
+from retro_peft.generation.prompt import Passage, Prompt, RetrievalConfig, SearchOptions, build_prompt, with_choices
 from retro_peft.generation.runner import BatchRunner, Row
 from retro_peft.generation.sampling import SamplingConfig
 
@@ -17,13 +18,18 @@ class Generator:
     """Answer questions from an index with a (PEFT-wrapped or plain) causal LM."""
 
     def __init__(self, model, tokenizer, index=None, retrieval: RetrievalConfig | None = None, *,
-                 max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False, kv_cache=None):
+                 max_new_tokens: int = 24, batch_size: int = 8, compile_decode: bool = False, kv_cache=None,
+                 answerability: AnswerabilityHead | None = None, choices: tuple[str, ...] = ()):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.tokenizer = tokenizer
         self.index = index
         self.retrieval = retrieval or RetrievalConfig()
         self.max_new_tokens = max_new_tokens
+        # answerability: abstain below this calibrated head's threshold; choices: every answer is one of these
+        # (a domain's declared choices; a question's own, given to answer_many, come first)
+        self.answerability = answerability
+        self.choices = tuple(choices)
         # compile_decode (CUDA): each decode step one CUDA-graph replay; the first batch of a shape compiles
         self.runner = BatchRunner(model, tokenizer, batch_size=batch_size,
                                   static=StaticDecode(model) if compile_decode else None)
@@ -66,32 +72,49 @@ class Generator:
         return [[Passage.from_hit(h) for h in row] for row in hits]
 
     def prompts(self, questions: list[str], passages: list[list[Passage]] | None = None,
-                search: SearchOptions | None = None) -> list[Prompt]:
+                search: SearchOptions | None = None, choices: list | None = None) -> list[Prompt]:
+        """Prompts as the model sees them (retrieval uses the bare questions, the prompt lists the choices)."""
         passages = self.retrieve(questions, search) if passages is None else passages
-        return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(questions, passages)]
+        shown = [with_choices(q, c) for q, c in zip(questions, self._choices(questions, choices))]
+        return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(shown, passages)]
+
+    def _choices(self, questions: list[str], choices: list | None) -> list[tuple[str, ...]]:
+        if choices is not None and len(choices) != len(questions):
+            raise InputError(f"{len(choices)} choice lists for {len(questions)} questions")
+        if any(isinstance(c, str) for c in choices or ()):
+            raise InputError("each question's choices must be a list of strings, not one string")
+        out = [tuple(c) if c else self.choices for c in (choices or [None] * len(questions))]
+        for c in out:
+            if c and (len(set(c)) < 2 or not all(isinstance(x, str) and x.strip() for x in c)):
+                raise InputError(f"choices must be at least two different non-empty strings, got {list(c)!r}")
+        return out
 
     def rows(self, questions: list[str], passages: list[list[Passage]] | None = None,
-             search: SearchOptions | None = None) -> list[Row]:
+             search: SearchOptions | None = None, choices: list | None = None) -> list[Row]:
         """The questions ready to decode: with a frozen KV cache, as it runs them (stored segments + tail)."""
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
+        choices = self._choices(questions, choices)
+        extra = {"answerability": self.answerability, "cites": self.retrieval.citations}
         abstention = self.retrieval.abstention
         if self.kv_cache is None:
-            return [Row(p, abstention) for p in self.prompts(questions, passages, search)]
+            return [Row(p, abstention, choices=c, **extra)
+                    for p, c in zip(self.prompts(questions, passages, search, choices), choices)]
         passages = self.retrieve(questions, search) if passages is None else passages
-        return [Row(c.prompt, abstention, self.kv_cache, c.keys, c.tail_ids)
-                for c in self.kv_cache.prompts(self.tokenizer, questions, passages, self.retrieval)]
+        shown = [with_choices(q, c) for q, c in zip(questions, choices)]
+        return [Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=c, **extra)
+                for p, c in zip(self.kv_cache.prompts(self.tokenizer, shown, passages, self.retrieval), choices)]
 
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
         return sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
 
     def answer(self, question: str, *, passages: list[Passage] | None = None,
-               sampling: SamplingConfig | None = None, on_text=None) -> Answer:
-        """One answer; `on_text(delta)` streams its text as it is generated."""
+               sampling: SamplingConfig | None = None, on_text=None, choices=None) -> Answer:
+        """One answer; `on_text(delta)` streams its text as it is generated; `choices`: answer one of these."""
         stream = None if on_text is None else (lambda _row, delta: on_text(delta))
         return self.answer_many([question], passages=None if passages is None else [passages], sampling=sampling,
-                                on_text=stream)[0]
+                                on_text=stream, choices=None if choices is None else [choices])[0]
 
     def stream(self, question: str, *, sampling: SamplingConfig | None = None):
         """Yield the answer's text pieces as tokens are produced, then the final `Answer`."""
@@ -99,11 +122,12 @@ class Generator:
 
     def answer_many(self, questions: list[str], *, passages: list[list[Passage]] | None = None,
                     sampling: SamplingConfig | None = None, search: SearchOptions | None = None, on_text=None,
-                    cancelled=None) -> list[Answer]:
+                    cancelled=None, choices: list | None = None) -> list[Answer]:
+        """`choices`: per question, the strings its answer must be one of (None or empty: the default)."""
         if isinstance(questions, str):
             raise InputError("answer_many takes a list of questions")
-        return self.runner.run(self.rows(questions, passages, search), self.sampling(sampling), on_text=on_text,
-                               cancelled=cancelled)
+        return self.runner.run(self.rows(questions, passages, search, choices), self.sampling(sampling),
+                               on_text=on_text, cancelled=cancelled)
 
 
 def stream_answer(run):

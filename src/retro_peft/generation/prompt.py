@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from retro_peft.choices import PROMPT_TEMPLATES, SEARCH_MODES, PromptTemplate, SearchMode
+from retro_peft.choices import GROUNDINGS, PROMPT_TEMPLATES, SEARCH_MODES, Grounding, PromptTemplate, SearchMode
 from retro_peft.errors import InputError
 
 # Shortest passage tail worth keeping when truncating to the budget.
@@ -33,6 +33,9 @@ class RetrievalConfig:
     # head, not to the other passages), whole passages only. Training reads it; answering through that
     # layout is the frozen KV cache's choice (Generator(kv_cache=...), a domain's kv_cache), not this flag.
     block_attention: bool = False
+    grounding: Grounding = "auto"  # which passages are an item's gold ones in training (see choices.Grounding)
+    # Train the answer to end with the markers of the gold passages it used ("... [2]"); `cite` reads them.
+    citations: bool = True
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 0:
@@ -49,6 +52,10 @@ class RetrievalConfig:
             raise InputError("the abstention phrase must be a non-empty string")
         if not isinstance(self.block_attention, bool):
             raise InputError(f"block_attention must be true or false, got {self.block_attention!r}")
+        if self.grounding not in GROUNDINGS:
+            raise InputError(f"unknown grounding {self.grounding!r}; choose one of {', '.join(GROUNDINGS)}")
+        if not isinstance(self.citations, bool):
+            raise InputError(f"citations must be true or false, got {self.citations!r}")
         if self.mode not in SEARCH_MODES:
             raise InputError(f"unknown search mode {self.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
 
@@ -103,6 +110,14 @@ def instruction(abstention: str, closed_book: bool = False) -> str:
     if closed_book:
         return f'Answer the question in a few words. If you do not know the answer, reply "{abstention}"'
     return f'Answer the question in a few words, using only the passages. If they do not contain the answer, reply "{abstention}"'
+
+
+def with_choices(question: str, choices) -> str:
+    """The question as the prompt shows it: a choice question lists its choices (training and answering alike)."""
+    question = question.strip()
+    if not choices:
+        return question
+    return f"{question}\nAnswer with one of: {', '.join(choices)}."
 
 
 def passage_marker(number: int) -> str:

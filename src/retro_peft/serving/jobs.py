@@ -15,22 +15,22 @@ from retro_peft.serving.state import BASE, ServerState
 
 
 def submit(state: ServerState, question: str, domain: str | None, sampling: SamplingConfig,
-           search: SearchOptions | None, on_text=None) -> Job:
+           search: SearchOptions | None, on_text=None, choices: tuple[str, ...] | None = None) -> Job:
     """Queue one answer (`on_text`: called with each piece of text, from the batcher's thread); 503 when full."""
     try:
-        return state.batcher.submit(question, domain, sampling, on_text, search)
+        return state.batcher.submit(question, domain, sampling, on_text, search, choices)
     except QueueFull as e:
         state.metrics.rejected.labels("queue_full").inc()
         raise busy(str(e), e.retry_after) from None
 
 
 def submit_all(state: ServerState, questions: list[str], domains: list[str | None], sampling: SamplingConfig,
-               search: SearchOptions | None) -> list[Job]:
+               search: SearchOptions | None, choices: tuple[str, ...] | None = None) -> list[Job]:
     """All the jobs or none (those queued are cancelled when one does not fit)."""
     jobs = []
     try:
         for q, d in zip(questions, domains):
-            jobs.append(submit(state, q, d, sampling, search))
+            jobs.append(submit(state, q, d, sampling, search, choices=choices))
     except ApiError:
         for job in jobs:
             state.batcher.cancel(job)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from retro_peft.domains.registry import check_choices
 from retro_peft.errors import InputError
 from retro_peft.generation import SamplingConfig, SearchOptions
 from retro_peft.serving.errors import ApiError
@@ -37,3 +38,16 @@ def search(settings: ServeSettings, options: RetrievalOptions | None) -> SearchO
                        code="invalid_value")
     found = SearchOptions.of(options.k, options.mode, options.filters)
     return None if found == SearchOptions() else found
+
+
+def choices(settings: ServeSettings, body: CompletionRequest | ChatRequest) -> tuple[str, ...] | None:
+    """The request's `guided_choice` (checked as a domain's choices are); None: the domain's own, if any."""
+    if body.guided_choice is None:
+        return None
+    if len(body.guided_choice) > settings.http.max_choices:
+        raise ApiError(400, f"guided_choice: at most {settings.http.max_choices} choices", param="guided_choice",
+                       code="invalid_value")
+    try:
+        return check_choices(body.guided_choice, "guided_choice")
+    except InputError as e:
+        raise ApiError(400, str(e), param="guided_choice", code="invalid_value") from None

@@ -31,6 +31,11 @@ def citations(answer: Answer) -> list[Citation]:
     return [Citation(chunk_id=c[0], doc_id=c[1], title=c[2], score=c[3]) for c in answer.citations]
 
 
+def answered(answer: Answer) -> dict:
+    """What each choice says besides its text: its citations, and whether (and by what score) it abstained."""
+    return {"citations": citations(answer), "abstained": answer.abstained, "answerability": answer.answerability}
+
+
 def usage(answers: list[Answer]) -> Usage:
     prompt = sum(a.prompt_tokens for a in answers)
     completion = sum(a.completion_tokens for a in answers)
@@ -38,13 +43,13 @@ def usage(answers: list[Answer]) -> Usage:
 
 
 def completion(answers: list[Answer], model: str, chat: bool) -> CompletionResponse | ChatResponse:
-    """One choice per answer, with its citations."""
+    """One choice per answer, with its citations and abstention."""
     ident, created = new_response_id(chat), int(time.time())
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
-                              citations=citations(a)) for i, a in enumerate(answers)]
+                              **answered(a)) for i, a in enumerate(answers)]
         return ChatResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
-    choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, citations=citations(a))
+    choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, **answered(a))
                for i, a in enumerate(answers)]
     return CompletionResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
 
@@ -95,20 +100,21 @@ class Chunks:
         return self._event([self._choice(text)])
 
     def last(self, answer: Answer, usage_chunk: bool) -> list[bytes]:
-        """The finish reason, the citations and the usage; with `usage_chunk` the usage again, without choices
-        (OpenAI's `stream_options.include_usage`). Then [DONE]."""
+        """The finish reason, the citations, the abstention and the usage; with `usage_chunk` the usage again,
+        without choices (OpenAI's `stream_options.include_usage`). Then [DONE]."""
         used = usage([answer])
-        events = [self._event([self._choice(None, answer.finish_reason, citations(answer))], used)]
+        events = [self._event([self._choice(None, answer.finish_reason, answered(answer))], used)]
         if usage_chunk:
             events.append(self._event([], used))
         return events + [DONE]
 
     def _choice(self, text: str | None, finish_reason: str | None = None,
-                cited: list[Citation] | None = None) -> CompletionChunkChoice | ChatChunkChoice:
+                last: dict | None = None) -> CompletionChunkChoice | ChatChunkChoice:
+        """A chunk's choice; `last` (from `answered`): the fields only the last chunk has."""
         if self.chat:
             return ChatChunkChoice(index=0, delta=ChatDelta(content=text), finish_reason=finish_reason,
-                                   citations=cited)
-        return CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason, citations=cited)
+                                   **(last or {}))
+        return CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason, **(last or {}))
 
     def _event(self, choices: list, used: Usage | None = None) -> bytes:
         chunk = (ChatChunk if self.chat else CompletionChunk)(id=self.id, created=self.created, model=self.model,

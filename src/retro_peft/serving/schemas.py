@@ -1,4 +1,5 @@
-"""Request and response models: OpenAI's shapes, plus retro-peft's `retrieval` and `citations`.
+"""Request and response models: OpenAI's shapes, plus retro-peft's `retrieval`, `guided_choice` (vLLM's name)
+and, on each choice, `citations`, `abstained` and `answerability`.
 
 Bounds that depend on the server's settings (max_tokens, k, stop strings) are
 checked in `options.py` and the routers against the settings, so the schema stays
@@ -47,6 +48,10 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     retrieval: RetrievalOptions | None = None
+    # vLLM's extension, under its name: the answer is exactly one of these strings (scored, not decoded)
+    guided_choice: list[str] | None = Field(
+        None, description="the answer is one of these (two or more different non-empty strings; at most "
+                          "`http.max_choices`), or the abstention phrase; default: the domain's choices, if any")
 
 
 # Requests any server answers (`auto` routes to one of its domains, or to none): the documentation's examples,
@@ -99,6 +104,8 @@ def _absent(value) -> bool:
 
 # Sent only in a stream's last chunk (None elsewhere: the key is left out, as OpenAI's streams do).
 _IN_LAST_CHUNK = {"default": None, "exclude_if": _absent}
+_ANSWERABILITY = ("the calibrated answerability score the answer was given or abstained by (`abstained`: below "
+                  "its threshold); null (in a stream: absent) when the domain's adapter has no answerability head")
 
 
 class CompletionChoice(BaseModel):
@@ -107,12 +114,16 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
     finish_reason: FinishReason | None
     citations: list[Citation] = Field(default_factory=list)
+    abstained: bool = False
+    answerability: float | None = Field(None, description=_ANSWERABILITY)
 
 
 class CompletionChunkChoice(CompletionChoice):
-    """A piece of the text; the last piece (empty) has the finish reason and the citations."""
+    """A piece of the text; the last piece (empty) has the finish reason, the citations and the abstention."""
     finish_reason: FinishReason | None = None
     citations: list[Citation] | None = Field(**_IN_LAST_CHUNK)
+    abstained: bool | None = Field(**_IN_LAST_CHUNK)
+    answerability: float | None = Field(**_IN_LAST_CHUNK, description=_ANSWERABILITY)
 
 
 class AssistantMessage(BaseModel):
@@ -126,6 +137,8 @@ class ChatChoice(BaseModel):
     logprobs: None = None
     finish_reason: FinishReason | None
     citations: list[Citation] = Field(default_factory=list)
+    abstained: bool = False
+    answerability: float | None = Field(None, description=_ANSWERABILITY)
 
 
 class ChatDelta(BaseModel):
@@ -140,6 +153,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
     finish_reason: FinishReason | None = None
     citations: list[Citation] | None = Field(**_IN_LAST_CHUNK)
+    abstained: bool | None = Field(**_IN_LAST_CHUNK)
+    answerability: float | None = Field(**_IN_LAST_CHUNK, description=_ANSWERABILITY)
 
 
 class _Completion(BaseModel):

@@ -42,6 +42,8 @@ class DomainConfig(_Section):
     description: str | None = None
     kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
     kv_layout: KVLayout | None = None  # with kv_cache: block (default) or prefix (same answers)
+    choices: list[str] | None = None  # default answer choices (a request's `guided_choice` comes first)
+    abstain_at: float | None = Field(None, ge=0.0, le=1.0)  # the head's answer rate; 0: never abstain by score
 
     @model_validator(mode="after")
     def _layout_needs_a_cache(self):
@@ -121,6 +123,7 @@ class HttpConfig(_Section):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_k: int = Field(50, ge=1)
     max_stop: int = Field(4, ge=0)
+    max_choices: int = Field(32, ge=2, description="the most `guided_choice` strings a request may give")
     cors_origins: list[str] = Field(default_factory=list)
 
 

@@ -20,10 +20,11 @@ _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def stream(state: ServerState, question: str, domain: str | None, model: str, sampling: SamplingConfig,
-           search: SearchOptions | None, chat: bool, usage_chunk: bool) -> StreamingResponse:
+           search: SearchOptions | None, chat: bool, usage_chunk: bool,
+           choices: tuple[str, ...] | None = None) -> StreamingResponse:
     """The job is queued before the 200 goes out, so a full queue is still a 503. `model`: the one reported."""
     pieces: asyncio.Queue[str] = asyncio.Queue()
-    job = jobs.submit(state, question, domain, sampling, search, pieces.put_nowait)
+    job = jobs.submit(state, question, domain, sampling, search, pieces.put_nowait, choices)
     chunks = Chunks(model, chat)
 
     async def events():

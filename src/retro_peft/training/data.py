@@ -9,6 +9,11 @@ context and to notice when it lacks the answer. Unanswerable questions always
 target the abstention phrase. Labels are -100 except on the answer tokens and
 the end-of-turn token. Everything is deterministic given the seed: each
 question draws from its own RNG seeded by (seed, question id).
+
+Which chunks are gold follows `RetrievalConfig.grounding`: the chunks of the item's gold
+documents ("doc"), whatever the answer's words, or those holding the answer's words
+("span", for items without gold documents under "auto"). A choice question's prompt lists
+its choices (`with_choices`), as answering does.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import random
 from dataclasses import dataclass
 
 from retro_peft.errors import InputError
-from retro_peft.generation.answers import mentions
+from retro_peft.text import mentions
 from retro_peft.generation.prompt import (Passage, RetrievalConfig, build_prompt, encode, end_of_turn_ids,
-                                          fit_passages)
+                                          fit_passages, passage_marker, with_choices)
 from retro_peft.kvcache.layout import cut_prompt, template_segments
 from retro_peft.qa import QAItem
 
@@ -54,31 +59,59 @@ def _contains(passage: Passage, answers: tuple[str, ...]) -> bool:
     return any(mentions(passage.text, a) for a in answers)
 
 
-def _supported_answer(passages: list[Passage], answers: tuple[str, ...]) -> str:
-    """The first answer that one of `passages` holds (else the first answer).
+def _supported_answer(passages: list[Passage], item: QAItem) -> str:
+    """The target answer. A span answer is the first one that one of `passages` holds (else the first):
+    the target must be what the prompt shows (a gold chunk may hold "United States" but not "USA")."""
+    if item.kind != "span":
+        return item.answers[0].strip()
+    return next((a for a in item.answers if any(mentions(p.text, a) for p in passages)), item.answers[0]).strip()
 
-    The target must be what the prompt shows: a gold chunk may hold "United States" but not "USA".
-    """
-    return next((a for a in answers if any(mentions(p.text, a) for p in passages)), answers[0]).strip()
+
+def grounding_of(item: QAItem, grounding: str) -> str:
+    """"doc" or "span": how `item`'s gold passages are found under the configured `grounding`."""
+    if grounding == "auto":
+        return "doc" if item.gold_doc_ids else "span"
+    if grounding == "doc" and not item.gold_doc_ids:
+        raise InputError(f"question {item.id!r} has no gold_doc_ids, which grounding 'doc' needs "
+                         "(use grounding 'auto' to fall back to the answer's words for such questions)")
+    return grounding
 
 
-def _holds_answer(passage: Passage, item: QAItem) -> bool:
-    """A chunk answers the question: it comes from a gold document (when known) and contains an answer."""
-    if item.gold_doc_ids and passage.doc_id not in item.gold_doc_ids:
-        return False
-    return _contains(passage, item.answers)
+def is_gold(passage: Passage, item: QAItem, grounding: str) -> bool:
+    """`passage` is one of `item`'s gold passages: a chunk of a gold document ("doc"), or a chunk holding the
+    answer's words, from a gold document when those are known ("span", the rule before gold documents)."""
+    in_gold_doc = passage.doc_id in item.gold_doc_ids
+    if grounding_of(item, grounding) == "doc":
+        return in_gold_doc
+    return (in_gold_doc or not item.gold_doc_ids) and _contains(passage, item.answers)
+
+
+def _gives_away(passage: Passage, item: QAItem) -> bool:
+    """A passage that must not stay in an example that targets abstention: a gold document's, or, for a span
+    answer, one that holds the answer's words anyway (a choice or free answer's words say nothing)."""
+    return passage.doc_id in item.gold_doc_ids or (item.kind == "span" and _contains(passage, item.answers))
+
+
+def citation_suffix(passages: list[Passage], gold: list[Passage]) -> str:
+    """The markers of the gold passages, in prompt order (ALCE-style: "[1][3]"), that a trained answer ends with."""
+    return "".join(passage_marker(i) for i, p in enumerate(passages, 1) if p in gold)
 
 
 def check_items(items: list[QAItem]) -> None:
     if not items:
         raise InputError("no training questions")
-    if not any(item.answers and not item.is_impossible for item in items):
+    if not any(item.answerable for item in items):
         raise InputError("none of the training questions has an answer; the model would only learn to abstain")
+    kinds = sorted({item.kind for item in items})
+    if len(kinds) > 1:
+        raise InputError(f"the training questions mix answer kinds ({', '.join(kinds)}); train one kind per adapter")
 
 
 def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalConfig, *, seed: int = 0) -> list[TrainingExample]:
     """One training example per question. Retrieval for all questions is one batched `search_many` call."""
     check_items(items)
+    for item in items:
+        grounding_of(item, retrieval.grounding)  # refuses grounding "doc" for items without gold documents
     closed_book = retrieval.k == 0 and retrieval.distractors == 0
     if not closed_book and index is None:
         raise InputError("retrieval-augmented examples need an index (or k=0 and distractors=0 for closed book)")
@@ -105,39 +138,48 @@ def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalCo
 def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_doc: dict[str, list[Passage]],
              tokenizer, retrieval: RetrievalConfig, rng: random.Random, closed_book: bool,
              layout) -> TrainingExample:
-    answerable = bool(item.answers) and not item.is_impossible
+    answerable = item.answerable
     keep_gold = answerable and rng.random() < retrieval.oracle_fraction
+    grounding = retrieval.grounding
     gold = None
     if keep_gold and not closed_book:
-        gold = next((p for p in retrieved if _holds_answer(p, item)), None)
-        if gold is None:  # retrieval missed it: insert a gold chunk from the index
-            candidates = [p for d in item.gold_doc_ids for p in by_doc.get(d, []) if _contains(p, item.answers)]
-            gold = candidates[0] if candidates else None
+        golds = [p for p in retrieved if is_gold(p, item, grounding)]
+        # a span answer keeps the gold chunk that holds its words (another chunk of the document may not)
+        gold = next((p for p in golds if _contains(p, item.answers)), golds[0] if golds else None)
+        if gold is None:  # retrieval missed it: insert a gold chunk from the index (one holding the answer, if any)
+            candidates = [p for d in item.gold_doc_ids for p in by_doc.get(d, []) if is_gold(p, item, grounding)]
+            gold = next((p for p in candidates if _contains(p, item.answers)), candidates[0] if candidates else None)
     if gold is not None:
         others = [p for p in retrieved if p.chunk_id != gold.chunk_id][: max(retrieval.k - 1, 0)]
         chosen = [gold] + others
     elif answerable:
-        # RAFT's (1 - P) share: no gold chunk, and no chunk that even mentions the answer, may remain.
-        chosen = [p for p in retrieved if p.doc_id not in item.gold_doc_ids and not _contains(p, item.answers)]
+        # RAFT's (1 - P) share: no gold chunk, and nothing that gives the answer away, may remain.
+        chosen = [p for p in retrieved if not _gives_away(p, item) and not is_gold(p, item, grounding)]
         chosen = chosen[: retrieval.k]
     else:
         # Unanswerable (SQuAD 2.0): the related paragraph stays; the model must see it lacks the answer.
         chosen = retrieved[: retrieval.k]
     chosen += _distractors(item, chosen, chunks, retrieval.distractors, rng, answerable)
     # priority: gold, retrieved, distractors
+    question = with_choices(item.question, item.choices)
     if retrieval.block_attention:
-        kept = block_prompt(tokenizer, item.question, chosen, retrieval, layout)[0] if chosen else []
+        kept = block_prompt(tokenizer, question, chosen, retrieval, layout)[0] if chosen else []
     else:
-        kept = fit_passages(tokenizer, item.question, chosen, retrieval)
-    golds = [p for p in kept if _holds_answer(p, item)]
-    has_gold = bool(golds) if not closed_book else answerable
+        kept = fit_passages(tokenizer, question, chosen, retrieval)
     rng.shuffle(kept)  # the gold chunk's position must not give it away
-    target = _supported_answer(golds, item.answers) if has_gold else retrieval.abstention
-    answer_ids = encode(tokenizer, target) + end_of_turn_ids(tokenizer, retrieval)
     if retrieval.block_attention and kept:
-        kept, segments, prompt_ids = block_prompt(tokenizer, item.question, kept, retrieval, layout)
+        kept, segments, prompt_ids = block_prompt(tokenizer, question, kept, retrieval, layout)
     else:
-        segments, prompt_ids = (), build_prompt(tokenizer, item.question, kept, retrieval, fitted=True).input_ids
+        segments, prompt_ids = (), build_prompt(tokenizer, question, kept, retrieval, fitted=True).input_ids
+    golds = [p for p in kept if is_gold(p, item, grounding)] if answerable else []
+    has_gold = bool(golds) if not closed_book else answerable
+    if has_gold:
+        target = _supported_answer(golds, item)
+        if retrieval.citations and golds:
+            target = f"{target} {citation_suffix(kept, golds)}"
+    else:
+        target = retrieval.abstention
+    answer_ids = encode(tokenizer, target) + end_of_turn_ids(tokenizer, retrieval)
     return TrainingExample(
         item_id=item.id,
         input_ids=prompt_ids + answer_ids,
@@ -172,7 +214,7 @@ def _distractors(item: QAItem, chosen: list[Passage], chunks: list[Passage], n: 
     picked: list[Passage] = []
     for _ in range(50 * n):  # rejection sampling: the pool is usually large, the exclusions few
         p = chunks[rng.randrange(len(chunks))]
-        if p.chunk_id in taken or p.doc_id in item.gold_doc_ids or (answerable and _contains(p, item.answers)):
+        if p.chunk_id in taken or (_gives_away(p, item) if answerable else p.doc_id in item.gold_doc_ids):
             continue
         picked.append(p)
         taken.add(p.chunk_id)

@@ -213,8 +213,11 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_dir=None,
           eval_examples: list[TrainingExample] | None = None, resume: bool = False, index=None,
           data_sha256: str | None = None, on_step: Callable[[int, float | None], None] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train `model` (a `RetroPeftModel`) on `examples`; save checkpoints and the final adapter under `out_dir`."""
+          progress: bool = True, before_save: Callable[[], None] | None = None) -> TrainResult:
+    """Train `model` (a `RetroPeftModel`) on `examples`; save checkpoints and the final adapter under `out_dir`.
+
+    before_save(): runs after the last step, before the adapter is written (e.g. fitting the answerability
+    head that is saved with it, so the folder never exists without it)."""
     from tqdm.auto import tqdm
 
     config.validate()
@@ -296,6 +299,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     result.tokens_per_s = tokens / result.seconds if result.seconds > 0 else 0.0
     result.final_loss = result.losses[-1][1] if result.losses else None
     result.final_ranks = model.final_ranks()
+    if before_save is not None:
+        before_save()
     if out_dir is not None:
         model.save(out_dir, index=index, training_data_sha256=data_sha256,
                    extra={"training": {"config": asdict(config), "result": result.to_dict()}})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from retro_peft.domains.registry import AUTO
 from retro_peft.generation import SamplingConfig
+from retro_peft.generation.prompt import with_choices
 from retro_peft.serving import jobs, options, payloads
 from retro_peft.serving.auth import Principal
 from retro_peft.serving.cache import cache_key
@@ -55,12 +56,13 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     _check_questions(state, questions, body.stream, chat)
     sampling = options.sampling(state.settings, body, chat)
     search = options.search(state.settings, body.retrieval)
+    choices = options.choices(state.settings, body)
 
     # Greedy answers are a function of (domain, question, settings): serve them from the cache.
     key = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
         key = cache_key(payloads.kind(chat), [model, state.bank.version(model), questions, sampling.max_new_tokens,
-                                              sampling.stop, search])
+                                              sampling.stop, search, choices])
         identity = getattr(request.state, "request_identity", None)  # set by RequestContext
         if identity is not None:
             state.known_requests.put(identity, (key, chat, body.model))
@@ -70,13 +72,15 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
             request.state.extra_headers["x-cache"] = "hit"
             return payloads.json_response(payloads.restamped(cached, chat))
 
-    await _admit_tokens(state, request, caller, questions, sampling)
+    shown = questions if choices is None else [with_choices(q, choices) for q in questions]  # the prompt lists them
+    await _admit_tokens(state, request, caller, shown, sampling)
     domains = [await state.route(q) for q in questions] if model == AUTO else [model] * len(questions)
     reported = (domains[0] if model == AUTO else model) or BASE
     if body.stream:
         usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-        return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk)
-    answers = await jobs.wait_all(state, request, jobs.submit_all(state, questions, domains, sampling, search))
+        return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk, choices)
+    answers = await jobs.wait_all(state, request, jobs.submit_all(state, questions, domains, sampling, search,
+                                                                 choices))
     if answers is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     response = payloads.completion(answers, reported, chat)

@@ -1,0 +1,55 @@
+"""`retro-peft ask` with answer choices and an adapter's answerability head (tiny random Llama, real index)."""
+
+import json
+
+import pytest
+
+from retro_peft.adapters import RetroLoraConfig, RetroPeftModel
+from retro_peft.cli import main
+
+from helpers_adapters import DOCS, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
+from test_bank import adapter_with_head
+
+QUESTION = "Who invented the piano?"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    single_thread()
+    root = tmp_path_factory.mktemp("ask")
+    base = tiny_llama_folder(root / "base", smollm2_tokenizer(), initializer_range=0.2)
+    index = tiny_index(root / "idx", DOCS)
+    plain = RetroPeftModel.create(str(base), RetroLoraConfig(), seed=0).save(root / "adapter", index=index)
+    return index.path, plain, adapter_with_head(plain, root / "with-head", index, threshold=1e9)
+
+
+def ask(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["ask", QUESTION, *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ask_with_choices_and_the_answerability_head(folders, capsys):
+    index, plain, head = folders
+    code, out, _ = ask(capsys, "--index", index, "--adapter", head, "--json")
+    strict = json.loads(out)
+    assert code == 0 and strict["abstained"] is True and isinstance(strict["answerability"], float)
+
+    code, out, _ = ask(capsys, "--index", index, "--adapter", head, "--abstain-at", "off", "--choices",
+                       "Cristofori, Scheele", "--json")
+    answered = json.loads(out)
+    assert answered["abstained"] is False and answered["answer"] in ("Cristofori", "Scheele")
+    assert isinstance(answered["answerability"], float)  # (another score: the prompt lists the choices)
+
+    code, out, _ = ask(capsys, "--index", index, "--adapter", head)  # the text output shows the score too
+    assert code == 0 and ", abstained, answerability " in out and "(threshold 1000000000.000)" in out
+
+    code, out, err = ask(capsys, "--index", index, "--adapter", plain, "--abstain-at", "answer_rate=0.5",
+                         "--choices", "yes,no", "--json")
+    assert json.loads(out)["answerability"] is None and json.loads(out)["answer"] in ("yes", "no")
+    assert "--abstain-at is ignored" in err and "no adapter answerability head" in err
+
+    assert ask(capsys, "--index", index, "--adapter", head, "--abstain-at", "answer_rate=2")[0] == 2
+    with pytest.raises(SystemExit):
+        ask(capsys, "--index", index, "--choices", "yes,,no")
+    assert "--choices must be a list of at least two different non-empty strings" in capsys.readouterr().err
