@@ -53,3 +53,39 @@ def test_ask_with_choices_and_the_answerability_head(folders, capsys):
     with pytest.raises(SystemExit):
         ask(capsys, "--index", index, "--choices", "yes,,no")
     assert "--choices must be a list of at least two different non-empty strings" in capsys.readouterr().err
+
+
+def test_ask_chat_answers_each_line_with_the_conversation_so_far_and_ends_at_eof(folders, capsys, monkeypatch):
+    import io
+
+    index, plain, _ = folders
+    follow_up = "When was that?"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n\n{follow_up}\n"))  # a blank line is skipped
+    code = main(["ask", "--chat", "--index", str(index), "--adapter", str(plain), "--json", "--history", "concat"])
+    out, _ = capsys.readouterr()
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert code == 0 and first["domain"] == second["domain"] == "ad-hoc"
+
+    # each turn as the bank answers it after the turns before it (the same prompt, so the same answer)
+    from retro_peft.adapters.model import read_retro_config
+    from retro_peft.domains.bank import AdapterBank
+    from retro_peft.generation import SamplingConfig
+
+    bank = AdapterBank(read_retro_config(plain)["base_model"]["name"])
+    bank.load("ad-hoc", index, plain, history="concat")
+    sampling = SamplingConfig()
+    want = bank.answer(QUESTION, "ad-hoc", sampling=sampling)
+    turns = [{"role": "user", "content": QUESTION}] + ([{"role": "assistant", "content": want.text}] if want.text else [])
+    then = bank.answer(follow_up, "ad-hoc", sampling=sampling, history=turns)
+    alone = bank.answer(follow_up, "ad-hoc", sampling=sampling)
+    assert (first["answer"], first["prompt_tokens"]) == (want.text, want.prompt_tokens)
+    assert (second["answer"], second["prompt_tokens"]) == (then.text, then.prompt_tokens)
+    assert second["prompt_tokens"] > alone.prompt_tokens and second["dropped_turns"] == 0
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n"))  # the text output, then EOF
+    assert main(["ask", "--chat", "--index", str(index), "--adapter", str(plain)]) == 0
+    assert "[domain ad-hoc" in capsys.readouterr().out
+    assert main(["ask", QUESTION, "--chat", "--index", str(index)]) == 2
+    assert "--chat reads the questions from stdin" in capsys.readouterr().err
+    assert main(["ask", QUESTION, "--history", "concat", "--index", str(index)]) == 2
+    assert "--history needs --chat" in capsys.readouterr().err

@@ -110,3 +110,49 @@ def test_kill_9_mid_write_leaves_the_last_good_index(corpus, tmp_path, wiki_docs
     assert stats["added"] == 300
     names = {p.name for p in idx.iterdir()}
     assert names - {".lock", "manifest.json"} == set(index.manifest["files"])
+
+
+@pytest.fixture(scope="module")
+def other_small_encoder_dir(small_encoder_dir, tmp_path_factory):
+    """The tiny encoder with its weights nudged: another fingerprint, the same shapes and tokenizer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(small_encoder_dir), device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("other-tiny") / "st"
+    model.save(str(out))
+    return out
+
+
+@pytest.mark.parametrize("trigger", ["chunks-000002", ".sparse-000002"])
+def test_kill_9_mid_reembed_leaves_the_previous_index_answering(tmp_path, wiki_docs, small_encoder_dir,
+                                                               other_small_encoder_dir, trigger):
+    from retro_peft.index import IndexConfig, build_index
+
+    idx = tmp_path / "idx"
+    built = build_index(idx, [wiki_docs], IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8))
+    queries = ["the history of mathematics", "a river in Europe", "famous painters"]
+    before = {mode: [[h.chunk_id for h in hits] for hits in built.search_many(queries, k=5, mode=mode)]
+              for mode in ("dense", "hybrid")}
+    proc = subprocess.Popen([sys.executable, "-m", "retro_peft.cli", "index", "reembed", str(idx),
+                             "--encoder", str(other_small_encoder_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    returncode = _kill_when(proc, idx, trigger)
+    assert returncode == -signal.SIGKILL, "the re-embed finished before it could be killed"
+    index = open_index(idx)  # verifies every checksum
+    assert index.manifest["generation"] == 1
+    assert index.manifest["encoder"] == built.manifest["encoder"]
+    for mode, ids in before.items():
+        assert [[h.chunk_id for h in hits] for hits in index.search_many(queries, k=5, mode=mode)] == ids
+    # and the next re-embed succeeds, cleaning up what the killed one left behind
+    out = run_cli("index", "reembed", idx, "--encoder", other_small_encoder_dir, check=True)
+    assert f"re-embedded {len(index)} chunks" in out.stdout
+    reopened = open_index(idx)
+    assert reopened.manifest["generation"] == 2 and reopened.manifest["encoder"]["name"] == str(other_small_encoder_dir)
+    assert reopened.search("a river in Europe", k=1, mode="dense")
+    names = {p.name for p in idx.iterdir()}
+    assert names - {".lock", "manifest.json"} == set(reopened.manifest["files"])

@@ -238,6 +238,32 @@ def test_answer_choices_and_abstain_at_are_recorded_checked_and_optional(home, w
     assert "abstain_at must be 'answer_rate=R'" in capsys.readouterr().err
 
 
+def test_a_domains_history_strategy_is_recorded_checked_and_optional(home, wiki_indexes, monkeypatch, capsys):
+    spec = add_domain("rivers", wiki_indexes["geo"], history="concat")
+    assert spec == get_domain("rivers") and spec.history == "concat"
+    saved = json.loads((home / "domains" / "rivers.json").read_text())
+    assert saved["history"] == "concat"
+    # a domain file written before the key existed still reads (the adapter's setting, else none)
+    old = {k: v for k, v in saved.items() if k != "history"}
+    (home / "domains" / "old.json").write_text(json.dumps({**old, "name": "old"}))
+    assert get_domain("old").history is None and add_domain("plain", wiki_indexes["geo"]).history is None
+    with pytest.raises(InputError, match="history must be one of none, concat, rewrite, got 'summarise'"):
+        add_domain("x", wiki_indexes["geo"], history="summarise")
+    (home / "domains" / "bad.json").write_text(json.dumps({**old, "name": "bad", "history": "summarise"}))
+    with pytest.raises(InputError, match="bad.json is malformed.*history"):
+        get_domain("bad")
+    (home / "domains" / "bad.json").unlink()
+
+    assert cli(monkeypatch, "domain", "add", "rw", "--index", wiki_indexes["geo"], "--history", "rewrite") == 0
+    assert "history rewrite" in capsys.readouterr().out and get_domain("rw").history == "rewrite"
+    assert cli(monkeypatch, "domain", "list") == 0 and "history=rewrite" in capsys.readouterr().out
+    assert cli(monkeypatch, "domain", "show", "rw", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["history"] == "rewrite"
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, "domain", "add", "z", "--index", wiki_indexes["geo"], "--history", "summarise")
+    assert "invalid choice: 'summarise'" in capsys.readouterr().err
+
+
 # -- routing -------------------------------------------------------------------------------------
 
 QUERIES = {

@@ -230,3 +230,46 @@ def test_unknown_filter_fields_match_nothing_and_are_not_cached(index):
     assert index.search("lava", k=5, filters={"topic": "geo", "other-field": ["a", "b"]}) == []
     assert set(index._filter_cache) == {"topic"}
     assert {h.doc_id for h in index.search("lava", k=5, filters={"topic": "geo"})} == {"volcano", "glacier"}
+
+
+def test_reembed_switches_the_encoder_and_search_still_works(corpus, tmp_path, small_encoder_dir):
+    import shutil
+
+    from retro_peft.index import Encoder
+
+    path = tmp_path / "re"
+    index = build_index(path, [corpus / "docs", corpus / "more.jsonl"], IndexConfig(chunk_tokens=64, overlap=8))
+    reader = open_index(path)  # e.g. a server holding generation 1
+    before = reader.search("molten lava", k=3, mode="hybrid")
+    shutil.copytree(path, tmp_path / "re-copy")
+    tiny = Encoder(str(small_encoder_dir))
+    stats = index.reembed(str(small_encoder_dir))
+    assert stats["changed"] and stats["chunks"] == 5 and stats["generation"] == 2
+    assert stats["previous_encoder"]["name"] == "minilm"
+
+    reopened = open_index(path)  # verifies every checksum
+    recorded = reopened.manifest["encoder"]
+    assert recorded == {"name": str(small_encoder_dir.resolve()), "dim": 32, "fingerprint": tiny.fingerprint}
+    assert reopened.encoder.fingerprint == tiny.fingerprint and reopened._vectors.shape == (5, 32)
+    assert sorted(reopened.doc_ids()) == sorted(index.doc_ids())
+    np.testing.assert_allclose(reopened._vectors, tiny.encode([c.text for c in reopened.chunks()]), atol=1e-5)
+    assert len(reopened.search("molten lava", k=3, mode="dense")) == 3
+    assert reopened.search("molten lava", k=1, mode="sparse")[0].doc_id == "volcano"
+    assert reader.search("molten lava", k=3, mode="hybrid") == before  # the reader's generation, in memory
+    # the old encoder is refused now, the new one accepted
+    with pytest.raises(EncoderMismatchError, match="re-embed the index"):
+        open_index(path, encoder="minilm")
+    assert open_index(path, encoder=str(small_encoder_dir)).search("lava", k=1, mode="dense")
+    # the embedding cache is per encoder fingerprint: a second index re-embedded with it embeds nothing
+    assert open_index(tmp_path / "re-copy").reembed(tiny)["embedded"] == 0
+    assert reopened.reembed(str(small_encoder_dir))["changed"] is False  # already its encoder: nothing written
+    assert open_index(path).manifest["generation"] == 2
+    files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    assert files == sorted(["manifest.json", *reopened.manifest["files"]])
+
+
+def test_reembed_refuses_an_encoder_that_cannot_read_the_chunks(index, small_encoder_dir, tmp_path):
+    # the fixture's chunks are 192 tokens; the tiny encoder reads 126
+    with pytest.raises(InputError, match="exceed the encoder's limit"):
+        index.reembed(str(small_encoder_dir))
+    assert open_index(tmp_path / "idx").manifest["generation"] == 1

@@ -50,3 +50,14 @@ ANSWER_KINDS: tuple[str, ...] = get_args(AnswerKind)
 #   auto: doc for items with gold documents, span for the others
 Grounding = Literal["auto", "doc", "span"]
 GROUNDINGS: tuple[str, ...] = get_args(Grounding)
+
+# How a follow-up's search query is built from the conversation (see generation.history):
+#   none:    the question alone
+#   concat:  the question with the previous user turns and answer, the newest weighted most
+#   rewrite: the question condensed into a standalone one by the generator (its base model)
+HistoryStrategy = Literal["none", "concat", "rewrite"]
+HISTORY_STRATEGIES: tuple[str, ...] = get_args(HistoryStrategy)
+
+# The roles of a conversation's earlier turns.
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = get_args(Role)

@@ -6,7 +6,9 @@ Two formats:
   `gold_doc_ids`, `id`, `kind` (`span`: the answer is words of a passage, the
   default; `free`: an answer of its own; `choice`: one of `choices`) and
   `choices` (list of strings; a domain may give default ones). One file holds
-  one kind; a choice answer must be one of its choices.
+  one kind; a choice answer must be one of its choices. `history`: the
+  conversation before the question, a list of {role, content} messages (roles
+  system, user, assistant), which training puts into the prompt.
 - SQuAD 1.1/2.0 JSON: every question's gold document is its paragraph, whose
   document id is `squad_doc_id(title, paragraph_index)` (the same id the SQuAD
   document loader gives that paragraph).
@@ -18,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retro_peft.choices import ANSWER_KINDS, AnswerKind
+from retro_peft.choices import ANSWER_KINDS, ROLES, AnswerKind
 from retro_peft.errors import InputError
 from retro_peft.text import normalize_answer
 from retro_peft.jsonl import read_jsonl
@@ -34,13 +36,14 @@ class QAItem:
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
     kind: AnswerKind = "span"
     choices: tuple[str, ...] = ()  # kind "choice": the answers allowed, in the order the prompt shows them
+    history: tuple[tuple[str, str], ...] = ()  # (role, content) of the turns before the question, oldest first
 
     @property
     def answerable(self) -> bool:
         return bool(self.answers) and not self.is_impossible
 
 
-QA_FIELDS = frozenset({"id", "question", "answers", "gold_doc_ids", "is_impossible", "kind", "choices"})
+QA_FIELDS = frozenset({"id", "question", "answers", "gold_doc_ids", "is_impossible", "kind", "choices", "history"})
 
 
 def squad_doc_id(title: str, paragraph_index: int) -> str:
@@ -151,6 +154,21 @@ def _choice_answers(answers: tuple[str, ...], choices: tuple[str, ...], where: s
     return tuple(dict.fromkeys(out))
 
 
+def _history(value, where: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InputError(f"{where}: 'history' must be a list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise InputError(f"{where}: history[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise InputError(f"{where}: history[{i}].content must be a non-empty string")
+        out.append((m["role"], m["content"].strip()))
+    return tuple(out)
+
+
 def _flag(obj: dict, name: str, where: str) -> bool:
     # A JSON boolean only (null or absent: false): the string "false" would otherwise count as true.
     value = obj.get(name)
@@ -204,5 +222,6 @@ def _load_jsonl(path: Path, default_kind: str | None, default_choices: tuple[str
             metadata={k: v for k, v in obj.items() if k not in QA_FIELDS},
             kind=kind,
             choices=choices if kind == "choice" else (),
+            history=_history(obj.get("history"), where),
         ))
     return items

@@ -11,19 +11,19 @@ import logging
 import sys
 
 from retro_peft import __version__
-from retro_peft.choices import KV_LAYOUTS
+from retro_peft.choices import HISTORY_STRATEGIES, KV_LAYOUTS
 from retro_peft.errors import RetroPeftError
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Each module keeps its heavy imports (torch, transformers, uvicorn) inside its
     # commands, so `retro-peft --help` stays fast.
-    from retro_peft.cli import ask, demo, domain, evaluate, index, serve, train
+    from retro_peft.cli import ask, demo, domain, evaluate, index, serve, train, train_retriever
 
     parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (index, train, evaluate, ask, domain, demo, serve):
+    for module in (index, train_retriever, train, evaluate, ask, domain, demo, serve):
         module.register(sub)
     return parser
 
@@ -46,6 +46,14 @@ def add_answer_arguments(p: argparse.ArgumentParser, choices_default: str, absta
     p.add_argument("--abstain-at", metavar="answer_rate=R|off",
                    help="abstain below the adapter's calibrated answerability head's threshold for answer rate R "
                         f"(0 < R <= 1), or never by the score (off); default: {abstain_default}")
+
+
+def add_history_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """--history, for a domain's strategy (`domain add`) and `ask --chat`."""
+    p.add_argument("--history", choices=HISTORY_STRATEGIES,
+                   help="how a follow-up's search query is built from the conversation: none (the question alone), "
+                        "concat (with the previous turns, the newest weighted most) or rewrite (condensed into a "
+                        f"standalone question by the base model); default: {default}")
 
 
 def parse_choices(text: str) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retro_peft.cli import abstain_at, add_answer_arguments, add_kv_cache_arguments
+from retro_peft.cli import abstain_at, add_answer_arguments, add_history_argument, add_kv_cache_arguments
 from retro_peft.domains import add_domain, get_domain, list_domains, remove_domain
 
 
@@ -21,6 +21,7 @@ def register(sub) -> None:
     add_kv_cache_arguments(p)  # the file is computed when the domain is first loaded
     add_answer_arguments(p, "default: free answers; a request's own choices come first",
                          "the rate the head was calibrated for")
+    add_history_argument(p, "the adapter's, else none")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("list", help="list registered domains")
@@ -40,11 +41,12 @@ def register(sub) -> None:
 def _add(args) -> int:
     spec = add_domain(args.name, args.index, adapter=args.adapter, description=args.description,
                       overwrite=args.overwrite, kv_cache=args.kv_cache, kv_layout=args.kv_layout,
-                      choices=args.choices, abstain_at=abstain_at(args))
+                      choices=args.choices, abstain_at=abstain_at(args), history=args.history)
     cache = f", frozen KV cache {spec.kv_cache} ({spec.kv_layout or 'block'})" if spec.kv_cache else ""
     answers = f", choices {','.join(spec.choices)}" if spec.choices else ""
+    history = f", history {spec.history}" if spec.history else ""
     print(f"added domain {spec.name}: index {spec.index}, adapter {spec.adapter or '(none: base model)'}{cache}"
-          f"{answers}")
+          f"{answers}{history}")
     return 0
 
 
@@ -59,7 +61,8 @@ def _list(args) -> int:
         desc = f"  {s.description}" if s.description else ""
         cache = f"\tkv_cache={s.kv_cache} ({s.kv_layout or 'block'})" if s.kv_cache else ""
         answers = f"\tchoices={','.join(s.choices)}" if s.choices else ""
-        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{answers}{desc}")
+        history = f"\thistory={s.history}" if s.history else ""
+        print(f"{s.name}\tindex={s.index}\tadapter={s.adapter or '-'}{cache}{answers}{history}{desc}")
     return 0
 
 

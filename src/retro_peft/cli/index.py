@@ -1,4 +1,4 @@
-"""`retro-peft index build|add|delete|query|info|eval`."""
+"""`retro-peft index build|add|delete|reembed|query|info|eval`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def register(sub) -> None:
     p.add_argument("name")
     p.add_argument("--doc-id", action="append", required=True, help="document id (repeatable)")
     p.set_defaults(func=_delete)
+
+    p = cmds.add_parser("reembed", help="embed every chunk again with another encoder (e.g. a trained one)")
+    p.add_argument("name")
+    p.add_argument("--encoder", required=True,
+                   help="the new encoder: a folder (`retro-peft train-retriever --out`), minilm or a HF id")
+    p.set_defaults(func=_reembed)
 
     p = cmds.add_parser("query", help="search an index")
     p.add_argument("name")
@@ -82,6 +88,18 @@ def _add(args) -> int:
 def _delete(args) -> int:
     removed = open_index(args.name).delete(args.doc_id)
     print(f"deleted {len(set(args.doc_id))} documents ({removed} chunks)")
+    return 0
+
+
+def _reembed(args) -> int:
+    index = open_index(args.name)
+    stats = index.reembed(args.encoder, progress=True)
+    if not stats["changed"]:
+        print(f"{index.path} already uses this encoder ({stats['encoder']['name']}); nothing written")
+        return 0
+    print(f"re-embedded {stats['chunks']} chunks of {index.path} with {stats['encoder']['name']} "
+          f"({stats['embedded']} embedded, {stats['chunks'] - stats['embedded']} from the cache): "
+          f"generation {stats['generation']}")
     return 0
 
 

@@ -16,6 +16,10 @@ A domain may also bring its adapter's calibrated answerability head (at the
 domain's `abstain_at` rate) and default answer choices; each row carries its
 own (`Row`), so they mix in a batch as well. Rows answered by scoring choices
 are decoded one adapter at a time (see `_decode_groups`).
+
+A row may be a conversation's follow-up: its `history` (the earlier turns) goes to its domain's
+`Generator.rows`, which puts the turns in the prompt and searches by the domain's history strategy
+(a domain's `history`, in place of its adapter's `RetrievalConfig.history`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +42,7 @@ from retro_peft.adapters.model import CHECKSUM_KEYS, load_answerability, read_re
 from retro_peft.base_model import base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model
 from retro_peft.choices import check_kv_layout
 from retro_peft.domains.mixed_lora import MixedLoRA
-from retro_peft.domains.registry import AUTO, check_abstain_at, check_choices
+from retro_peft.domains.registry import AUTO, check_abstain_at, check_choices, check_history_strategy
 from retro_peft.domains.routing import Router
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation import (Answer, BatchRunner, Generator, RetrievalConfig, SamplingConfig, SearchOptions,
@@ -105,7 +109,8 @@ class AdapterBank:
 
     def load(self, name: str, index, adapter: str | Path | None = None, *,
              kv_cache: str | Path | None = None, kv_layout: str | None = None,
-             choices: list[str] | tuple[str, ...] | None = None, abstain_at: float | None = None) -> Domain:
+             choices: list[str] | tuple[str, ...] | None = None, abstain_at: float | None = None,
+             history: str | None = None) -> Domain:
         """Open a domain's index (a name, path or open Index) and load its adapter, if any.
 
         kv_cache: the domain's frozen KV cache file, computed there if missing (`kvcache.load_or_build`);
@@ -113,7 +118,8 @@ class AdapterBank:
         first passage (prefix: a full prefill's answers).
         choices: the answers its questions choose from when a request gives none. abstain_at: the answer
         rate the adapter's answerability head abstains at (None: as calibrated; 0: never by the score);
-        without a head, abstention is only the adapter's own phrase.
+        without a head, abstention is only the adapter's own phrase. history: how a follow-up's search query
+        is built (none, concat, rewrite; None: the adapter's `RetrievalConfig.history`, else none).
         """
         try:
             if kv_layout is not None and kv_cache is None:
@@ -122,6 +128,8 @@ class AdapterBank:
             choices = check_choices(choices) if choices else ()
             if abstain_at is not None:
                 check_abstain_at(abstain_at)
+            if history is not None:
+                check_history_strategy(history)
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
             retrieval, method, adapter_files, head = RetrievalConfig(), None, None, None
@@ -135,6 +143,7 @@ class AdapterBank:
                                   found_name=self.base_model_name)
                 head = load_answerability(adapter, info)
                 head = head.at_rate(abstain_at) if head is not None else None
+            retrieval = retrieval if history is None else replace(retrieval, history=history)
         except RetroPeftError as e:
             raise DomainError(f"domain {name!r}: {e}") from None
         if name in self.domains:  # reloading a domain replaces it
@@ -143,7 +152,8 @@ class AdapterBank:
                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, answerability=head,
                               choices=choices)
         index_version = _digest([index.manifest["encoder"], index.manifest["files"], retro_peft.__version__])
-        # the head (its weights and the threshold picked) and the default choices change answers too
+        # the head (its weights and the threshold picked) and the default choices change answers too (the
+        # retrieval settings hold the history strategy)
         version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout,
                            None if head is None else asdict(head), choices])
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
@@ -246,33 +256,41 @@ class AdapterBank:
     # -- answering ---------------------------------------------------------------------------
 
     def answer(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None,
-               on_text=None, choices=None) -> Answer:
+               on_text=None, choices=None, history=None) -> Answer:
+        """`history`: the conversation's earlier turns ({role, content} or `Turn`s, oldest first)."""
         stream = None if on_text is None else (lambda _row, delta: on_text(delta))
         return self.answer_many([question], [domain], sampling=sampling, on_text=stream,
-                                choices=None if choices is None else [choices])[0]
+                                choices=None if choices is None else [choices],
+                                history=None if history is None else [history])[0]
 
-    def stream(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None, choices=None):
+    def stream(self, question: str, domain: str | None, *, sampling: SamplingConfig | None = None, choices=None,
+               history=None):
         """Yield text pieces as they are generated, then the final `Answer`."""
         return stream_answer(lambda on_text: self.answer(question, domain, sampling=sampling, on_text=on_text,
-                                                         choices=choices))
+                                                         choices=choices, history=history))
 
     def answer_many(self, questions: list[str], domains: list[str | None], *, sampling: SamplingConfig | None = None,
                     search: SearchOptions | None = None, on_text=None, cancelled=None,
-                    choices: list | None = None) -> list[Answer]:
+                    choices: list | None = None, history: list | None = None) -> list[Answer]:
         """Answer a batch whose rows may belong to different domains (None: base model, no retrieval).
 
         search: retrieval k / mode / filters for every row, in place of each domain's own.
         choices: per row, the strings its answer must be one of (None: its domain's choices, if any).
+        history: per row, its conversation's earlier turns (None or empty: none).
         on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
         """
-        if len(questions) != len(domains) or (choices is not None and len(choices) != len(questions)):
-            raise InputError("answer_many needs one domain (and, if given, one choice list) per question")
+        if len(questions) != len(domains) or any(x is not None and len(x) != len(questions)
+                                                 for x in (choices, history)):
+            raise InputError("answer_many needs one domain (and, if given, one choice list and one history) per "
+                             "question")
         rows: list = [None] * len(questions)
         for name in set(domains):  # each row prompted by its own domain (index, template, head, choices, KV cache)
             generator = self._base_generator if name is None else self._get(name).generator
             at = [r for r, d in enumerate(domains) if d == name]
             mine = None if choices is None else [choices[r] for r in at]
-            for r, row in zip(at, generator.rows([questions[r] for r in at], search=search, choices=mine)):
+            turns = None if history is None else [history[r] for r in at]
+            for r, row in zip(at, generator.rows([questions[r] for r in at], search=search, choices=mine,
+                                                 history=turns)):
                 rows[r] = row
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
         scored = [bool(row.choices) for row in rows]

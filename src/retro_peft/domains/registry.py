@@ -4,7 +4,8 @@ A domain is one small JSON file, `$RETRO_PEFT_HOME/domains/<name>.json`:
 
     {"format": "retro-peft-domain", "format_version": 1, "name": "law",
      "index": "law-docs", "adapter": "/abs/path/to/adapter", "description": "...",
-     "kv_cache": null, "kv_layout": null, "choices": null, "abstain_at": null, "created_at": "..."}
+     "kv_cache": null, "kv_layout": null, "choices": null, "abstain_at": null, "history": null,
+     "created_at": "..."}
 
 `index` is kept as given when it is a bare index name (so it follows
 `$RETRO_PEFT_HOME`), as an absolute path otherwise; `adapter` is always an
@@ -15,7 +16,9 @@ when the domain is first loaded and read back after; `kv_layout` says how
 `choices` (optional): the answer choices its questions take by default (e.g. yes/no/maybe; a
 request's own choices come first); `abstain_at` (optional): the answer rate its adapter's
 calibrated answerability head abstains at (null: the rate it was calibrated for; 0: never by the
-score). Files written before these two keys existed read as null.
+score). `history` (optional): how a follow-up's search query is built from its conversation
+(`none`, `concat` or `rewrite`: see `retro_peft.choices.HistoryStrategy`; null: the adapter's retrieval
+setting, else none). Files written before these keys existed read as null.
 Files are written atomically, so a crash never leaves half a domain.
 """
 
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from retro_peft import paths
-from retro_peft.choices import KV_LAYOUTS, check_kv_layout
+from retro_peft.choices import HISTORY_STRATEGIES, KV_LAYOUTS, check_kv_layout
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.index import open_index
 from retro_peft.storage import atomic_write_json, check_output_file
@@ -54,6 +57,7 @@ class DomainSpec:
     kv_layout: str | None = None  # how it uses the cache: block (None means block) or prefix
     choices: tuple[str, ...] | None = None  # every answer is one of these (None: free answers)
     abstain_at: float | None = None  # the head's answer rate (None: as calibrated; 0: never abstains by score)
+    history: str | None = None  # a follow-up's search query: none, concat or rewrite (None: the adapter's setting)
 
     @property
     def index_path(self) -> Path:
@@ -95,10 +99,17 @@ def check_abstain_at(rate) -> float:
     return float(rate)
 
 
+def check_history_strategy(strategy, field: str = "history") -> str:
+    """A domain's `history`: how a follow-up's search query is built (`retro_peft.choices.HistoryStrategy`)."""
+    if strategy not in HISTORY_STRATEGIES:
+        raise InputError(f"{field} must be one of {', '.join(HISTORY_STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
 def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, description: str | None = None,
                overwrite: bool = False, kv_cache: str | Path | None = None,
                kv_layout: str | None = None, choices: list[str] | tuple[str, ...] | None = None,
-               abstain_at: float | None = None) -> DomainSpec:
+               abstain_at: float | None = None, history: str | None = None) -> DomainSpec:
     """Register a domain after checking that its index opens and its adapter folder is complete.
 
     kv_cache: a file for the domain's frozen KV cache (built on first load if missing); answers then
@@ -112,6 +123,7 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
         raise InputError(f"domain {name!r} already exists: use overwrite (--overwrite) to replace it")
     choices = check_choices(choices) if choices is not None else None
     abstain_at = check_abstain_at(abstain_at) if abstain_at is not None else None
+    history = check_history_strategy(history) if history is not None else None
     if abstain_at is not None and adapter is None:
         raise InputError("abstain_at needs an adapter with an answerability head (--adapter)")
     index_text = _check_index(index)
@@ -127,7 +139,7 @@ def add_domain(name: str, index: str | Path, adapter: str | Path | None = None, 
             raise InputError("a KV cache layout needs a KV cache file (--kv-cache)")
         check_kv_layout(kv_layout)
     spec = DomainSpec(name, index_text, adapter_text, description or None, kv_cache, _now(), kv_layout, choices,
-                      abstain_at)
+                      abstain_at, history)
     atomic_write_json(file, {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_dict()})
     return spec
 
@@ -227,6 +239,8 @@ def _read(file: Path) -> DomainSpec:
             data["choices"] = check_choices(data["choices"])
         if data.get("abstain_at") is not None:
             check_abstain_at(data["abstain_at"])
+        if data.get("history") is not None:
+            check_history_strategy(data["history"])
     except InputError as e:
         raise InputError(f"domain file {file} is malformed ({e})") from None
     fields = DomainSpec.__dataclass_fields__

@@ -22,6 +22,7 @@ class Answer:
     finish_reason: str = "stop"  # "stop", "length" or "cancelled"
     # The calibrated answerability score (an adapter's head; None without one): below its threshold, abstained.
     answerability: float | None = None
+    dropped_turns: int = 0  # earlier turns of the conversation left out of the prompt to fit its budget
 
 
 def is_abstention(text: str, phrase: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 
@@ -9,7 +10,9 @@ from retro_peft.errors import InputError
 from retro_peft.generation.answers import Answer
 from retro_peft.generation.decode import StaticDecode
 from retro_peft.generation.answerability import AnswerabilityHead
-from retro_peft.generation.prompt import Passage, Prompt, RetrievalConfig, SearchOptions, build_prompt, with_choices
+from retro_peft.generation.history import REWRITE_TOKENS, clean_rewrite, concat_queries, rewrite_ids
+from retro_peft.generation.prompt import (Passage, Prompt, RetrievalConfig, SearchOptions, Turn, build_prompt,
+                                          check_history, with_choices)
 from retro_peft.generation.runner import BatchRunner, Row
 from retro_peft.generation.sampling import SamplingConfig
 
@@ -62,21 +65,56 @@ class Generator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def retrieve(self, questions: list[str], search: SearchOptions | None = None) -> list[list[Passage]]:
+    def retrieve(self, questions: list[str], search: SearchOptions | None = None,
+                 history: list | None = None) -> list[list[Passage]]:
+        """Each question's passages; a follow-up (with `history`) searches by the conversation as the
+        strategy says (`search.history`, else `RetrievalConfig.history`; see `generation.history`)."""
         search = search or SearchOptions()
         k = self.retrieval.k if search.k is None else search.k
         if self.index is None or k == 0:
             return [[] for _ in questions]
-        hits = self.index.search_many(list(questions), k=k, mode=search.mode or self.retrieval.mode,
-                                      filters=search.filter_dict())
+        mode = search.mode or self.retrieval.mode
+        histories = self._histories(questions, history)
+        strategy = search.history or self.retrieval.history
+        queries, vectors = list(questions), None
+        if strategy != "none" and any(histories):
+            rewrites = self.standalone(questions, histories) if strategy == "rewrite" else None
+            queries, vectors = concat_queries(self.index, questions, histories, mode, rewrites)
+        hits = self.index.search_many(queries, k=k, mode=mode, filters=search.filter_dict(), query_vectors=vectors)
         return [[Passage.from_hit(h) for h in row] for row in hits]
 
+    def standalone(self, questions: list[str], histories: list[tuple[Turn, ...]]) -> list[str | None]:
+        """Each follow-up rewritten into a standalone question by the base model; None for a question
+        without history, or when the reply is not a question."""
+        at = [i for i, h in enumerate(histories) if h]
+        rows = [Row(Prompt(rewrite_ids(self.tokenizer, questions[i], histories[i], self.retrieval.template), "",
+                           []), self.retrieval.abstention) for i in at]
+        disable = getattr(self.model, "disable_adapter", None)  # a PeftModel: answer as the base model
+        with disable() if disable is not None else contextlib.nullcontext():
+            answers = self.runner.run(rows, SamplingConfig(max_new_tokens=REWRITE_TOKENS))
+        out: list[str | None] = [None] * len(questions)
+        for i, a in zip(at, answers):
+            out[i] = clean_rewrite(a.text)
+        return out
+
+    @staticmethod
+    def _histories(questions: list[str], history: list | None) -> list[tuple[Turn, ...]]:
+        if history is None:
+            return [() for _ in questions]
+        if len(history) != len(questions):
+            raise InputError(f"{len(history)} histories for {len(questions)} questions")
+        return [check_history(h) for h in history]
+
     def prompts(self, questions: list[str], passages: list[list[Passage]] | None = None,
-                search: SearchOptions | None = None, choices: list | None = None) -> list[Prompt]:
-        """Prompts as the model sees them (retrieval uses the bare questions, the prompt lists the choices)."""
-        passages = self.retrieve(questions, search) if passages is None else passages
+                search: SearchOptions | None = None, choices: list | None = None,
+                history: list | None = None) -> list[Prompt]:
+        """Prompts as the model sees them (retrieval uses the bare questions, the prompt lists the choices),
+        after each conversation's earlier turns (`history`: per question, its turns, oldest first)."""
+        histories = self._histories(questions, history)
+        passages = self.retrieve(questions, search, histories) if passages is None else passages
         shown = [with_choices(q, c) for q, c in zip(questions, self._choices(questions, choices))]
-        return [build_prompt(self.tokenizer, q, p, self.retrieval) for q, p in zip(shown, passages)]
+        return [build_prompt(self.tokenizer, q, p, self.retrieval, history=h)
+                for q, p, h in zip(shown, passages, histories)]
 
     def _choices(self, questions: list[str], choices: list | None) -> list[tuple[str, ...]]:
         if choices is not None and len(choices) != len(questions):
@@ -90,31 +128,40 @@ class Generator:
         return out
 
     def rows(self, questions: list[str], passages: list[list[Passage]] | None = None,
-             search: SearchOptions | None = None, choices: list | None = None) -> list[Row]:
-        """The questions ready to decode: with a frozen KV cache, as it runs them (stored segments + tail)."""
+             search: SearchOptions | None = None, choices: list | None = None,
+             history: list | None = None) -> list[Row]:
+        """The questions ready to decode: with a frozen KV cache, as it runs them (stored segments + tail;
+        a question with earlier turns is prefilled in full: the cache's segments start the prompt)."""
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
         choices = self._choices(questions, choices)
+        histories = self._histories(questions, history)
         extra = {"answerability": self.answerability, "cites": self.retrieval.citations}
         abstention = self.retrieval.abstention
+        passages = self.retrieve(questions, search, histories) if passages is None else passages
+        rows = [Row(p, abstention, choices=c, **extra)
+                for p, c in zip(self.prompts(questions, passages, search, choices, histories), choices)]
         if self.kv_cache is None:
-            return [Row(p, abstention, choices=c, **extra)
-                    for p, c in zip(self.prompts(questions, passages, search, choices), choices)]
-        passages = self.retrieve(questions, search) if passages is None else passages
-        shown = [with_choices(q, c) for q, c in zip(questions, choices)]
-        return [Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=c, **extra)
-                for p, c in zip(self.kv_cache.prompts(self.tokenizer, shown, passages, self.retrieval), choices)]
+            return rows
+        fresh = [i for i, h in enumerate(histories) if not h]
+        shown = [with_choices(questions[i], choices[i]) for i in fresh]
+        cached = self.kv_cache.prompts(self.tokenizer, shown, [passages[i] for i in fresh], self.retrieval)
+        for i, p in zip(fresh, cached):
+            rows[i] = Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=choices[i], **extra)
+        return rows
 
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
         return sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
 
     def answer(self, question: str, *, passages: list[Passage] | None = None,
-               sampling: SamplingConfig | None = None, on_text=None, choices=None) -> Answer:
-        """One answer; `on_text(delta)` streams its text as it is generated; `choices`: answer one of these."""
+               sampling: SamplingConfig | None = None, on_text=None, choices=None, history=None) -> Answer:
+        """One answer; `on_text(delta)` streams its text as it is generated; `choices`: answer one of these;
+        `history`: the conversation's earlier turns ({role, content}, oldest first)."""
         stream = None if on_text is None else (lambda _row, delta: on_text(delta))
         return self.answer_many([question], passages=None if passages is None else [passages], sampling=sampling,
-                                on_text=stream, choices=None if choices is None else [choices])[0]
+                                on_text=stream, choices=None if choices is None else [choices],
+                                history=None if history is None else [history])[0]
 
     def stream(self, question: str, *, sampling: SamplingConfig | None = None):
         """Yield the answer's text pieces as tokens are produced, then the final `Answer`."""
@@ -122,11 +169,12 @@ class Generator:
 
     def answer_many(self, questions: list[str], *, passages: list[list[Passage]] | None = None,
                     sampling: SamplingConfig | None = None, search: SearchOptions | None = None, on_text=None,
-                    cancelled=None, choices: list | None = None) -> list[Answer]:
-        """`choices`: per question, the strings its answer must be one of (None or empty: the default)."""
+                    cancelled=None, choices: list | None = None, history: list | None = None) -> list[Answer]:
+        """`choices`: per question, the strings its answer must be one of (None or empty: the default);
+        `history`: per question, its conversation's earlier turns (None or empty: none)."""
         if isinstance(questions, str):
             raise InputError("answer_many takes a list of questions")
-        return self.runner.run(self.rows(questions, passages, search, choices), self.sampling(sampling),
+        return self.runner.run(self.rows(questions, passages, search, choices, history), self.sampling(sampling),
                                on_text=on_text, cancelled=cancelled)
 
 

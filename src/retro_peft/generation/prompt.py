@@ -5,13 +5,18 @@ turn: numbered passages `[1] (title) text`, the question, and the instruction to
 answer briefly from the passages or say the abstention phrase. A token budget
 covers the whole prompt: passages are dropped or truncated to fit, the question
 and instruction never are (and the answer comes after the prompt, outside it).
+
+In a conversation the earlier turns come before that user turn (system messages
+first, as the system prompt). Passages get their share of the budget first (all
+of it but `history_tokens`, which the turns may use), then the newest turns fill
+what is left; the oldest turns are dropped first, the question never is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from retro_peft.choices import GROUNDINGS, PROMPT_TEMPLATES, SEARCH_MODES, Grounding, PromptTemplate, SearchMode
+from retro_peft.choices import GROUNDINGS, HISTORY_STRATEGIES, ROLES, HistoryStrategy, PROMPT_TEMPLATES, SEARCH_MODES, Grounding, PromptTemplate, SearchMode
 from retro_peft.errors import InputError
 
 # Shortest passage tail worth keeping when truncating to the budget.
@@ -36,6 +41,10 @@ class RetrievalConfig:
     grounding: Grounding = "auto"  # which passages are an item's gold ones in training (see choices.Grounding)
     # Train the answer to end with the markers of the gold passages it used ("... [2]"); `cite` reads them.
     citations: bool = True
+    # Conversations: how a follow-up's search query is built (see choices.HistoryStrategy), and the part of
+    # the budget passages leave to earlier turns when there are any (at most half of it).
+    history: HistoryStrategy = "none"
+    history_tokens: int = 160
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 0:
@@ -58,6 +67,10 @@ class RetrievalConfig:
             raise InputError(f"citations must be true or false, got {self.citations!r}")
         if self.mode not in SEARCH_MODES:
             raise InputError(f"unknown search mode {self.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
+        if self.history not in HISTORY_STRATEGIES:
+            raise InputError(f"unknown history strategy {self.history!r}; choose one of {', '.join(HISTORY_STRATEGIES)}")
+        if isinstance(self.history_tokens, bool) or not isinstance(self.history_tokens, int) or self.history_tokens < 0:
+            raise InputError(f"history_tokens must be an integer >= 0, got {self.history_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -71,11 +84,15 @@ class SearchOptions:
     k: int | None = None
     mode: str | None = None
     filters: tuple[tuple[str, tuple], ...] = ()
+    history: str | None = None  # how a follow-up's query is built (None: the domain's RetrievalConfig.history)
 
     @classmethod
-    def of(cls, k: int | None = None, mode: str | None = None, filters: dict | None = None) -> SearchOptions:
+    def of(cls, k: int | None = None, mode: str | None = None, filters: dict | None = None,
+           history: str | None = None) -> SearchOptions:
+        if history is not None and history not in HISTORY_STRATEGIES:
+            raise InputError(f"unknown history strategy {history!r}; choose one of {', '.join(HISTORY_STRATEGIES)}")
         items = ((name, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for name, v in (filters or {}).items())
-        return cls(k, mode, tuple(sorted(items)))
+        return cls(k, mode, tuple(sorted(items)), history)
 
     def filter_dict(self) -> dict | None:
         return {name: list(values) for name, values in self.filters} or None
@@ -99,11 +116,45 @@ class Passage:
                    title=str(meta.get("title") or ""), score=float(hit.score))
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation before the question: a user or assistant turn, or a system message."""
+
+    role: str
+    content: str
+
+
+def check_history(history) -> tuple[Turn, ...]:
+    """The turns as `Turn`s ({role, content} dicts, (role, content) pairs or Turns), or an error naming the bad one."""
+    if history is None:
+        return ()
+    if isinstance(history, (str, dict)) or not isinstance(history, (list, tuple)):
+        raise InputError("history must be a list of {role, content} messages")
+    turns = []
+    for i, t in enumerate(history):
+        if isinstance(t, Turn):
+            role, content = t.role, t.content
+        elif isinstance(t, dict):
+            role, content = t.get("role"), t.get("content")
+        elif isinstance(t, tuple) and len(t) == 2:
+            role, content = t
+        else:
+            raise InputError(f"history[{i}] must be a {{role, content}} message")
+        if role not in ROLES:
+            raise InputError(f"history[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise InputError(f"history[{i}].content must be a non-empty string")
+        turns.append(Turn(role, content.strip()))
+    return tuple(turns)
+
+
 @dataclass
 class Prompt:
     input_ids: list[int]
     text: str
     passages: list[Passage]  # those that made it into the prompt, in prompt order (possibly truncated)
+    history: tuple[Turn, ...] = field(default=())  # the earlier turns it holds (the newest ones that fit)
+    dropped_turns: int = 0  # earlier user/assistant turns left out to fit the budget (the oldest)
 
 
 def instruction(abstention: str, closed_book: bool = False) -> str:
@@ -147,13 +198,18 @@ def uses_chat_template(tokenizer, template: str) -> bool:
     return template == "chat" and bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig) -> str:
+def render(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig,
+           history: tuple[Turn, ...] = ()) -> str:
     """Prompt text up to where the answer starts."""
     user = _user_message(question, [format_passage(i, p) for i, p in enumerate(passages, 1)], retrieval.abstention)
+    system = "\n\n".join(t.content for t in history if t.role == "system")
+    turns = [{"role": t.role, "content": t.content} for t in history if t.role != "system"]
     if uses_chat_template(tokenizer, retrieval.template):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        return tokenizer.apply_chat_template(messages + [{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
-    return f"{user}\n\nAnswer: "
+    before = "".join(f"{t['role'].capitalize()}: {t['content']}\n\n" for t in turns)
+    return f"{system + chr(10) + chr(10) if system else ''}{before}{user}\n\nAnswer: "
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -179,15 +235,21 @@ def _truncate(tokenizer, passage: Passage, max_tokens: int) -> Passage:
     return replace(passage, text=text.rstrip() + " ...")
 
 
-def fit_passages(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig) -> list[Passage]:
+def fit_passages(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig,
+                 history: tuple[Turn, ...] = ()) -> list[Passage]:
     """Keep passages in the given (priority) order while the whole prompt fits the budget.
 
     The first passage that does not fit is truncated if a useful tail of it
     fits, and everything after it is dropped. The question is never cut: if the
-    question alone exceeds the budget, the prompt holds no passages.
+    question alone exceeds the budget, the prompt holds no passages. With earlier
+    turns, passages leave `history_tokens` of the budget to them (`fit_history`).
+    System messages are kept whole, like the question.
     """
-    budget = retrieval.context_tokens
-    used = len(encode(tokenizer, render(tokenizer, question, [], retrieval)))
+    system = tuple(t for t in history if t.role == "system")
+    turns = len(history) > len(system)
+    reserve = min(retrieval.history_tokens, retrieval.context_tokens // 2) if turns else 0
+    budget = retrieval.context_tokens - reserve
+    used = len(encode(tokenizer, render(tokenizer, question, [], retrieval, system)))
     kept: list[Passage] = []
     for passage in passages:
         # "\n[n] (title) text" per passage; +2 covers the newline and the "Passages:" header on the first.
@@ -202,7 +264,7 @@ def fit_passages(tokenizer, question: str, passages: list[Passage], retrieval: R
         break
     # Per-piece token counts can differ from the joined text's by a token or two:
     # check the real length and shorten from the end until it fits.
-    while kept and len(encode(tokenizer, render(tokenizer, question, kept, retrieval))) > budget:
+    while kept and len(encode(tokenizer, render(tokenizer, question, kept, retrieval, system))) > budget:
         last = kept[-1]
         n = len(encode(tokenizer, last.text))
         if n - 8 >= MIN_PASSAGE_TOKENS:
@@ -212,17 +274,39 @@ def fit_passages(tokenizer, question: str, passages: list[Passage], retrieval: R
     return kept
 
 
-def build_prompt(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig, *,
-                 fitted: bool = False) -> Prompt:
-    """Prompt for `question` with `passages` (highest priority first) fitted into the budget.
+def fit_history(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig,
+                history: tuple[Turn, ...]) -> tuple[tuple[Turn, ...], int]:
+    """(the turns that fit beside `passages`, how many user/assistant turns were dropped): system messages
+    always stay; of the others the newest are kept while the whole prompt fits the budget, starting with a
+    user turn."""
+    system = tuple(t for t in history if t.role == "system")
+    turns = [t for t in history if t.role != "system"]
+    kept: list[Turn] = []
+    for turn in reversed(turns):  # newest first; the first that does not fit ends the history there
+        trial = (turn, *kept)
+        if len(encode(tokenizer, render(tokenizer, question, passages, retrieval, system + trial))) > \
+                retrieval.context_tokens:
+            break
+        kept = list(trial)
+    while kept and kept[0].role == "assistant":  # an answer whose question was dropped would stand alone
+        kept.pop(0)
+    return system + tuple(kept), len(turns) - len(kept)
 
-    `fitted=True` skips the fitting (the caller already fitted and maybe reordered them).
+
+def build_prompt(tokenizer, question: str, passages: list[Passage], retrieval: RetrievalConfig, *,
+                 fitted: bool = False, history=()) -> Prompt:
+    """Prompt for `question` with `passages` (highest priority first) fitted into the budget, after the
+    conversation's earlier turns (`history`, oldest first) that fit beside them.
+
+    `fitted=True` skips the passages' fitting (the caller already fitted and maybe reordered them).
     """
     if not question or not question.strip():
         raise InputError("the question is empty")
-    kept = list(passages) if fitted else fit_passages(tokenizer, question, passages, retrieval)
-    text = render(tokenizer, question, kept, retrieval)
-    return Prompt(input_ids=encode(tokenizer, text), text=text, passages=kept)
+    history = check_history(history)
+    kept = list(passages) if fitted else fit_passages(tokenizer, question, passages, retrieval, history)
+    turns, dropped = fit_history(tokenizer, question, kept, retrieval, history) if history else ((), 0)
+    text = render(tokenizer, question, kept, retrieval, turns)
+    return Prompt(input_ids=encode(tokenizer, text), text=text, passages=kept, history=turns, dropped_turns=dropped)
 
 
 def model_context(model) -> int | None:

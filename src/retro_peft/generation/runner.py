@@ -154,7 +154,8 @@ class BatchRunner:
                 cited = split_citations(after.get(i, ""), row.prompt.passages)[1]
                 answers[r] = Answer(text=text, citations=cite(text, row.prompt.passages, cited),
                                     prompt_tokens=len(row.prompt.input_ids), completion_tokens=len(options[i][picks[i]]),
-                                    passages=row.prompt.passages, answerability=scores.get(i))
+                                    passages=row.prompt.passages, answerability=scores.get(i),
+                                    dropped_turns=row.prompt.dropped_turns)
             if on_text is not None:
                 on_text(r, text)
 
@@ -180,12 +181,13 @@ def _for_rows(callback, group: list[int]):
 def abstained(row: Row, score: float) -> Answer:
     """The answer of a row its answerability score abstains on."""
     return Answer(text=row.abstention, abstained=True, prompt_tokens=len(row.prompt.input_ids),
-                  passages=row.prompt.passages, answerability=score)
+                  passages=row.prompt.passages, answerability=score, dropped_turns=row.prompt.dropped_turns)
 
 
 def make_answer(row: Row, generated: Generated) -> Answer:
     text, cited = split_citations(generated.text, row.prompt.passages)
     abstained = is_abstention(text, row.abstention)
     return Answer(text=text, citations=[] if abstained else cite(text, row.prompt.passages, cited), abstained=abstained,
+                  dropped_turns=row.prompt.dropped_turns,
                   prompt_tokens=len(row.prompt.input_ids), completion_tokens=len(generated.tokens),
                   passages=row.prompt.passages, finish_reason=generated.finish_reason)

@@ -36,7 +36,7 @@ from retro_peft.index.fusion import reciprocal_rank_fusion, weighted_score_fusio
 from retro_peft.index.rerank import Reranker
 from retro_peft.index.sparse import SparseIndex
 from retro_peft.choices import SEARCH_MODES
-from retro_peft.models import DEFAULT_ENCODER
+from retro_peft.models import DEFAULT_ENCODER, PACKAGED
 from retro_peft.storage import (atomic_write_bytes, atomic_write_json, atomic_write_with, remove, replace_folder,
                                 sha256_tree)
 
@@ -278,9 +278,36 @@ class Index:
         self._commit([self._chunks[r] for r in keep], self._vectors[keep])
         return removed
 
-    def _commit(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
+    def reembed(self, encoder: str | Encoder, progress: bool = False) -> dict:
+        """Embed every chunk again with another encoder (e.g. one `train_retriever` fine-tuned) and write a
+        new generation that records it (name and fingerprint); until that commit, readers get the old one.
+
+        The chunks stay as they are (cut by the old encoder's tokenizer); only their
+        vectors change, and the embedding cache (one per encoder fingerprint) makes a
+        repeated re-embed with the same encoder cost nothing.
+        """
+        if isinstance(encoder, str):
+            encoder = Encoder(encoder)
+        ChunkingConfig(**self.manifest["chunking"]).validate(encoder.max_tokens)
+        previous = self.manifest["encoder"]
+        described = {**encoder.describe(), "name": _recorded_name(encoder.name)}
+        stats = {"chunks": len(self._chunks), "embedded": 0, "encoder": described, "previous_encoder": previous}
+        if encoder.fingerprint == previous["fingerprint"]:
+            return {**stats, "encoder": previous, "changed": False, "generation": self.manifest["generation"]}
+        cache = EmbeddingCache(encoder)
+        try:
+            vectors, stats["embedded"] = embed_with_cache(encoder, [c.text for c in self._chunks],
+                                                          [c.content_hash for c in self._chunks], cache,
+                                                          show_progress=progress)
+        finally:
+            cache.close()
+        self._commit(self._chunks, vectors, {**self.manifest, "encoder": described})
+        self._encoder = encoder
+        return {**stats, "changed": True, "generation": self.manifest["generation"]}
+
+    def _commit(self, chunks: list[Chunk], vectors: np.ndarray, previous: dict | None = None) -> None:
         with _write_lock(self.path):
-            manifest, sparse, dense = _write_generation(self.path, self.manifest, chunks, vectors,
+            manifest, sparse, dense = _write_generation(self.path, previous or self.manifest, chunks, vectors,
                                                         _dense_options(self.manifest))
         self.manifest, self._chunks, self._vectors, self._sparse, self._dense = manifest, chunks, vectors, sparse, dense
         self._filter_cache.clear()
@@ -356,12 +383,21 @@ def open_index(name_or_path: str | Path, encoder: str | Encoder | None = None, v
     return index
 
 
+def _recorded_name(name: str) -> str:
+    """The encoder name a manifest records: a local folder as an absolute path (it is loaded from any working
+    directory), a packaged name or a Hugging Face id as given."""
+    if name not in PACKAGED and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
+
+
 def _check_encoder(index: Index, encoder: Encoder) -> Encoder:
     recorded = index.manifest["encoder"]
     if encoder.fingerprint != recorded["fingerprint"]:
         raise EncoderMismatchError(
             f"index {index.path} was built with encoder {recorded['name']!r} (fingerprint {recorded['fingerprint']}), "
-            f"but encoder {encoder.name!r} has fingerprint {encoder.fingerprint}; rebuild the index to change encoders"
+            f"but encoder {encoder.name!r} has fingerprint {encoder.fingerprint}; rebuild or re-embed the index "
+            "(`retro-peft index reembed`) to change encoders"
         )
     return encoder
 

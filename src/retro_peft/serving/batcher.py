@@ -18,8 +18,8 @@ for 32 clients to come back on a busy 2-core machine (mean batch 21.3 of 32).
 Rows of one pass share a `SamplingConfig` and `SearchOptions` (the bank takes
 one of each per call), so a batch holds the oldest request and the queued
 requests with the same settings; the others wait for the next pass, in order.
-Answer choices (`guided_choice`) are per row: requests with different choices
-share a pass.
+Answer choices (`guided_choice`) and a chat's earlier turns are per row: requests
+with different choices or conversations share a pass.
 
 The event loop never blocks: it submits a `Job` and awaits its future; the
 worker streams text back with `call_soon_threadsafe`. A job whose client went
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
+from retro_peft.generation.prompt import Turn
 from retro_peft.serving.settings import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Job:
     on_text: Callable[[str], None] | None = None  # runs on the event loop
     search: SearchOptions | None = None  # retrieval options in place of the domain's own
     choices: tuple[str, ...] | None = None  # the answer is one of these (None: the domain's choices, if any)
+    history: tuple[Turn, ...] = ()  # a chat's earlier turns, oldest first (system messages included)
     cancelled: bool = False  # set by the event loop, read by the worker: a plain bool is enough
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -112,10 +114,11 @@ class MicroBatcher:
 
     def submit(self, question: str, domain: str | None, sampling: SamplingConfig,
                on_text: Callable[[str], None] | None = None,
-               search: SearchOptions | None = None, choices: tuple[str, ...] | None = None) -> Job:
+               search: SearchOptions | None = None, choices: tuple[str, ...] | None = None,
+               history: tuple[Turn, ...] = ()) -> Job:
         """Queue one request (raises QueueFull); await `wait(job)` for its answer. Call on the event loop."""
         loop = asyncio.get_running_loop()
-        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, search, choices)
+        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, search, choices, history)
         with self._cond:
             if self._stopping or len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self.retry_after())
@@ -151,8 +154,9 @@ class MicroBatcher:
 
     async def generate(self, question: str, domain: str | None, sampling: SamplingConfig,
                        on_text: Callable[[str], None] | None = None,
-                       search: SearchOptions | None = None, choices: tuple[str, ...] | None = None) -> Answer:
-        return await self.wait(self.submit(question, domain, sampling, on_text, search, choices))
+                       search: SearchOptions | None = None, choices: tuple[str, ...] | None = None,
+                       history: tuple[Turn, ...] = ()) -> Answer:
+        return await self.wait(self.submit(question, domain, sampling, on_text, search, choices, history))
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the ones queued and in flight (graceful shutdown)."""
@@ -218,7 +222,7 @@ class MicroBatcher:
             answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
                                             sampling=jobs[0].sampling, search=jobs[0].search, on_text=on_text,
                                             cancelled=lambda row: jobs[row].cancelled,
-                                            choices=[j.choices for j in jobs])
+                                            choices=[j.choices for j in jobs], history=[j.history for j in jobs])
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its batch
             if len(jobs) > 1:
                 for job in jobs:
@@ -234,7 +238,7 @@ class MicroBatcher:
 
 def _key(job: Job):
     """Rows decoded together share these (the bank takes one sampling config and one search per call; choices
-    are per row)."""
+    and history are per row)."""
     return job.sampling, job.search
 
 

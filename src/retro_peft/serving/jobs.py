@@ -9,28 +9,32 @@ from fastapi import Request
 
 from retro_peft.errors import RetroPeftError
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
+from retro_peft.generation.prompt import Turn
 from retro_peft.serving.batcher import Job, QueueFull, RequestTimeout
 from retro_peft.serving.errors import ApiError, busy
 from retro_peft.serving.state import BASE, ServerState
 
 
 def submit(state: ServerState, question: str, domain: str | None, sampling: SamplingConfig,
-           search: SearchOptions | None, on_text=None, choices: tuple[str, ...] | None = None) -> Job:
-    """Queue one answer (`on_text`: called with each piece of text, from the batcher's thread); 503 when full."""
+           search: SearchOptions | None, on_text=None, choices: tuple[str, ...] | None = None,
+           history: tuple[Turn, ...] = ()) -> Job:
+    """Queue one answer (`on_text`: called with each piece of text, from the batcher's thread; `history`: the
+    conversation's earlier turns); 503 when full."""
     try:
-        return state.batcher.submit(question, domain, sampling, on_text, search, choices)
+        return state.batcher.submit(question, domain, sampling, on_text, search, choices, history)
     except QueueFull as e:
         state.metrics.rejected.labels("queue_full").inc()
         raise busy(str(e), e.retry_after) from None
 
 
 def submit_all(state: ServerState, questions: list[str], domains: list[str | None], sampling: SamplingConfig,
-               search: SearchOptions | None, choices: tuple[str, ...] | None = None) -> list[Job]:
+               search: SearchOptions | None, choices: tuple[str, ...] | None = None,
+               history: tuple[Turn, ...] = ()) -> list[Job]:
     """All the jobs or none (those queued are cancelled when one does not fit)."""
     jobs = []
     try:
         for q, d in zip(questions, domains):
-            jobs.append(submit(state, q, d, sampling, search, choices=choices))
+            jobs.append(submit(state, q, d, sampling, search, choices=choices, history=history))
     except ApiError:
         for job in jobs:
             state.batcher.cancel(job)

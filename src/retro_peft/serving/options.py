@@ -36,7 +36,7 @@ def search(settings: ServeSettings, options: RetrievalOptions | None) -> SearchO
     if options.k is not None and options.k > settings.http.max_k:
         raise ApiError(400, f"retrieval.k is at most {settings.http.max_k}", param="retrieval.k",
                        code="invalid_value")
-    found = SearchOptions.of(options.k, options.mode, options.filters)
+    found = SearchOptions.of(options.k, options.mode, options.filters, options.history)
     return None if found == SearchOptions() else found
 
 

@@ -36,10 +36,12 @@ def answered(answer: Answer) -> dict:
     return {"citations": citations(answer), "abstained": answer.abstained, "answerability": answer.answerability}
 
 
-def usage(answers: list[Answer]) -> Usage:
+def usage(answers: list[Answer], chat: bool = False) -> Usage:
+    """The token counts; a chat's also says how many earlier turns its prompt left out (`dropped_turns`)."""
     prompt = sum(a.prompt_tokens for a in answers)
     completion = sum(a.completion_tokens for a in answers)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 dropped_turns=sum(a.dropped_turns for a in answers) if chat else None)
 
 
 def completion(answers: list[Answer], model: str, chat: bool) -> CompletionResponse | ChatResponse:
@@ -48,7 +50,7 @@ def completion(answers: list[Answer], model: str, chat: bool) -> CompletionRespo
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
                               **answered(a)) for i, a in enumerate(answers)]
-        return ChatResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
+        return ChatResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers, chat))
     choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, **answered(a))
                for i, a in enumerate(answers)]
     return CompletionResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
@@ -102,7 +104,7 @@ class Chunks:
     def last(self, answer: Answer, usage_chunk: bool) -> list[bytes]:
         """The finish reason, the citations, the abstention and the usage; with `usage_chunk` the usage again,
         without choices (OpenAI's `stream_options.include_usage`). Then [DONE]."""
-        used = usage([answer])
+        used = usage([answer], self.chat)
         events = [self._event([self._choice(None, answer.finish_reason, answered(answer))], used)]
         if usage_chunk:
             events.append(self._event([], used))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retro_peft.choices import SearchMode
+from retro_peft.choices import HistoryStrategy, SearchMode
 
 FinishReason = Literal["stop", "length", "cancelled"]
 FilterValue = str | int | float | bool
@@ -31,6 +31,10 @@ class RetrievalOptions(BaseModel):
     mode: SearchMode | None = None
     filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
         None, description="metadata filters: field -> value or list of accepted values")
+    history: HistoryStrategy | None = Field(
+        None, description="chat: how a follow-up's search query is built from the earlier turns (none: the last "
+                          "user message alone; concat: with the previous turns, the newest weighted most; rewrite: "
+                          "condensed into a standalone question by the base model); default: the domain's")
 
 
 class StreamOptions(BaseModel):
@@ -71,6 +75,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """The last user message is the question; the messages before it (system and developer ones as the system
+    prompt) go into its prompt. `tool` messages are refused (400): this server calls no tools."""
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -92,14 +98,18 @@ class Citation(BaseModel):
     score: float
 
 
+def _absent(value) -> bool:
+    return value is None
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-
-
-def _absent(value) -> bool:
-    return value is None
+    dropped_turns: int | None = Field(
+        None, exclude_if=_absent,
+        description="chat only: the earlier user/assistant messages left out of the prompt (the oldest) to fit the "
+                    "domain's prompt budget")
 
 
 # Sent only in a stream's last chunk (None elsewhere: the key is left out, as OpenAI's streams do).

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
                                YamlConfigSettingsSource)
 
-from retro_peft.choices import DType, KVLayout
+from retro_peft.choices import DType, HistoryStrategy, KVLayout
 from retro_peft.errors import InputError
 
 # uvicorn's event loop. Not uvloop: under 200 connections on 2 cores uvloop left some connections
@@ -44,6 +44,7 @@ class DomainConfig(_Section):
     kv_layout: KVLayout | None = None  # with kv_cache: block (default) or prefix (same answers)
     choices: list[str] | None = None  # default answer choices (a request's `guided_choice` comes first)
     abstain_at: float | None = Field(None, ge=0.0, le=1.0)  # the head's answer rate; 0: never abstain by score
+    history: HistoryStrategy | None = None  # a follow-up's search query (a request's `retrieval.history` first)
 
     @model_validator(mode="after")
     def _layout_needs_a_cache(self):

@@ -51,7 +51,8 @@ class ServerState:
             return list(self.settings.domains)
         return [DomainConfig(name=d.name, index=d.index, adapter=d.adapter, description=d.description,
                              kv_cache=d.kv_cache, kv_layout=d.kv_layout,
-                             choices=None if d.choices is None else list(d.choices), abstain_at=d.abstain_at)
+                             choices=None if d.choices is None else list(d.choices), abstain_at=d.abstain_at,
+                             history=d.history)
                 for d in list_domains()]
 
     def load(self) -> None:
@@ -68,7 +69,8 @@ class ServerState:
                     self.descriptions[spec.name] = spec.description
                     try:
                         self.bank.load(spec.name, spec.index, spec.adapter, kv_cache=spec.kv_cache,
-                                       kv_layout=spec.kv_layout, choices=spec.choices, abstain_at=spec.abstain_at)
+                                       kv_layout=spec.kv_layout, choices=spec.choices, abstain_at=spec.abstain_at,
+                                       history=spec.history)
                         self.domains[spec.name] = "loaded"
                     except RetroPeftError as e:
                         self.domains[spec.name] = f"error: {e}"

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from retro_peft.errors import RetroPeftError
 from retro_peft.generation import SamplingConfig, SearchOptions
+from retro_peft.generation.prompt import Turn
 from retro_peft.serving import jobs
 from retro_peft.serving.batcher import RequestTimeout
 from retro_peft.serving.errors import busy
@@ -21,10 +22,10 @@ _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def stream(state: ServerState, question: str, domain: str | None, model: str, sampling: SamplingConfig,
            search: SearchOptions | None, chat: bool, usage_chunk: bool,
-           choices: tuple[str, ...] | None = None) -> StreamingResponse:
+           choices: tuple[str, ...] | None = None, history: tuple[Turn, ...] = ()) -> StreamingResponse:
     """The job is queued before the 200 goes out, so a full queue is still a 503. `model`: the one reported."""
     pieces: asyncio.Queue[str] = asyncio.Queue()
-    job = jobs.submit(state, question, domain, sampling, search, pieces.put_nowait, choices)
+    job = jobs.submit(state, question, domain, sampling, search, pieces.put_nowait, choices, history)
     chunks = Chunks(model, chat)
 
     async def events():

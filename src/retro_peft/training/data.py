@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 from retro_peft.errors import InputError
 from retro_peft.text import mentions
+from retro_peft.generation.history import concat_queries
 from retro_peft.generation.prompt import (Passage, RetrievalConfig, build_prompt, encode, end_of_turn_ids,
-                                          fit_passages, passage_marker, with_choices)
+                                          check_history, fit_passages, passage_marker, with_choices)
 from retro_peft.kvcache.layout import cut_prompt, template_segments
 from retro_peft.qa import QAItem
 
@@ -112,6 +113,9 @@ def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalCo
     check_items(items)
     for item in items:
         grounding_of(item, retrieval.grounding)  # refuses grounding "doc" for items without gold documents
+        if item.history and retrieval.block_attention:
+            raise InputError(f"question {item.id!r} has a conversation history, which block-attention training "
+                             "(the frozen KV cache's layout: the prompt starts with the stored head) cannot hold")
     closed_book = retrieval.k == 0 and retrieval.distractors == 0
     if not closed_book and index is None:
         raise InputError("retrieval-augmented examples need an index (or k=0 and distractors=0 for closed book)")
@@ -119,8 +123,7 @@ def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalCo
         hits = [[] for _ in items]
         chunks = []
     else:
-        hits = index.search_many([it.question for it in items], k=retrieval.k + BACKFILL, mode=retrieval.mode) \
-            if retrieval.k else [[] for _ in items]
+        hits = _search(index, items, retrieval) if retrieval.k else [[] for _ in items]
         chunks = [_passage_from_chunk(c) for c in index.chunks()]
     by_doc: dict[str, list[Passage]] = {}
     for p in chunks:
@@ -133,6 +136,18 @@ def build_examples(items: list[QAItem], index, tokenizer, retrieval: RetrievalCo
         retrieved = [Passage.from_hit(h) for h in row]
         examples.append(_example(item, retrieved, chunks, by_doc, tokenizer, retrieval, rng, closed_book, layout))
     return examples
+
+
+def _search(index, items: list[QAItem], retrieval: RetrievalConfig):
+    """Every question's hits in one batched search. A follow-up (an item with history) searches as
+    `retrieval.history` says at answer time; `rewrite` needs the generator, so training searches those with
+    `concat`, the strategy that needs none."""
+    questions = [it.question for it in items]
+    queries, vectors = questions, None
+    if retrieval.history != "none" and any(it.history for it in items):
+        queries, vectors = concat_queries(index, questions, [check_history(it.history) for it in items],
+                                          retrieval.mode)
+    return index.search_many(queries, k=retrieval.k + BACKFILL, mode=retrieval.mode, query_vectors=vectors)
 
 
 def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_doc: dict[str, list[Passage]],
@@ -165,12 +180,13 @@ def _example(item: QAItem, retrieved: list[Passage], chunks: list[Passage], by_d
     if retrieval.block_attention:
         kept = block_prompt(tokenizer, question, chosen, retrieval, layout)[0] if chosen else []
     else:
-        kept = fit_passages(tokenizer, question, chosen, retrieval)
+        kept = fit_passages(tokenizer, question, chosen, retrieval, check_history(item.history))
     rng.shuffle(kept)  # the gold chunk's position must not give it away
     if retrieval.block_attention and kept:
         kept, segments, prompt_ids = block_prompt(tokenizer, question, kept, retrieval, layout)
     else:
-        segments, prompt_ids = (), build_prompt(tokenizer, question, kept, retrieval, fitted=True).input_ids
+        segments, prompt_ids = (), build_prompt(tokenizer, question, kept, retrieval, fitted=True,
+                                                history=item.history).input_ids
     golds = [p for p in kept if is_gold(p, item, grounding)] if answerable else []
     has_gold = bool(golds) if not closed_book else answerable
     if has_gold:

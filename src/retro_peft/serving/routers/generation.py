@@ -1,5 +1,6 @@
 """/v1/completions and /v1/chat/completions: OpenAI's endpoints over the domains. Greedy answers come from
-the response cache when they can; `stream: true` answers as server-sent events (`streaming`)."""
+the response cache when they can; `stream: true` answers as server-sent events (`streaming`). A chat's last
+user message is the question and the messages before it go into its prompt (`_conversation`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from retro_peft.domains.registry import AUTO
 from retro_peft.generation import SamplingConfig
-from retro_peft.generation.prompt import with_choices
+from retro_peft.generation.prompt import Turn, with_choices
 from retro_peft.serving import jobs, options, payloads
 from retro_peft.serving.auth import Principal
 from retro_peft.serving.cache import cache_key
@@ -34,23 +35,39 @@ async def completions(body: CompletionRequest, request: Request, state: State, c
 
 @router.post("/v1/chat/completions", response_model=ChatResponse, responses={**_ERRORS, 200: streamed(ChatChunk)})
 async def chat_completions(body: ChatRequest, request: Request, state: State, caller: Caller) -> Response:
-    return await _generate(state, request, caller, body, [_question(body)], chat=True)
+    question, history = _conversation(body)
+    return await _generate(state, request, caller, body, [question], chat=True, history=history)
 
 
-def _question(body: ChatRequest) -> str:
-    """The last user message is the question: the bank answers one question from its domain's passages
-    (earlier turns and system messages are not part of its prompt)."""
-    for message in reversed(body.messages):
-        if message.role == "user":
-            content = message.content
-            if isinstance(content, list):
-                content = "\n".join(part.text for part in content)
-            return content or ""
-    raise ApiError(400, "messages: there is no user message to answer", param="messages", code="invalid_value")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _conversation(body: ChatRequest) -> tuple[str, tuple[Turn, ...]]:
+    """(the question: the last user message, the turns before it: system and developer messages as the system
+    prompt, user and assistant turns as they are), or a 400 naming the message at fault."""
+    messages = body.messages
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        raise ApiError(400, "messages: there is no user message to answer", param="messages", code="invalid_value")
+    tool = next((i for i, m in enumerate(messages) if m.role == "tool"), None)
+    if tool is not None:
+        raise ApiError(400, f"messages[{tool}]: tool messages are not supported (this server calls no tools)",
+                       param=f"messages[{tool}].role", code="invalid_value")
+    texts = []
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if i > users[-1]:
+            raise ApiError(400, f"{field}: the messages must end with the question (a user message), not with "
+                                f"this {m.role} message", param=f"{field}.role", code="invalid_value")
+        content = "\n".join(p.text for p in m.content) if isinstance(m.content, list) else m.content
+        if not content or not content.strip():
+            raise ApiError(400, f"{field}.content is empty", param=f"{field}.content", code="invalid_value")
+        texts.append(content.strip())
+    return texts[-1], tuple(Turn(_ROLES[m.role], t) for m, t in zip(messages, texts[:-1]))
 
 
 async def _generate(state: ServerState, request: Request, caller: Principal, body: CompletionRequest | ChatRequest,
-                    questions: list[str], chat: bool) -> Response:
+                    questions: list[str], chat: bool, history: tuple[Turn, ...] = ()) -> Response:
     request.state.domain = body.model
     model = state.resolve_domain(body.model)
     _check_questions(state, questions, body.stream, chat)
@@ -58,11 +75,11 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     search = options.search(state.settings, body.retrieval)
     choices = options.choices(state.settings, body)
 
-    # Greedy answers are a function of (domain, question, settings): serve them from the cache.
+    # Greedy answers are a function of (domain, question, earlier turns, settings): serve them from the cache.
     key = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
         key = cache_key(payloads.kind(chat), [model, state.bank.version(model), questions, sampling.max_new_tokens,
-                                              sampling.stop, search, choices])
+                                              sampling.stop, search, choices, [[t.role, t.content] for t in history]])
         identity = getattr(request.state, "request_identity", None)  # set by RequestContext
         if identity is not None:
             state.known_requests.put(identity, (key, chat, body.model))
@@ -73,14 +90,15 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
             return payloads.json_response(payloads.restamped(cached, chat))
 
     shown = questions if choices is None else [with_choices(q, choices) for q in questions]  # the prompt lists them
-    await _admit_tokens(state, request, caller, shown, sampling)
+    await _admit_tokens(state, request, caller, shown, sampling, history)
     domains = [await state.route(q) for q in questions] if model == AUTO else [model] * len(questions)
     reported = (domains[0] if model == AUTO else model) or BASE
     if body.stream:
         usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-        return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk, choices)
+        return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk, choices,
+                      history)
     answers = await jobs.wait_all(state, request, jobs.submit_all(state, questions, domains, sampling, search,
-                                                                 choices))
+                                                                 choices, history))
     if answers is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     response = payloads.completion(answers, reported, chat)
@@ -103,14 +121,20 @@ def _check_questions(state: ServerState, questions: list[str], streamed: bool, c
 
 
 async def _admit_tokens(state: ServerState, request: Request, caller: Principal, questions: list[str],
-                        sampling: SamplingConfig) -> None:
+                        sampling: SamplingConfig, history: tuple[Turn, ...] = ()) -> None:
     """Refuse a prompt over the length limit, and count the tokens the request may use against the caller's
-    token limit (prompt + max_tokens per question, as OpenAI counts them before generating)."""
+    token limit (prompt + max_tokens per question, as OpenAI counts them before generating). A chat's prompt
+    is all its messages: the earlier turns count too (even those its prompt will leave out)."""
     limit = state.settings.generation.max_prompt_tokens
-    counts = [len(state.bank.tokenizer(q, add_special_tokens=False).input_ids) for q in questions]
+
+    def tokens(text: str) -> int:
+        return len(state.bank.tokenizer(text, add_special_tokens=False).input_ids)
+
+    earlier = sum(tokens(t.content) for t in history)
+    counts = [tokens(q) + earlier for q in questions]
     if max(counts) > limit:
         raise ApiError(400, f"the prompt has {max(counts)} tokens; this server allows at most {limit}",
-                       param="prompt", code="context_length_exceeded")
+                       param="messages" if history else "prompt", code="context_length_exceeded")
     if state.limiter is not None:
         try:
             request.state.extra_headers.update(
