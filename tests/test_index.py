@@ -273,3 +273,28 @@ def test_reembed_refuses_an_encoder_that_cannot_read_the_chunks(index, small_enc
     with pytest.raises(InputError, match="exceed the encoder's limit"):
         index.reembed(str(small_encoder_dir))
     assert open_index(tmp_path / "idx").manifest["generation"] == 1
+
+
+def test_contextual_chunks_index_the_title_and_show_the_chunk(tmp_path, small_encoder_dir):
+    docs = [Document("zanzibar", "The island exports cloves and other spices to many countries.", {"title": "Zanzibar"}),
+            Document("rhine", "The river flows north through Germany into the North Sea.", {"title": "Rhine"}),
+            Document("notitle", "A document without any title field at all.", {})]
+    plain = build_index(tmp_path / "plain", docs, IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8))
+    contextual = build_index(tmp_path / "ctx", docs, IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8, context=("title",)))
+    assert contextual.manifest["context"] == ["title"] and plain.manifest["context"] == []
+    assert open_index(tmp_path / "ctx").info()["context"] == ["title"]
+    # BM25 finds the chunk by its document's title only when the title is indexed with it
+    assert plain.search("Zanzibar", k=1, mode="sparse") == [] or \
+        plain.search("Zanzibar", k=1, mode="sparse")[0].doc_id != "zanzibar"
+    hit = contextual.search("Zanzibar", k=1, mode="sparse")[0]
+    assert hit.doc_id == "zanzibar" and hit.text == docs[0].text  # the chunk's own text, not the title
+    # the dense vectors are the title + text's, and stay so through add() and reopening
+    v = contextual.encoder.encode(["Zanzibar\nThe island exports cloves and other spices to many countries."])[0]
+    row = next(i for i, c in enumerate(contextual.chunks()) if c.doc_id == "zanzibar")
+    assert np.allclose(contextual._vectors[row], v, atol=1e-5)
+    contextual.add([Document("tea", "Leaves of a shrub, brewed in hot water.", {"title": "Tea"})])
+    reopened = open_index(tmp_path / "ctx")
+    assert reopened.manifest["context"] == ["title"]
+    assert reopened.search("Tea", k=1, mode="sparse")[0].doc_id == "tea"
+    with pytest.raises(InputError, match="context must be a list"):
+        build_index(tmp_path / "bad", docs, IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8, context="title"))

@@ -52,7 +52,8 @@ def test_the_trained_folder_loads_in_plain_sentence_transformers_and_matches_the
 
 
 def test_training_lowers_the_loss_and_does_not_hurt_retrieval_of_its_questions(trained, squad_index, questions,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRO_PEFT_HOME", str(tmp_path / "home"))  # an empty embedding cache: every vector is new
     out, summary = trained
     assert summary["loss"]["last"] < summary["loss"]["first"]
     before = evaluate_retrieval(squad_index, questions, modes=("dense",))["dense"]
@@ -152,3 +153,60 @@ def test_cli_train_retriever_then_reembed(squad_index, tmp_path, capsys):
     assert index.manifest["encoder"]["name"] == str(out.absolute())
     assert index.manifest["encoder"]["fingerprint"] == Encoder(str(out)).fingerprint
     assert index.search("Normans", k=3, mode="dense")
+
+
+# -- LM-supervised training (REPLUG's LSR) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_generator(squad_index, tmp_path_factory):
+    import torch
+    from helpers_adapters import smollm2_tokenizer, tiny_llama_folder
+
+    from retro_peft.base_model import load_base_model
+    from retro_peft.generation import Generator, RetrievalConfig
+
+    tokenizer = smollm2_tokenizer()
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("lsr") / "llama", tokenizer, initializer_range=0.2)
+    model, tokenizer, _ = load_base_model(str(folder), dtype=torch.float32, device="cpu")
+    return Generator(model, tokenizer, index=squad_index, retrieval=RetrievalConfig(context_tokens=400), batch_size=8)
+
+
+def test_lm_scores_are_the_answer_likelihood_with_each_chunk(tiny_generator, squad_index, questions):
+    import torch
+
+    from retro_peft.generation import Passage
+    from retro_peft.generation.prompt import build_prompt, encode, end_of_turn_ids
+    from retro_peft.training.lsr import lm_scores
+
+    item = questions[0]
+    row = [Passage.from_hit(h) for h in squad_index.search_many([item.question], k=2, mode="dense")[0]]
+    (scores,) = lm_scores(tiny_generator, [item], [row])
+    tok, retrieval = tiny_generator.tokenizer, tiny_generator.retrieval
+    answer = encode(tok, item.answers[0]) + end_of_turn_ids(tok, retrieval)
+    for passage, score in zip(row, scores):
+        prompt = build_prompt(tok, item.question, [passage], retrieval).input_ids
+        with torch.no_grad():
+            logits = tiny_generator.model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        expected = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        assert score == pytest.approx(expected, abs=1e-3)
+
+
+def test_lsr_training_fits_the_generators_preference_and_saves_a_model(tiny_generator, squad_index, questions,
+                                                                        tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from retro_peft.training.lsr import LSRConfig, train_retriever_lsr
+
+    out = tmp_path / "lsr"
+    summary = train_retriever_lsr(tiny_generator, squad_index, questions[:16], out,
+                                  LSRConfig(k=3, epochs=6, batch_size=8, lr=1e-3))
+    assert summary["questions"] == 16 and summary["steps"] == 12
+    assert summary["loss"]["last"] < summary["loss"]["first"]  # the retriever moved toward the generator's choice
+    assert SentenceTransformer(str(out), device="cpu").encode(["Rollo"]).shape[1] == squad_index.encoder.dim
+    with pytest.raises(InputError, match="needs questions with answers"):
+        train_retriever_lsr(tiny_generator, squad_index, [QAItem("x", "Who?", (), is_impossible=True)],
+                            tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(InputError, match="k >= 2"):
+        LSRConfig(k=1).validate()

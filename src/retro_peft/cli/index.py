@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--qdrant-url", help="Qdrant server URL (default: embedded Qdrant in the index folder)")
     p.add_argument("--ann-threshold", type=int, default=IndexConfig.ann_threshold,
                    help="FAISS: exact search below this many chunks, HNSW above")
+    p.add_argument("--context", metavar="FIELD,...",
+                   help="contextual chunks: put these document metadata fields (e.g. title) before each chunk's text "
+                        "in what is embedded and BM25-indexed (hits still show the chunk's own text)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing index")
     p.set_defaults(func=_build)
 
@@ -71,7 +74,8 @@ def register(sub) -> None:
 
 def _build(args) -> int:
     config = IndexConfig(encoder=args.encoder, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
-                         backend=args.backend, qdrant_url=args.qdrant_url, ann_threshold=args.ann_threshold)
+                         backend=args.backend, qdrant_url=args.qdrant_url, ann_threshold=args.ann_threshold,
+                         context=tuple(f.strip() for f in args.context.split(",")) if args.context else ())
     index = build_index(args.name, args.inputs, config, overwrite=args.overwrite, progress=True)
     counts = index.manifest["counts"]
     print(f"built {index.path}: {counts['documents']} documents, {counts['chunks']} chunks "

@@ -28,7 +28,7 @@ import numpy as np
 
 from retro_peft import paths
 from retro_peft.errors import EncoderMismatchError, IndexFormatError, InputError
-from retro_peft.index.chunking import Chunk, ChunkingConfig, chunk_documents
+from retro_peft.index.chunking import Chunk, ChunkingConfig, chunk_documents, text_hash
 from retro_peft.index.dense import BACKENDS, DenseBackend, build_dense, open_dense
 from retro_peft.index.documents import Document, load_documents
 from retro_peft.index.embedding import EmbeddingCache, Encoder, embed_with_cache
@@ -63,6 +63,9 @@ class IndexConfig:
     ann_kind: str = "hnsw"  # hnsw | ivf
     qdrant_url: str | None = None  # None: embedded Qdrant in the index folder
     embed_batch_size: int = 64
+    # Contextual chunks: these metadata fields of a chunk's document (e.g. "title") are put before its text
+    # in what is embedded and BM25-indexed; hits still show the chunk's own text. Recorded in the manifest.
+    context: tuple[str, ...] = ()
 
     @property
     def chunking(self) -> ChunkingConfig:
@@ -73,6 +76,8 @@ class IndexConfig:
             raise InputError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.ann_kind not in ("hnsw", "ivf"):
             raise InputError(f"unknown ANN kind {self.ann_kind!r}: choose hnsw or ivf")
+        if isinstance(self.context, str) or not all(isinstance(f, str) and f.strip() for f in self.context):
+            raise InputError(f"context must be a list of metadata field names, got {self.context!r}")
         self.chunking.validate()
 
 
@@ -135,7 +140,8 @@ class Index:
         m = self.manifest
         return {
             "path": str(self.path), "format_version": m["format_version"], "generation": m["generation"],
-            "encoder": m["encoder"], "chunking": m["chunking"], "dense": {k: v for k, v in m["dense"].items() if k != "files"},
+            "encoder": m["encoder"], "chunking": m["chunking"], "context": m.get("context", []),
+            "dense": {k: v for k, v in m["dense"].items() if k != "files"},
             "counts": m["counts"], "created_at": m["created_at"], "updated_at": m["updated_at"],
         }
 
@@ -259,7 +265,7 @@ class Index:
             return stats
         keep = [row for row, c in enumerate(self._chunks) if c.doc_id not in changed]
         fresh = [c for c in new_chunks if c.doc_id in changed]
-        vectors = _embed(self.encoder, fresh, progress)
+        vectors = _embed(self.encoder, fresh, progress, self.manifest.get("context", ()))
         chunks = [self._chunks[r] for r in keep] + fresh
         self._commit(chunks, np.concatenate([self._vectors[keep], vectors]) if keep else vectors)
         return stats
@@ -296,8 +302,8 @@ class Index:
             return {**stats, "encoder": previous, "changed": False, "generation": self.manifest["generation"]}
         cache = EmbeddingCache(encoder)
         try:
-            vectors, stats["embedded"] = embed_with_cache(encoder, [c.text for c in self._chunks],
-                                                          [c.content_hash for c in self._chunks], cache,
+            texts = indexed_texts(self._chunks, self.manifest.get("context", ()))
+            vectors, stats["embedded"] = embed_with_cache(encoder, texts, [text_hash(t) for t in texts], cache,
                                                           show_progress=progress)
         finally:
             cache.close()
@@ -337,10 +343,11 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     config.chunking.validate(encoder.max_tokens)
     chunks = chunk_documents(docs, encoder.tokenizer, config.chunking)
     log.info("%d documents -> %d chunks", len(docs), len(chunks))
-    vectors = _embed(encoder, chunks, progress)
+    vectors = _embed(encoder, chunks, progress, config.context)
     base = {
         "encoder": encoder.describe(),
         "chunking": {"chunk_tokens": config.chunk_tokens, "overlap": config.overlap},
+        "context": list(config.context),
         "created_at": _now(),
         "generation": old["generation"] if old else 0,
         "dense": old["dense"] if old else {},
@@ -425,11 +432,21 @@ def _file(manifest: dict, prefix: str) -> str:
     return next(name for name in manifest["files"] if name.startswith(prefix))
 
 
-def _embed(encoder: Encoder, chunks: list[Chunk], progress: bool) -> np.ndarray:
+def indexed_texts(chunks: list[Chunk], context) -> list[str]:
+    """What the retrievers see of each chunk: its document's `context` fields (contextual chunks), then its
+    text; without context fields, its text."""
+    out = []
+    for c in chunks:
+        head = " - ".join(str(c.metadata[f]) for f in context if c.metadata.get(f) not in (None, ""))
+        out.append(f"{head}\n{c.text}" if head else c.text)
+    return out
+
+
+def _embed(encoder: Encoder, chunks: list[Chunk], progress: bool, context=()) -> np.ndarray:
     cache = EmbeddingCache(encoder)
+    texts = indexed_texts(chunks, context)
     try:
-        vectors, _ = embed_with_cache(encoder, [c.text for c in chunks], [c.content_hash for c in chunks], cache,
-                                      show_progress=progress)
+        vectors, _ = embed_with_cache(encoder, texts, [text_hash(t) for t in texts], cache, show_progress=progress)
     finally:
         cache.close()
     return vectors
@@ -460,7 +477,7 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
             np.save(f, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
 
     atomic_write_with(path / names["vectors"], write_vectors)
-    sparse = SparseIndex.build([c.text for c in chunks])
+    sparse = SparseIndex.build(indexed_texts(chunks, previous.get("context", ())))
     tmp = path / f".{names['sparse']}.tmp"
     remove(tmp)
     sparse.save(tmp)
@@ -470,7 +487,8 @@ def _write_generation(path: Path, previous: dict, chunks: list[Chunk], vectors: 
     files = [names["chunks"], names["vectors"], names["sparse"], *dense.files()]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
-        "encoder": previous["encoder"], "chunking": previous["chunking"], "dense": dense.spec,
+        "encoder": previous["encoder"], "chunking": previous["chunking"], "context": previous.get("context", []),
+        "dense": dense.spec,
         "counts": {"documents": len({c.doc_id for c in chunks}), "chunks": len(chunks)},
         "files": {name: sha256_tree(path / name) for name in files},
         "created_at": previous.get("created_at") or _now(), "updated_at": _now(),
