@@ -140,15 +140,20 @@ class Generator:
         extra = {"answerability": self.answerability, "cites": self.retrieval.citations}
         abstention = self.retrieval.abstention
         passages = self.retrieve(questions, search, histories) if passages is None else passages
-        rows = [Row(p, abstention, choices=c, **extra)
-                for p, c in zip(self.prompts(questions, passages, search, choices, histories), choices)]
-        if self.kv_cache is None:
-            return rows
-        fresh = [i for i, h in enumerate(histories) if not h]
-        shown = [with_choices(questions[i], choices[i]) for i in fresh]
-        cached = self.kv_cache.prompts(self.tokenizer, shown, [passages[i] for i in fresh], self.retrieval)
-        for i, p in zip(fresh, cached):
-            rows[i] = Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=choices[i], **extra)
+        # rows the frozen KV cache runs (no earlier turns: its stored head starts the prompt) get its prompts;
+        # the others an ordinary one, built once
+        cached_at = [i for i, h in enumerate(histories) if not h] if self.kv_cache is not None else []
+        plain_at = sorted(set(range(len(questions))) - set(cached_at))
+        rows: list = [None] * len(questions)
+        plain = self.prompts([questions[i] for i in plain_at], [passages[i] for i in plain_at], search,
+                             [choices[i] for i in plain_at], [histories[i] for i in plain_at]) if plain_at else []
+        for i, p in zip(plain_at, plain):
+            rows[i] = Row(p, abstention, choices=choices[i], **extra)
+        if cached_at:
+            shown = [with_choices(questions[i], choices[i]) for i in cached_at]
+            cached = self.kv_cache.prompts(self.tokenizer, shown, [passages[i] for i in cached_at], self.retrieval)
+            for i, p in zip(cached_at, cached):
+                rows[i] = Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=choices[i], **extra)
         return rows
 
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
