@@ -7,6 +7,7 @@ library is imported here at module level: `serve.py`'s load-generator subprocess
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -81,6 +82,30 @@ def wiki_query(article: dict) -> str | None:
     if len(description.split()) >= 4 and article["title"].lower() not in description.lower():
         return description
     return None
+
+
+def wiki_data(limit: int | None = None):
+    """(documents, queries) of the description-to-article task: every lead a document (title and topic as
+    metadata), each article with a description query (wiki_query) a QAItem whose gold document is itself."""
+    from retro_peft.index import Document
+    from retro_peft.qa import QAItem
+
+    docs, items = [], []
+    with open(WIKI, encoding="utf-8") as f:
+        for line in f:
+            o = json.loads(line)
+            docs.append(Document(o["id"], o["text"], {"title": o["title"], "topic": o["topic"]}))
+            desc = wiki_query(o)
+            if desc is not None:
+                items.append(QAItem(id=o["id"], question=desc, answers=(), gold_doc_ids=(o["id"],)))
+            if limit and len(docs) >= limit:
+                break
+    return docs, items
+
+
+def is_tuning(article_id: str) -> bool:
+    """The Wikipedia split shared by routing and retriever training: sha256(article id) even -> tuning half."""
+    return int(hashlib.sha256(article_id.encode()).hexdigest(), 16) % 2 == 0
 
 
 # -- timing ------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import os
 import random
 import shutil
@@ -39,30 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SQUAD, WIKI, machine_info, ms, pct, timed, wiki_query, write_json
+from common import SQUAD, machine_info, ms, pct, timed, wiki_data, write_json
 
 K = 10
 BATCH = 64
 
 
 # -- data --------------------------------------------------------------------------------------
-
-
-def wiki_data(limit: int | None):
-    from retro_peft.index import Document
-    from retro_peft.qa import QAItem
-
-    docs, items = [], []
-    with open(WIKI, encoding="utf-8") as f:
-        for line in f:
-            o = json.loads(line)
-            docs.append(Document(o["id"], o["text"], {"title": o["title"], "topic": o["topic"]}))
-            desc = wiki_query(o)
-            if desc is not None:
-                items.append(QAItem(id=o["id"], question=desc, answers=(), gold_doc_ids=(o["id"],)))
-            if limit and len(docs) >= limit:
-                break
-    return docs, items
 
 
 def squad_data(quick: bool):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import time
 
 import numpy as np
 
-from common import WIKI, machine_summary, pct, timed, wiki_query, write_json
+from common import WIKI, is_tuning, machine_summary, pct, timed, wiki_query, write_json
 
 HELD_OUT = "mathematics"
 GRID = [(1, 0.0), (3, 0.0), (5, 0.0), (10, 0.0), (3, 1.0), (5, 1.0), (10, 1.0), (5, 0.5), (5, 1.5)]  # (k, sparse weight)
@@ -85,10 +84,6 @@ def load(per_topic: int | None):
     return docs, queries
 
 
-def is_tuning(article_id: str) -> bool:
-    return int(hashlib.sha256(article_id.encode()).hexdigest(), 16) % 2 == 0
-
-
 def accuracy(decisions, gold) -> float:
     return sum(d.domain == g for d, g in zip(decisions, gold)) / max(len(gold), 1)
 
@@ -97,6 +92,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="30 articles per topic, a smoke run")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--encoder", default="minilm", help="the domains' encoder: minilm, or a folder trained by "
+                    "`benchmarks/retriever.py --task wiki` (on the tuning half's descriptions only)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from retro_peft import paths
@@ -105,12 +102,12 @@ def main() -> int:
 
     t_start = time.time()
     docs, queries = load(30 if args.quick else None)
-    encoder = Encoder("minilm")
+    encoder = Encoder(args.encoder)
     folder = paths.home() / "bench-routing" / ("quick" if args.quick else "full")
     indexes = {}
     t = time.time()
     for domain in sorted(docs):
-        indexes[domain] = build_index(folder / domain, docs[domain], IndexConfig(), overwrite=True)
+        indexes[domain] = build_index(folder / domain, docs[domain], IndexConfig(encoder=args.encoder), overwrite=True)
         indexes[domain]._encoder = encoder  # same model: share one copy
     build_s = time.time() - t
     print(f"built {len(indexes)} domain indexes ({sum(map(len, docs.values()))} articles) in {build_s:.0f} s",
@@ -178,7 +175,9 @@ def main() -> int:
 
     results = {
         "date": _dt.date.today().isoformat(), "machine": machine_summary(),
-        "command": "benchmarks/routing.py" + (" --quick" if args.quick else ""),
+        "command": "benchmarks/routing.py" + (" --quick" if args.quick else "")
+        + (f" --encoder {args.encoder}" if args.encoder != "minilm" else ""),
+        "encoder": encoder.describe(),
         "domains": len(indexes), "articles": sum(map(len, docs.values())), "queries": len(queries),
         "tuning_n": len(tune_q), "grid": grid,
         "rule": {"k": config.k, "dense_weight": config.dense_weight, "sparse_weight": config.sparse_weight,

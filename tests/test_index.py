@@ -298,3 +298,29 @@ def test_contextual_chunks_index_the_title_and_show_the_chunk(tmp_path, small_en
     assert reopened.search("Tea", k=1, mode="sparse")[0].doc_id == "tea"
     with pytest.raises(InputError, match="context must be a list"):
         build_index(tmp_path / "bad", docs, IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=64, overlap=8, context="title"))
+
+
+def test_markdown_chunks_carry_their_heading_path_for_contextual_chunks(tmp_path, small_encoder_dir):
+    from retro_peft.index.chunking import HEADINGS
+    from retro_peft.index.index import indexed_texts
+
+    page = tmp_path / "guide.md"
+    filler = " ".join(["Words that fill the section so that it needs a chunk of its own here."] * 6)
+    page.write_text(f"# Guide\n\nIntro. {filler}\n\n## Install\n\n### Linux\n\nRun apt. {filler}\n\n"
+                    f"```sh\n# a comment, not a heading\n```\n\n## Usage\n\nCall it. {filler}\n")
+    config = IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=48, overlap=0, context=(HEADINGS,))
+    index = build_index(tmp_path / "md", [page], config)
+    paths = {c.metadata[HEADINGS] for c in index.chunks()}
+    assert {"Guide", "Guide > Install > Linux", "Guide > Usage"} <= paths
+    assert not any("comment" in p for p in paths)  # a '#' line in a code fence is not a heading
+    linux = next(c for c in index.chunks() if c.metadata[HEADINGS] == "Guide > Install > Linux")
+    assert indexed_texts([linux], (HEADINGS,))[0].startswith("Guide > Install > Linux\n")
+    # BM25 finds a chunk by a heading it sits under but does not contain
+    later = [c for c in index.chunks() if c.metadata[HEADINGS] == "Guide > Install > Linux" and "Linux" not in c.text]
+    assert later, "the section spans more than one chunk"
+    hits = index.search("Install", k=10, mode="sparse")
+    assert {h.chunk_id for h in hits} >= {c.id for c in later} and all("Install" in h.metadata[HEADINGS] + h.text for h in hits)
+    # plain text files get no heading path (their '#' lines are text)
+    (tmp_path / "notes.txt").write_text("# not markdown\nplain text")
+    txt = build_index(tmp_path / "txt", [tmp_path / "notes.txt"], IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=48, overlap=0))
+    assert HEADINGS not in txt.chunks()[0].metadata

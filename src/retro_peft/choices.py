@@ -61,3 +61,8 @@ HISTORY_STRATEGIES: tuple[str, ...] = get_args(HistoryStrategy)
 # The roles of a conversation's earlier turns.
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
+
+# How the retriever is trained (train-retriever --supervision, train --train-retriever): against each question's
+# gold chunk, or toward the generator's preference among the retrieved chunks (REPLUG's LM-supervised retrieval).
+RetrieverSupervision = Literal["contrastive", "lsr"]
+RETRIEVER_SUPERVISIONS: tuple[str, ...] = get_args(RetrieverSupervision)

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Each PEFT file's checksum in retro_config.json, so a config from one save and weights from another never load
 CHECKSUM_KEYS = {"adapter_model.safetensors": "adapter_model_sha256", "adapter_config.json": "adapter_config_sha256"}
 FORMAT_VERSION = 1
+RETRIEVER_FOLDER = "retriever"  # a jointly trained encoder (train --train-retriever), inside the adapter folder
 
 
 def check_target_modules(model, config: RetroAdapterConfig) -> None:
@@ -114,11 +116,14 @@ class RetroPeftModel:
         return model
 
     # -- saving -------------------------------------------------------------------------
-    def save(self, out_dir, *, index=None, training_data_sha256: str | None = None, extra: dict | None = None) -> Path:
+    def save(self, out_dir, *, index=None, training_data_sha256: str | None = None, extra: dict | None = None,
+             retriever: Callable[[Path], dict] | None = None) -> Path:
         """Write the adapter folder whole: built next to `out_dir`, then swapped in as one rename.
 
         A save that dies half-way leaves the previous adapter (or none) in place, never a mix.
         A training run's checkpoints in the old folder move into the new one.
+        retriever(folder): writes a jointly trained encoder into `folder` (the adapter's `retriever/`) and
+        returns its description; the adapter then records `index` as re-embedded with it.
         """
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +133,19 @@ class RetroPeftModel:
             (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card; the folder is the three files
             if self.answerability is not None:
                 self.answerability.save(tmp)
+            index_info = _index_info(index) if index is not None else self.info.get("index")
+            trained_retriever = retriever(tmp / RETRIEVER_FOLDER) if retriever is not None else None
+            if trained_retriever is not None and index_info is not None:
+                index_info = {**index_info, "encoder": str(out_dir.absolute() / RETRIEVER_FOLDER),
+                              "encoder_fingerprint": trained_retriever["fingerprint"]}
             info = {
                 "format_version": FORMAT_VERSION,
                 "method": self.config.method,
                 "adapter": self.config.to_dict(),
                 "base_model": self.info.get("base_model") or {"name": self.base_model_name,
                                                               **base_fingerprint(self.model.get_base_model())},
-                "index": _index_info(index) if index is not None else self.info.get("index"),
+                "index": index_info,
+                "retriever": trained_retriever or self.info.get("retriever"),
                 "template": self.config.retrieval.template,
                 "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
                 **{key: sha256_file(tmp / name) for name, key in CHECKSUM_KEYS.items()},

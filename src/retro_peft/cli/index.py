@@ -26,8 +26,9 @@ def register(sub) -> None:
     p.add_argument("--ann-threshold", type=int, default=IndexConfig.ann_threshold,
                    help="FAISS: exact search below this many chunks, HNSW above")
     p.add_argument("--context", metavar="FIELD,...",
-                   help="contextual chunks: put these document metadata fields (e.g. title) before each chunk's text "
-                        "in what is embedded and BM25-indexed (hits still show the chunk's own text)")
+                   help="contextual chunks: put these metadata fields (e.g. title; headings: a Markdown chunk's heading "
+                        "path) before each chunk's text in what is embedded and BM25-indexed (hits still show the "
+                        "chunk's own text)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing index")
     p.set_defaults(func=_build)
 

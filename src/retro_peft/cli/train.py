@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from retro_peft.choices import ANSWER_KINDS, GROUNDINGS, PEFT_METHODS, SEARCH_MODES
+from retro_peft.choices import ANSWER_KINDS, GROUNDINGS, PEFT_METHODS, RETRIEVER_SUPERVISIONS, SEARCH_MODES
 from retro_peft.cli import abstain_at, given, parse_choices
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
@@ -57,6 +57,13 @@ def register(sub) -> None:
                                         "them and abstain below the score that answers R of answerable questions")
     p.add_argument("--held-out", type=float, help="share of questions held out for --abstain-at (default 0.15)")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
+    p.add_argument("--train-retriever", choices=RETRIEVER_SUPERVISIONS,
+                   help="joint training: also train the index's encoder in the same steps (contrastive: question "
+                        "-> gold chunk; lsr: follow the adapter's preference among the top-k chunks); saved in "
+                        "OUT/retriever, and the index is re-embedded with it at the end")
+    p.add_argument("--retriever-weight", type=float, help="joint training: weight of the retriever's loss "
+                                                           "(default 1.0)")
+    p.add_argument("--retriever-lr", type=float, help="joint training: the encoder's learning rate (default 2e-5)")
     p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
@@ -83,7 +90,9 @@ def run(args) -> int:
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
     from retro_peft.training.calibrate import DEFAULT_HELD_OUT, calibrate, split_held_out
+    from retro_peft.training.joint import JointRetrieverConfig, RetrieverObjective
     from retro_peft.training.trainer import check_output_dir
+    from retro_peft.adapters.model import RETRIEVER_FOLDER
 
     out = Path(args.out)
     # Every check that can fail runs before the model is loaded or a step is taken.
@@ -107,11 +116,22 @@ def run(args) -> int:
         items, held_out = split_held_out(items, args.held_out or DEFAULT_HELD_OUT, train_config.seed)
     elif args.held_out is not None:
         raise InputError("--held-out is the calibration share of --abstain-at: give --abstain-at answer_rate=R")
+    if args.train_retriever is None and (args.retriever_weight is not None or args.retriever_lr is not None):
+        raise InputError("--retriever-weight and --retriever-lr belong to --train-retriever contrastive|lsr")
+    joint = JointRetrieverConfig(supervision=args.train_retriever, seed=train_config.seed,
+                                 **{k: v for k, v in (("weight", args.retriever_weight), ("lr", args.retriever_lr))
+                                    if v is not None}) if args.train_retriever else None
+    if joint is not None:
+        joint.validate()
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
     index = open_index(args.index, encoder=args.encoder)
     data_sha = hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest()
     seed = train_config.seed
+    # contrastive: its checks (every gold document in the index) run before the generator is loaded
+    retriever = RetrieverObjective(index, items, joint) if joint and joint.supervision == "contrastive" else None
     model = RetroPeftModel.create(args.model, config, seed=seed)
+    if joint is not None and retriever is None:
+        retriever = RetrieverObjective(index, items, joint, tokenizer=model.tokenizer, retrieval=retrieval)
     examples = build_examples(items, index, model.tokenizer, retrieval, seed=seed)
     eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=seed) if eval_items else None
     if args.resume and latest_checkpoint(out) is None:
@@ -122,12 +142,17 @@ def run(args) -> int:
             model.answerability = calibrate(model.generator(index), held_out, answer_rate=answer_rate, seed=seed)
 
     result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,
-                   index=index, data_sha256=data_sha, progress=not args.no_progress, before_save=fit_answerability)
+                   index=index, data_sha256=data_sha, progress=not args.no_progress, before_save=fit_answerability,
+                   retriever=retriever)
     trainable, total = model.trainable_parameters()
     summary = {"out": str(out), "method": args.method, "steps": result.steps, "final_loss": result.final_loss,
                "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 1),
                "trainable_params": trainable, "total_params": total, "examples": len(examples),
                "resumed_from": result.resumed_from, "eval_losses": result.eval_losses}
+    if retriever is not None:
+        summary["retriever"] = {"supervision": joint.supervision, "weight": joint.weight,
+                                "losses": result.retriever_losses[-3:], "reembedded": result.reembedded,
+                                "encoder": str(out / RETRIEVER_FOLDER)}
     if result.final_ranks is not None:
         summary["final_ranks"] = result.final_ranks
     if model.answerability is not None:

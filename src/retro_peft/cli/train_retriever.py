@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
+from retro_peft.choices import RETRIEVER_SUPERVISIONS
 from retro_peft.cli import given
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
-SUPERVISIONS = ("contrastive", "lsr")
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
                    help="mined negatives per question (default: 1; 0: in-batch negatives only)")
     p.add_argument("--max-seq-length", dest="max_seq_length", type=int, help="truncate texts to this many tokens")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
-    p.add_argument("--supervision", choices=SUPERVISIONS, default=SUPERVISIONS[0],
+    p.add_argument("--supervision", choices=RETRIEVER_SUPERVISIONS, default=RETRIEVER_SUPERVISIONS[0],
                    help="contrastive (question -> its gold chunk) or lsr (match the generator's preference among "
                         "the top-k chunks: REPLUG's LM-supervised retrieval)")
     p.add_argument("--model", default=DEFAULT_GENERATOR, help="lsr: the generator's base model")

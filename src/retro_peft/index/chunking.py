@@ -5,15 +5,23 @@ text is the exact character span of its tokens in the document, so nothing is
 re-spelled by a detokeniser. A window never starts inside a word.
 Chunk ids are `doc_id#<content hash>`: adding the same document again yields the
 same ids, so it changes nothing.
+A Markdown document's chunks also carry `headings`, the path of headings the chunk
+starts under ("Guide > Install > Linux"), for contextual chunks (`IndexConfig.context`).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from retro_peft.errors import InputError
-from retro_peft.index.documents import Document
+from retro_peft.index.documents import MARKDOWN_SUFFIXES, Document
+
+HEADINGS = "headings"  # the chunk metadata field holding a Markdown chunk's heading path
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,39 @@ def chunk_documents(docs: list[Document], tokenizer, config: ChunkingConfig) -> 
     chunks: list[Chunk] = []
     for doc, offsets in zip(docs, encodings["offset_mapping"]):
         seen: set[str] = set()
+        markdown = str(doc.metadata.get("source", "")).lower().endswith(MARKDOWN_SUFFIXES)
+        paths = heading_paths(doc.text) if markdown else []
+        starts = [offset for offset, _ in paths]
         for start, end in _windows(offsets, config):
             text = doc.text[start:end].strip()
             chunk_id = f"{doc.id}#{text_hash(text)[:16]}"
             if text and chunk_id not in seen:
                 seen.add(chunk_id)
-                chunks.append(Chunk(chunk_id, doc.id, text, doc.metadata))
+                metadata = doc.metadata
+                if markdown:
+                    # the headings in force where the chunk's text begins (a heading it opens with included)
+                    first = start + len(doc.text[start:end]) - len(doc.text[start:end].lstrip())
+                    at = bisect.bisect_right(starts, first) - 1
+                    metadata = {**doc.metadata, HEADINGS: paths[at][1] if at >= 0 else ""}
+                chunks.append(Chunk(chunk_id, doc.id, text, metadata))
     return chunks
+
+
+def heading_paths(text: str) -> list[tuple[int, str]]:
+    """(character offset of each ATX heading, the heading path from there: "H1 > H2 > H3"), in order.
+
+    A heading closes every deeper or equal one before it; lines inside fenced code blocks are not headings.
+    """
+    out, stack, fenced, offset = [], [], False, 0
+    for line in text.splitlines(keepends=True):
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (m := _ATX_HEADING.match(line.rstrip("\r\n"))):
+            level, title = len(m.group(1)), m.group(2).strip()
+            stack = [(lv, t) for lv, t in stack if lv < level] + [(level, title)]
+            out.append((offset, " > ".join(t for _, t in stack if t)))
+        offset += len(line)
+    return out
 
 
 def _windows(offsets: list[tuple[int, int]], config: ChunkingConfig):

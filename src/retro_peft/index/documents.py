@@ -20,7 +20,8 @@ from retro_peft.errors import InputError
 from retro_peft.jsonl import read_jsonl
 from retro_peft.qa import squad_doc_id, squad_paragraphs
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+TEXT_SUFFIXES = {".txt", *MARKDOWN_SUFFIXES}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ class Encoder:
         self.batch_size = batch_size
         location = resolve_encoder(name)
         try:
-            self.model = SentenceTransformer(location, device=device or "cpu")
+            # device None: sentence-transformers' choice (CUDA when there is one); vectors from either agree
+            # to float tolerance, so the embedding cache (keyed by the weights' fingerprint) serves both.
+            self.model = SentenceTransformer(location, device=device)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(f"cannot load encoder {name!r} ({location}): {e}") from None
         self.tokenizer = self.model.tokenizer

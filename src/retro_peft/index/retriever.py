@@ -244,3 +244,14 @@ def _fit(model, pairs: list[Pair], negatives: list[list[str]] | None, config: Re
     trainer.remove_callback(PrinterCallback)  # it prints every step's loss on stdout, where the CLI prints JSON
     trainer.train()
     return trainer.state
+
+
+def embed_with_grad(model, texts: list[str]):
+    """Unit vectors of `texts` from a sentence-transformers model, with gradients (its `encode` has none)."""
+    import torch
+
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # `tokenize` is deprecated in s-t 6
+    features = tokenize(texts)
+    device = next(model.parameters()).device
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+    return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)

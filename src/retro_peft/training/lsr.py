@@ -23,7 +23,7 @@ import torch
 from retro_peft.errors import InputError
 from retro_peft.generation.constrained import choice_logprobs
 from retro_peft.generation.prompt import build_prompt, encode, end_of_turn_ids
-from retro_peft.index.retriever import check_output_folder
+from retro_peft.index.retriever import check_output_folder, embed_with_grad
 from retro_peft.qa import QAItem
 from retro_peft.storage import replace_folder
 
@@ -49,10 +49,9 @@ class LSRConfig:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)!r}")
 
 
-@torch.inference_mode()
-def lm_scores(generator, items: list[QAItem], chunks: list[list]) -> list[list[float]]:
-    """[question][chunk]: log p(gold answer | the prompt with that chunk alone), batched over all pairs."""
-    tokenizer, retrieval = generator.tokenizer, generator.retrieval
+def scoring_inputs(tokenizer, retrieval, items: list[QAItem], chunks: list[list]):
+    """One prompt per (question, chunk) with that chunk alone, the gold answer as its one option, and the
+    question each prompt belongs to."""
     prompts, targets, at = [], [], []
     for q, (item, row) in enumerate(zip(items, chunks)):
         answer = encode(tokenizer, item.answers[0].strip()) + end_of_turn_ids(tokenizer, retrieval)
@@ -60,6 +59,13 @@ def lm_scores(generator, items: list[QAItem], chunks: list[list]) -> list[list[f
             prompts.append(build_prompt(tokenizer, item.question, [passage], retrieval).input_ids)
             targets.append([answer])
             at.append(q)
+    return prompts, targets, at
+
+
+@torch.inference_mode()
+def lm_scores(generator, items: list[QAItem], chunks: list[list]) -> list[list[float]]:
+    """[question][chunk]: log p(gold answer | the prompt with that chunk alone), batched over all pairs."""
+    prompts, targets, at = scoring_inputs(generator.tokenizer, generator.retrieval, items, chunks)
     out: list[list[float]] = [[] for _ in items]
     model, pad_id = generator.model, generator.runner.pad_id
     was_training = model.training
@@ -72,6 +78,14 @@ def lm_scores(generator, items: list[QAItem], chunks: list[list]) -> list[list[f
     finally:
         model.train(was_training)
     return out
+
+
+def lsr_loss(questions: torch.Tensor, chunks: torch.Tensor, lm: torch.Tensor, config: LSRConfig) -> torch.Tensor:
+    """KL(P_retriever || Q_lm) over each question's k chunks: questions [b, d], chunks [b, k, d] (unit vectors),
+    lm [b, k] the generator's log-likelihoods."""
+    log_p = torch.log_softmax((questions[:, None, :] * chunks).sum(-1) / config.retriever_temperature, dim=-1)
+    log_q = torch.log_softmax(lm.to(log_p.device, log_p.dtype) / config.lm_temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def train_retriever_lsr(generator, index, items: list[QAItem], out_dir, config: LSRConfig | None = None, *,
@@ -105,11 +119,9 @@ def train_retriever_lsr(generator, index, items: list[QAItem], out_dir, config: 
         rng.shuffle(order)
         for b in range(0, len(order), config.batch_size):
             batch = order[b:b + config.batch_size]
-            q = _embed(model, [items[i].question for i in batch])
-            c = _embed(model, [p.text for i in batch for p in chunks[i]]).view(len(batch), config.k, -1)
-            log_p = torch.log_softmax((q[:, None, :] * c).sum(-1) / config.retriever_temperature, dim=-1)
-            log_q = torch.log_softmax(lm[batch] / config.lm_temperature, dim=-1)
-            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # KL(P_retriever || Q_lm)
+            q = embed_with_grad(model, [items[i].question for i in batch])
+            c = embed_with_grad(model, [p.text for i in batch for p in chunks[i]]).view(len(batch), config.k, -1)
+            loss = lsr_loss(q, c, lm[batch], config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -129,9 +141,3 @@ def train_retriever_lsr(generator, index, items: list[QAItem], out_dir, config: 
             "loss": {"first": round(sum(losses[:tail]) / tail, 4), "last": round(sum(losses[-tail:]) / tail, 4)},
             "lm_best_is_retrievers_first": round(agree, 4), "config": asdict(config), "out": str(out)}
 
-
-def _embed(model, texts: list[str]) -> torch.Tensor:
-    features = model.tokenize(texts)
-    device = next(model.parameters()).device
-    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-    return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retro_peft.adapters.config import RetroAdaLoraConfig, adalora_schedule
+from retro_peft.adapters.model import RETRIEVER_FOLDER
 from retro_peft.errors import InputError
 from retro_peft.hf_compat import cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
@@ -96,6 +97,8 @@ class TrainResult:
     trainable_params: int = 0
     resumed_from: int | None = None
     final_ranks: dict | None = None  # AdaLoRA
+    retriever_losses: list[tuple[int, float]] = field(default_factory=list)  # joint training
+    reembedded: dict | None = None  # joint training: the index's re-embedding at the end
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,11 +216,14 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_dir=None,
           eval_examples: list[TrainingExample] | None = None, resume: bool = False, index=None,
           data_sha256: str | None = None, on_step: Callable[[int, float | None], None] | None = None,
-          progress: bool = True, before_save: Callable[[], None] | None = None) -> TrainResult:
+          progress: bool = True, before_save: Callable[[], None] | None = None,
+          retriever=None) -> TrainResult:
     """Train `model` (a `RetroPeftModel`) on `examples`; save checkpoints and the final adapter under `out_dir`.
 
     before_save(): runs after the last step, before the adapter is written (e.g. fitting the answerability
-    head that is saved with it, so the folder never exists without it)."""
+    head that is saved with it, so the folder never exists without it).
+    retriever: a `training.joint.RetrieverObjective` trained in the same steps (joint training); its encoder
+    is saved in the adapter folder and `index` is re-embedded with it at the end."""
     from tqdm.auto import tqdm
 
     config.validate()
@@ -235,24 +241,33 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    groups = [{"params": params}]
+    if retriever is not None:
+        if out_dir is not None and index is None:
+            raise InputError("joint training re-embeds the index at the end: give the index")
+        retriever.to(device)
+        groups.append({"params": retriever.parameters(), "lr": retriever.config.lr, "weight_decay": 0.0})
     # fused: one kernel for all ~400 adapter tensors instead of several per tensor (CUDA only)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, config.steps))
     identity = {"data_sha256": examples_sha256(examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed, "steps": config.steps,
-                "method": model.config.method, "base_model": model.info.get("base_model")}
+                "method": model.config.method, "base_model": model.info.get("base_model"),
+                "retriever": retriever.identity() if retriever is not None else None}
     start_step, position, result = 0, 0, TrainResult(steps=0, final_loss=None)
     torch.manual_seed(config.seed)
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is not None:
-            start_step, position, result = load_checkpoint(ckpt, peft_model, optimizer, scheduler, identity, adalora)
+            start_step, position, result = load_checkpoint(ckpt, peft_model, optimizer, scheduler, identity, adalora,
+                                                           retriever)
             result.resumed_from = start_step
     result.trainable_params = sum(p.numel() for p in params)
     stream = batch_stream([len(ex) for ex in examples], config.batch_size, config.seed, position, config.length_window)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loss_sum, loss_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    retriever_sum = torch.zeros((), device=device)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {model.config.method}")
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     peft_model.train()
@@ -264,10 +279,17 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
                 with autocast:
                     loss = forward_loss(peft_model, batch, pad_id, device) / config.grad_accum
+                    if retriever is not None:
+                        extra = retriever.loss([ex.item_id for ex in batch], peft_model, pad_id)
+                        if extra is not None:
+                            retriever_sum += extra.detach() / config.grad_accum
+                            loss = loss + retriever.config.weight * extra / config.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if retriever is not None and retriever.config.max_grad_norm:  # on its own: one norm would mix the two
+                torch.nn.utils.clip_grad_norm_(retriever.parameters(), retriever.config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             if adalora:  # after the update, before zero_grad: it scores weights by |w * grad| and prunes ranks
@@ -279,6 +301,9 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             if done % max(config.log_every, 1) == 0 or done == config.steps:
                 logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
                 result.losses.append((done, logged))
+                if retriever is not None:
+                    result.retriever_losses.append((done, (retriever_sum / loss_count).item()))
+                    retriever_sum.zero_()
                 loss_sum.zero_()
                 loss_count = 0
                 bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
@@ -288,7 +313,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 peft_model.train()
             result.steps = done
             if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora)
+                save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora,
+                                retriever)
             if on_step is not None:
                 on_step(done, logged)
     finally:
@@ -302,8 +328,14 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     if before_save is not None:
         before_save()
     if out_dir is not None:
+        # The trained encoder goes into the adapter folder, which records the index as it will be once
+        # re-embedded; then the index is re-embedded (atomically: until then it answers as before).
         model.save(out_dir, index=index, training_data_sha256=data_sha256,
-                   extra={"training": {"config": asdict(config), "result": result.to_dict()}})
+                   extra={"training": {"config": asdict(config), "result": result.to_dict()}},
+                   retriever=retriever.write if retriever is not None else None)
+        if retriever is not None:
+            stats = index.reembed(str(Path(out_dir).absolute() / RETRIEVER_FOLDER))
+            result.reembedded = {k: stats[k] for k in ("chunks", "embedded", "changed", "generation")}
     return result
 
 
@@ -390,7 +422,7 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def save_checkpoint(out_dir, step: int, position: int, model, optimizer, scheduler, identity: dict,
-                    result: TrainResult, adalora: bool) -> Path:
+                    result: TrainResult, adalora: bool, retriever=None) -> Path:
     folder = Path(out_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
@@ -410,6 +442,8 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
                 extra.update({f"{kind}.{n}": t.contiguous().cpu() for n, t in getattr(alloc, kind).items()})
             rank_pattern = model.peft_config[model.active_adapter].rank_pattern
         save_file(extra, tmp / "extra.safetensors")
+        if retriever is not None:
+            save_file(retriever.state_dict(), tmp / "retriever.safetensors")
         state = {"step": step, "position": position, "identity": identity,
                  "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
                  "result": result.to_dict(), "rank_pattern": _bools(rank_pattern)}
@@ -423,7 +457,7 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool):
+def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool, retriever=None):
     state = json.loads((path / "state.json").read_text())
     saved = state["identity"]
     for key in identity:
@@ -438,6 +472,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, ada
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(weights[n])
+    if retriever is not None:
+        retriever.load_state_dict(load_file(path / "retriever.safetensors", device=str(next(iter(named.values())).device)))
     flat = load_file(path / "optimizer.safetensors", device=str(next(iter(named.values())).device))
     opt_state: dict[int, dict] = {}
     for key, tensor in flat.items():
@@ -462,6 +498,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, ada
     result = TrainResult(steps=state["step"], final_loss=r.get("final_loss"),
                          losses=[tuple(x) for x in r.get("losses", [])],
                          eval_losses=[tuple(x) for x in r.get("eval_losses", [])],
+                         retriever_losses=[tuple(x) for x in r.get("retriever_losses", [])],
                          trainable_params=r.get("trainable_params", 0))
     return state["step"], state["position"], result
 
