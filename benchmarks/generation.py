@@ -161,13 +161,29 @@ def time_to_first_token(model, cache, rows, device: str) -> float:
         start = time.perf_counter()
         past = None
         ids, mask = left_pad([tail], 0, device)
-        if cache is not None:
-            past, context_mask = cache.assemble([keys], device)
+        if cache is not None:  # as the batch runner assembles a pass (the blend layout's recompute included)
+            past, context_mask = cache.assemble_rows([(cache, keys)], model)
             mask = torch.cat([context_mask, mask], dim=1)
         next(decode_steps(model, ids, mask, max_new_tokens=1, stop_ids=set(), pad_id=0, past=past))
         sync(device)
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+BLEND_TOKENS = (4, 16, 64)  # the blend layout's recompute_tokens measured (time to first token)
+
+
+def blend_ttft(model, cache, rows, full, device: str) -> dict:
+    """Time to first token: full prefill, the block layout and the blend layout at each of BLEND_TOKENS."""
+    from retro_peft.kvcache import FrozenKVCache
+
+    out = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], device),
+           "kv": time_to_first_token(model, cache, rows, device)}
+    for m in BLEND_TOKENS:
+        blend = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, layout="blend")
+        blend.inv_freq, blend.recompute_tokens = cache.inv_freq, m
+        out[f"blend_{m}"] = time_to_first_token(model, blend, rows, device)
+    return out
 
 
 def kv_section(model, args, vocab: int) -> dict:
@@ -179,6 +195,13 @@ def kv_section(model, args, vocab: int) -> dict:
     cache = FrozenKVCache.from_segments(model, head, segments).attach(model)
     build_s = time.perf_counter() - start
     full = [[t for k in keys for t in cache.token_ids[k]] + tail for keys, tail in rows]  # the same prompts, whole
+    if args.kv_ttft_only:
+        time_to_first_token(model, cache, rows[:2], args.device)  # warm-up
+        ttft = blend_ttft(model, cache, rows, full, args.device)
+        print(f"time to first token, one request (median of {len(rows)}): "
+              + ", ".join(f"{k} {v:.1f} ms ({ttft['full'] / v:.2f}x full)" for k, v in ttft.items()))
+        return {"segments": len(segments), "build_s": build_s, "prompt_tokens_mean": statistics.mean(map(len, full)),
+                "tail_tokens_mean": statistics.mean(len(t) for _, t in rows), "ttft_ms": ttft}
     kv_tokens_per_second(model, cache, rows[:2], 2, 2, args.device, 1)  # warm-up
     out = {"segments": len(segments), "build_s": build_s, "prompt_tokens_mean": statistics.mean(map(len, full)),
            "tail_tokens_mean": statistics.mean(len(t) for _, t in rows)}
@@ -223,8 +246,7 @@ def kv_section(model, args, vocab: int) -> dict:
     out["prefix_vs_full_same_batch"] = {1: out["prefix_one_at_a_time_tok_s"] / out["full_one_at_a_time_tok_s"],
                                         **{b: r / out["full_batched_tok_s"][b]
                                            for b, r in out["prefix_batched_tok_s"].items()}}
-    out["ttft_ms"] = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], args.device),
-                      "kv": time_to_first_token(model, cache, rows, args.device),
+    out["ttft_ms"] = {**blend_ttft(model, cache, rows, full, args.device),
                       "prefix": time_to_first_token(model, cache, prefix, args.device)}
     one = out["kv_one_at_a_time_tok_s"]
     out["kv_batched_vs_kv_one"] = {b: r / one for b, r in out["kv_batched_tok_s"].items()}
@@ -261,6 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache", action="store_true",
                    help="also decode from a frozen KV cache (stored passage states; only the question prefilled)")
     p.add_argument("--kv-only", action="store_true", help="run only the frozen KV cache section")
+    p.add_argument("--kv-ttft-only", action="store_true",
+                   help="with --kv-only: only time to first token (full prefill, block, blend layouts)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:

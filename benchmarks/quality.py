@@ -8,7 +8,8 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
   (g) RetroLoRA trained with block attention (the frozen KV cache's layout)
 
 (d) and (g) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
-passage's states computed apart and stored, only the question prefilled.
+passage's states computed apart and stored, only the question prefilled; with --kv-blend M,...
+also in the blend layout with M tokens of each later passage recomputed (`_kv_blend_M` rows).
 
 For every trained variant: trainable parameters, training time, tokens/s. The
 trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput.py`.
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
+    p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(SCRATCH / "quality"))
     return p.parse_args(argv)
@@ -97,13 +99,17 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     return model, stats, examples
 
 
-def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False):
+def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None):
     from retro_peft.generation import Generator
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
 
     start = time.perf_counter()
     cache = FrozenKVCache.build(model, tokenizer, index, retrieval) if kv_cache else None
+    if blend is not None:  # the same stored states, later passages' first `blend` tokens recomputed
+        cache = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, cache.digests,
+                              layout="blend")
+        cache.recompute_tokens = blend
     generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
                           max_new_tokens=24, batch_size=16, kv_cache=cache)
     result = evaluate(generator, eval_items, retrieval=not closed_book)
@@ -154,6 +160,9 @@ def main(argv=None) -> int:
         if key in ("d", "g"):  # the same adapter answering through the frozen KV cache
             report["variants"][label + "_kv_cache"] = evaluate_variant(model.model, model.tokenizer, index, cfg,
                                                                        eval_items, closed_book=False, kv_cache=True)
+            for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
+                report["variants"][f"{label}_kv_blend_{m}"] = evaluate_variant(
+                    model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, blend=m)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -102,6 +102,46 @@ def test_the_prefix_layout_is_the_full_prefill_with_several_passages(model, toke
         FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, layout="exact")
 
 
+def blend_logits(model, tokenizer, cache, retrieval, question, passages):
+    """First-answer-token logits through `cache` as the batch runner assembles a pass (blend recompute included)."""
+    row = cache.prompts(tokenizer, [question], [passages], retrieval)[0]
+    with torch.inference_mode():
+        past, mask = cache.assemble_rows([(cache, row.keys)], model)
+        tail = torch.tensor([row.tail_ids])
+        mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
+        positions = mask.sum(1, keepdim=True) - tail.shape[1] + torch.arange(tail.shape[1])[None]
+        out = model(input_ids=tail, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): past})
+        full = model(input_ids=torch.tensor([row.prompt.input_ids])).logits[0, -1]
+    return out.logits[0, -1], full, row
+
+
+def test_the_blend_layout_recomputes_later_passages_up_to_a_full_prefill(model, tokenizer, index):
+    """blend: with every token after the first passage recomputed, the logits are a full prefill's; with none,
+    the block layout's; in between, neither. Batched answers equal one-at-a-time ones."""
+    retrieval = RetrievalConfig(k=3, context_tokens=1000)
+    built = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    blend = FrozenKVCache(built.keys, built.values, built.spans, built.token_ids, built.meta, built.digests,
+                          layout="blend").attach(model)
+    block = built.attach(model)
+    generator = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
+                          kv_cache=blend)
+    for question in QUESTIONS:
+        passages = generator.retrieve([question])[0]
+        blend.recompute_tokens = 10**6
+        everything, full, row = blend_logits(model, tokenizer, blend, retrieval, question, passages)
+        assert len(row.keys) == 7  # head + 3 x (marker, passage)
+        torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
+        blend.recompute_tokens = 0
+        none, _, _ = blend_logits(model, tokenizer, blend, retrieval, question, passages)
+        blocked, _, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
+        torch.testing.assert_close(none, blocked, atol=1e-5, rtol=1e-5)
+        blend.recompute_tokens = 4
+        some, _, _ = blend_logits(model, tokenizer, blend, retrieval, question, passages)
+        assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
+    batched = [a.text for a in generator.answer_many(QUESTIONS)]
+    assert batched == [generator.answer_many([q])[0].text for q in QUESTIONS]
+
+
 def test_moving_keys_equals_computing_them_at_the_new_position(model, tokenizer):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

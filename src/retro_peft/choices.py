@@ -18,7 +18,9 @@ SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 #   block:  head and every passage from the store; the passages do not attend to each other (answers change)
 #   prefix: the ordinary prompt, its head, "[1]" and first passage from the store, the rest prefilled
 #           attending to all of it: a full prefill's computation, so the same answers
-KVLayout = Literal["block", "prefix"]
+#   blend:  the block layout, then the first tokens of every later passage recomputed attending to all
+#           before them (kvcache/blend.py: EPIC / CacheBlend-style selective recompute)
+KVLayout = Literal["block", "prefix", "blend"]
 KV_LAYOUTS: tuple[str, ...] = get_args(KVLayout)
 DEFAULT_KV_LAYOUT: KVLayout = "block"
 

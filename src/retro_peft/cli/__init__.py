@@ -35,8 +35,8 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
                         "if FILE does not exist): see docs/kv-cache.md")
     p.add_argument("--kv-layout", choices=KV_LAYOUTS,
                    help="with --kv-cache: block (default; every passage stored, only the question prefilled, answers "
-                        "change) or prefix (head and first passage stored, the rest prefilled: a full prefill's "
-                        "answers)")
+                        "change), prefix (head and first passage stored, the rest prefilled: a full prefill's "
+                        "answers) or blend (block, then the first 16 tokens of each later passage recomputed)")
 
 
 def add_answer_arguments(p: argparse.ArgumentParser, choices_default: str, abstain_default: str) -> None:

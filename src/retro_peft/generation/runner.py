@@ -168,9 +168,8 @@ class BatchRunner:
         if not any(r.stored for r in rows):
             return [r.prompt.input_ids for r in rows], None
         sequences = [r.tail_ids if r.stored else r.prompt.input_ids for r in rows]
-        device = next(self.model.parameters()).device
         assembler = next(r.context for r in rows if r.stored)
-        return sequences, assembler.assemble_rows([(r.context, r.keys if r.stored else []) for r in rows], device)
+        return sequences, assembler.assemble_rows([(r.context, r.keys if r.stored else []) for r in rows], self.model)
 
 
 def _for_rows(callback, group: list[int]):

@@ -32,6 +32,7 @@ from retro_peft.errors import InputError
 from retro_peft.generation.prompt import Passage, encode, passage_body
 from retro_peft.hf_compat import cache_kwarg, dynamic_cache, layer_states
 from retro_peft.kvcache.assembly import assemble, assemble_rows
+from retro_peft.kvcache.blend import DEFAULT_RECOMPUTE_TOKENS, recompute, recompute_slots
 from retro_peft.kvcache.layout import (HEAD, CachedPrompt, body_digest, cached_prompts, chunk_key, marker_key,
                                        template_fingerprint, template_segments)
 from retro_peft.kvcache.rotation import rotary_embedding
@@ -119,6 +120,7 @@ class FrozenKVCache:
         self.keys, self.values, self.spans, self.token_ids, self.meta = keys, values, spans, token_ids, meta
         self.digests = digests or {}  # chunk segment -> digest of the passage text its states were computed from
         self.layout = check_kv_layout(layout)  # see choices.KVLayout
+        self.recompute_tokens = DEFAULT_RECOMPUTE_TOKENS  # the blend layout: tokens recomputed per later passage
         self.inv_freq = None  # the model's rotary frequencies, on its device (`attach`)
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -225,8 +227,22 @@ class FrozenKVCache:
         """The batch's context: each row's segments at their positions, rows left-padded (`assembly.assemble`)."""
         return assemble(self, rows, device, dtype)
 
-    # rows of several caches in one pass; the batch runner calls it on any of them (`assembly.assemble_rows`)
-    assemble_rows = staticmethod(assemble_rows)
+    @staticmethod
+    def assemble_rows(rows: list[tuple[object | None, list[str]]], model):
+        """A decode pass's context, its rows from any caches (`assembly.assemble_rows`), on `model`'s device;
+        rows of a cache in the `blend` layout then have their later passages' first tokens recomputed by
+        `model` (`blend.recompute`). The batch runner calls it on any of the pass's caches."""
+        device = next(model.parameters()).device
+        past, mask = assemble_rows(rows, device)
+        width = mask.shape[1]
+        selected = []
+        for cache, keys in rows:
+            if cache is None or not keys or cache.layout != "blend":
+                selected.append([])
+                continue
+            length = sum(cache.spans[k][1] for k in keys)
+            selected.append(recompute_slots(cache, keys, width - length, cache.recompute_tokens))
+        return recompute(model, past, mask, selected)
 
     def attach(self, model, *, check: bool = True) -> FrozenKVCache:
         """Check the states are this model's, and put them on its device (assembly then runs there).
