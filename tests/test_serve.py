@@ -252,6 +252,28 @@ def test_malformed_requests_get_openai_errors_not_500(url):
     assert typo.status_code == 400 and typo.json()["error"]["param"] == "filter", typo.text
 
 
+def test_no_openai_field_is_silently_ignored(url):
+    """Fields the server does not implement are refused with a 400 naming them, unless they hold their no-op
+    value; a misspelt field is refused as unknown; `user` and friends are accepted (documented: no effect)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "a", "messages": [{"role": "user", "content": "Who invented the piano?"}], "max_tokens": 2}
+    refused = [("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+               ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
+               ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+               ("/v1/chat/completions", {**chat, "logit_bias": {"50256": -100}}, "logit_bias"),
+               ("/v1/chat/completions", {**chat, "max_token": 5}, "max_token"),
+               ("/v1/completions", {"model": "a", "prompt": "Who?", "logprobs": 3}, "logprobs"),
+               ("/v1/completions", {"model": "a", "prompt": "Who?", "echo": True}, "echo")]
+    for path, body, field in refused:
+        response = httpx.post(f"{url}{path}", json=body, headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, (field, response.text)
+    accepted = {**chat, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "tools": [],
+                "response_format": {"type": "text"}, "user": "someone", "metadata": {"team": "x"}, "n": 1}
+    response = httpx.post(f"{url}/v1/chat/completions", json=accepted, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["logprobs"] is None
+
+
 def chunked_post(url: str, path: str, chunks: list[bytes]) -> tuple[int, dict]:
     """POST with `Transfer-Encoding: chunked` and no Content-Length (http.client does so for an iterable body)."""
     address = urlsplit(url)

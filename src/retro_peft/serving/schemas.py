@@ -4,25 +4,29 @@ and, on each choice, `citations`, `abstained` and `answerability`.
 Bounds that depend on the server's settings (max_tokens, k, stop strings) are
 checked in `options.py` and the routers against the settings, so the schema stays
 valid for every configuration; the fixed ones (temperature, top_p, n) are declared here.
-Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored,
-as OpenAI-compatible servers do; /v1/retrieve is retro-peft's own, so there an
-unknown field (a misspelt `filters`) is an error.
+No field is silently ignored: OpenAI fields this server does not implement (`tools`,
+`logprobs`, `response_format`, `logit_bias`, ...) are accepted only at their no-op value
+(null, false, 0, empty) and otherwise refused with a 400 naming the field; `user`,
+`metadata`, `store` and `service_tier` are accepted and documented as having no effect;
+any other field is refused as unknown (a misspelt `max_token` would otherwise be
+ignored).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retro_peft.choices import HistoryStrategy, SearchMode
 
 FinishReason = Literal["stop", "length", "cancelled"]
+_NOT_IMPLEMENTED = "not implemented: only its no-op value (null, false, 0, empty) is accepted, any other is a 400"
 FilterValue = str | int | float | bool
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields this server does not use
+    model_config = ConfigDict(extra="forbid")  # a field the server would not use is refused, not ignored
 
 
 class RetrievalOptions(BaseModel):
@@ -56,6 +60,46 @@ class _Sampling(_Request):
     guided_choice: list[str] | None = Field(
         None, description="the answer is one of these (two or more different non-empty strings; at most "
                           "`http.max_choices`), or the abstention phrase; default: the domain's choices, if any")
+
+    # Accepted and without effect (OpenAI bookkeeping a self-hosted server has no use for).
+    user: str | None = Field(None, description="accepted, no effect")
+    metadata: dict[str, str] | None = Field(None, description="accepted, no effect")
+    store: bool | None = Field(None, description="accepted, no effect (nothing is stored)")
+    service_tier: str | None = Field(None, description="accepted, no effect")
+
+    # OpenAI fields this server does not implement: their no-op value (null, false, 0, empty, a `text`
+    # response format) is accepted, any other refused with a 400 naming the field.
+    logprobs: Any = Field(None, description=_NOT_IMPLEMENTED)
+    top_logprobs: Any = Field(None, description=_NOT_IMPLEMENTED)
+    response_format: Any = Field(None, description=_NOT_IMPLEMENTED + "; guided_choice constrains an answer to "
+                                                                       "given strings")
+    tools: Any = Field(None, description=_NOT_IMPLEMENTED + " (this server calls no tools)")
+    tool_choice: Any = Field(None, description=_NOT_IMPLEMENTED)
+    parallel_tool_calls: Any = Field(None, description=_NOT_IMPLEMENTED)
+    functions: Any = Field(None, description=_NOT_IMPLEMENTED)
+    function_call: Any = Field(None, description=_NOT_IMPLEMENTED)
+    logit_bias: Any = Field(None, description=_NOT_IMPLEMENTED)
+    presence_penalty: Any = Field(None, description=_NOT_IMPLEMENTED)
+    frequency_penalty: Any = Field(None, description=_NOT_IMPLEMENTED)
+    best_of: Any = Field(None, description=_NOT_IMPLEMENTED + " (1 is accepted)")
+    echo: Any = Field(None, description=_NOT_IMPLEMENTED)
+    suffix: Any = Field(None, description=_NOT_IMPLEMENTED)
+    modalities: Any = Field(None, description=_NOT_IMPLEMENTED + " (['text'] is accepted)")
+    audio: Any = Field(None, description=_NOT_IMPLEMENTED)
+    prediction: Any = Field(None, description=_NOT_IMPLEMENTED)
+    reasoning_effort: Any = Field(None, description=_NOT_IMPLEMENTED)
+
+    @field_validator("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                     "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+                     "echo", "suffix", "modalities", "audio", "prediction", "reasoning_effort")
+    @classmethod
+    def _not_implemented(cls, value, info):
+        if value is None or value is False or value in (0, "", [], {}, {"type": "text"}, ["text"]) \
+                or (info.field_name == "best_of" and value == 1) \
+                or (info.field_name == "tool_choice" and value == "none"):
+            return None
+        raise ValueError(f"{info.field_name} is not implemented by this server; leave it out (or send its "
+                         "no-op value)")
 
 
 # Requests any server answers (`auto` routes to one of its domains, or to none): the documentation's examples,
