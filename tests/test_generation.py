@@ -121,6 +121,30 @@ def test_sampled_rows_depend_only_on_their_own_seed_not_their_batch(tiny_model, 
     assert others - {alone}  # the seed still matters
 
 
+def test_logprobs_are_the_models_log_probabilities_of_the_generated_tokens(tiny_model, tokenizer):
+    import torch
+
+    from retro_peft.generation.decode import generate_batch
+
+    prompts = [encode(tokenizer, "Where does the Rhine flow?"), encode(tokenizer, "Tea?")]
+    sampling = SamplingConfig(max_new_tokens=6, logprobs=3)
+    done = generate_batch(tiny_model, tokenizer, prompts, stop_ids=set(), pad_id=0, sampling=sampling)
+    for prompt, row in zip(prompts, done):
+        assert len(row.logprobs) == len(row.tokens) == 6
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(input_ids=torch.tensor([prompt + row.tokens])).logits[0].float(), -1)
+        for i, (token, (chosen, top)) in enumerate(zip(row.tokens, row.logprobs)):
+            step = logp[len(prompt) - 1 + i]
+            assert chosen == pytest.approx(float(step[token]), abs=1e-4)
+            assert [t for t, _ in top] == step.topk(3).indices.tolist() and top[0][0] == token  # greedy: the top one
+            assert [lp for _, lp in top] == pytest.approx(step.topk(3).values.tolist(), abs=1e-4)
+    plain = generate_batch(tiny_model, tokenizer, prompts, stop_ids=set(), pad_id=0,
+                           sampling=SamplingConfig(max_new_tokens=6))
+    assert [r.tokens for r in plain] == [r.tokens for r in done] and plain[0].logprobs is None
+    with pytest.raises(InputError, match="logprobs"):
+        SamplingConfig(logprobs=21)
+
+
 def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_model, tokenizer):
     # The fixed-shape path that CUDA graphs replay (StaticCache, full-length mask), run eagerly here.
     retrieval = RetrievalConfig(context_tokens=160)

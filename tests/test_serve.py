@@ -257,12 +257,13 @@ def test_no_openai_field_is_silently_ignored(url):
     value; a misspelt field is refused as unknown; `user` and friends are accepted (documented: no effect)."""
     headers = {"Authorization": f"Bearer {KEY}"}
     chat = {"model": "a", "messages": [{"role": "user", "content": "Who invented the piano?"}], "max_tokens": 2}
-    refused = [("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+    refused = [("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
+               ("/v1/chat/completions", {**chat, "logprobs": True, "stream": True}, "logprobs"),
                ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
                ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                ("/v1/chat/completions", {**chat, "logit_bias": {"50256": -100}}, "logit_bias"),
                ("/v1/chat/completions", {**chat, "max_token": 5}, "max_token"),
-               ("/v1/completions", {"model": "a", "prompt": "Who?", "logprobs": 3}, "logprobs"),
+               ("/v1/completions", {"model": "a", "prompt": "Who?", "logprobs": 6}, "logprobs"),
                ("/v1/completions", {"model": "a", "prompt": "Who?", "echo": True}, "echo")]
     for path, body, field in refused:
         response = httpx.post(f"{url}{path}", json=body, headers=headers)
@@ -272,6 +273,25 @@ def test_no_openai_field_is_silently_ignored(url):
     response = httpx.post(f"{url}/v1/chat/completions", json=accepted, headers=headers)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["logprobs"] is None
+
+
+def test_logprobs_in_openai_shapes(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "a", "messages": [{"role": "user", "content": "Who invented the piano?"}], "max_tokens": 4,
+            "logprobs": True, "top_logprobs": 2}
+    body = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=headers).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] > 0
+    for entry in content:
+        assert entry["logprob"] <= 0 and entry["bytes"] == list(entry["token"].encode())
+        alternatives = entry["top_logprobs"]
+        assert len(alternatives) == 2 and alternatives[0]["logprob"] >= alternatives[1]["logprob"]
+        assert entry["logprob"] == pytest.approx(alternatives[0]["logprob"])  # greedy: the most likely token
+    legacy = httpx.post(f"{url}/v1/completions", headers=headers,
+                        json={"model": "a", "prompt": "Who invented the piano?", "max_tokens": 4, "logprobs": 1}).json()
+    lp = legacy["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(lp["top_logprobs"])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and all(len(t) == 1 for t in lp["top_logprobs"])
 
 
 def chunked_post(url: str, path: str, chunks: list[bytes]) -> tuple[int, dict]:

@@ -23,6 +23,9 @@ class Answer:
     # The calibrated answerability score (an adapter's head; None without one): below its threshold, abstained.
     answerability: float | None = None
     dropped_turns: int = 0  # earlier turns of the conversation left out of the prompt to fit its budget
+    # SamplingConfig.logprobs: per generated token (citation markers included), (token id, log p,
+    # [(alternative id, log p), ...]); None when not asked for, or for a scored (choice) or abstained answer
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = field(default=None, repr=False)
 
 
 def is_abstention(text: str, phrase: str) -> bool:

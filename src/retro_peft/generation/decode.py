@@ -90,8 +90,11 @@ class StaticDecode:
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
                  rng: torch.Generator | list[torch.Generator] | None = None, finished: torch.Tensor | None = None,
-                 static: StaticDecode | None = None, past=None):
+                 static: StaticDecode | None = None, past=None, record: list | None = None):
     """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
+
+    record: with `sampling.logprobs` set, each step appends (log p of each row's token [batch], the top
+    `sampling.logprobs` log-probabilities [batch, n] and their token ids [batch, n]), on the CPU.
 
     past: a cache that already holds each row's context (the frozen KV cache's
     `assemble`); `attention_mask` then covers the context and `input_ids`, and
@@ -131,6 +134,11 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
         token = choose_tokens(logits, sampling, rng)
         done = finished.to(token.device)
         token = torch.where(done, torch.full_like(token, pad_id), token)
+        if record is not None and sampling.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top = logp.topk(sampling.logprobs, dim=-1) if sampling.logprobs else None
+            record.append((logp.gather(-1, token[:, None])[:, 0].cpu(),
+                           None if top is None else top.values.cpu(), None if top is None else top.indices.cpu()))
         yield token
         finished |= (done | torch.isin(token, stop)).cpu()  # one host sync per token, to stop early
         if bool(finished.all()) or step == max_new_tokens - 1:
@@ -158,6 +166,8 @@ class Generated:
     tokens: list[int]
     text: str
     finish_reason: str  # "stop" (stop token or string), "length" or "cancelled"
+    # with SamplingConfig.logprobs: per token of `tokens`, (log p, [(alternative token id, log p), ...])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: set[int], pad_id: int,
@@ -184,6 +194,8 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     rng = None if sampling.greedy else [torch.Generator(device=device).manual_seed(sampling.seed) for _ in range(n)]
     finished = torch.zeros(n, dtype=torch.bool)
     tokens: list[list[int]] = [[] for _ in range(n)]
+    record = [] if sampling.logprobs is not None else None
+    steps_of: list[list[int]] = [[] for _ in range(n)]  # the decode step of each kept token (its logprobs)
     texts, emitted, reasons = [""] * n, [0] * n, [None] * n
     track_text = on_text is not None or bool(sampling.stop)
     hold = max((len(x) for x in sampling.stop), default=1) - 1
@@ -198,7 +210,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
 
     for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
                              pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static,
-                             past=past):
+                             past=past, record=record):
         for row, token in enumerate(step.tolist()):
             if reasons[row] is not None:
                 continue
@@ -208,6 +220,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
                 reasons[row] = "stop"
             else:
                 tokens[row].append(token)
+                steps_of[row].append(len(record or ()) - 1)
                 if track_text:
                     texts[row] = tokenizer.decode(tokens[row], skip_special_tokens=True)
                     cut = min((i for i in (texts[row].find(x) for x in sampling.stop) if i >= 0), default=-1)
@@ -220,5 +233,15 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
         if not track_text:
             texts[row] = tokenizer.decode(tokens[row], skip_special_tokens=True)
         emit(row, final=True)
-        results.append(Generated(tokens[row], texts[row], reasons[row] or "length"))
+        results.append(Generated(tokens[row], texts[row], reasons[row] or "length",
+                                 None if record is None else _row_logprobs(record, row, steps_of[row])))
     return results
+
+
+def _row_logprobs(record: list, row: int, steps: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    out = []
+    for s in steps:
+        chosen, values, ids = record[s]
+        top = [] if ids is None else list(zip(ids[row].tolist(), values[row].tolist()))
+        out.append((float(chosen[row]), top))
+    return out

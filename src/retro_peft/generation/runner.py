@@ -189,4 +189,6 @@ def make_answer(row: Row, generated: Generated) -> Answer:
     return Answer(text=text, citations=[] if abstained else cite(text, row.prompt.passages, cited), abstained=abstained,
                   dropped_turns=row.prompt.dropped_turns,
                   prompt_tokens=len(row.prompt.input_ids), completion_tokens=len(generated.tokens),
-                  passages=row.prompt.passages, finish_reason=generated.finish_reason)
+                  passages=row.prompt.passages, finish_reason=generated.finish_reason,
+                  logprobs=None if generated.logprobs is None else
+                  [(t, lp, top) for t, (lp, top) in zip(generated.tokens, generated.logprobs)])

@@ -9,6 +9,9 @@ import torch
 from retro_peft.errors import InputError
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How tokens are chosen. temperature 0 is greedy decoding (deterministic)."""
@@ -18,6 +21,9 @@ class SamplingConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     seed: int = 0
+    # Log-probabilities of each generated token (None: not recorded), with this many most likely alternatives
+    # per position; from the model's own distribution (before temperature and top-p), as OpenAI reports them.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -29,6 +35,10 @@ class SamplingConfig:
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise InputError("stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise InputError(f"logprobs (alternatives per token) must be an integer from 0 to {MAX_TOP_LOGPROBS}, "
+                             f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -24,9 +24,24 @@ def sampling(settings: ServeSettings, body: CompletionRequest | ChatRequest, cha
     temperature = limits.default_temperature if body.temperature is None else body.temperature
     try:
         return SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), seed=body.seed or 0)
+                              top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), seed=body.seed or 0,
+                              logprobs=logprobs(body, chat))
     except InputError as e:
         raise ApiError(400, str(e), code="invalid_value") from None
+
+
+def logprobs(body: CompletionRequest | ChatRequest, chat: bool) -> int | None:
+    """How many alternatives per token to report (None: no log-probabilities), or a 400 naming the field."""
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        wanted = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        wanted = body.logprobs
+    if wanted is not None and body.stream:
+        raise ApiError(400, "logprobs with stream: true is not implemented; ask without stream",
+                       param="logprobs", code="invalid_value")
+    return wanted
 
 
 def search(settings: ServeSettings, options: RetrievalOptions | None) -> SearchOptions | None:

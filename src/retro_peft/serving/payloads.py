@@ -15,8 +15,9 @@ from retro_peft.generation import Answer
 from retro_peft.index import Hit
 from retro_peft.serving.ids import new_response_id
 from retro_peft.serving.schemas import (AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta,
-                                        ChatResponse, Citation, CompletionChoice, CompletionChunk,
-                                        CompletionChunkChoice, CompletionResponse, RetrieveResponse, Usage)
+                                        ChatLogprobs, ChatResponse, Citation, CompletionChoice, CompletionChunk,
+                                        CompletionChunkChoice, CompletionLogprobs, CompletionResponse,
+                                        RetrieveResponse, TokenLogprob, TopLogprob, Usage)
 
 _STAMP = {"id", "created"}
 DONE = b"data: [DONE]\n\n"  # the last server-sent event of a stream
@@ -44,14 +45,40 @@ def usage(answers: list[Answer], chat: bool = False) -> Usage:
                  dropped_turns=sum(a.dropped_turns for a in answers) if chat else None)
 
 
-def completion(answers: list[Answer], model: str, chat: bool) -> CompletionResponse | ChatResponse:
-    """One choice per answer, with its citations and abstention."""
+def chat_logprobs(answer: Answer, tokenizer) -> ChatLogprobs | None:
+    """OpenAI's chat `logprobs`: each token's text, log-probability, UTF-8 bytes and top alternatives."""
+    if answer.logprobs is None:
+        return None
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    return ChatLogprobs(content=[TokenLogprob(**top(t, lp).model_dump(), top_logprobs=[top(a, alp) for a, alp in alts])
+                                 for t, lp, alts in answer.logprobs])
+
+
+def completion_logprobs(answer: Answer, tokenizer) -> CompletionLogprobs | None:
+    """The legacy completions `logprobs`: tokens, their log-probabilities, top alternatives, text offsets."""
+    if answer.logprobs is None:
+        return None
+    tokens = [tokenizer.decode([t]) for t, _, _ in answer.logprobs]
+    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    alternatives = [{tokenizer.decode([a]): alp for a, alp in alts} for _, _, alts in answer.logprobs]
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for _, lp, _ in answer.logprobs],
+                              top_logprobs=alternatives if any(alternatives) else None, text_offset=offsets)
+
+
+def completion(answers: list[Answer], model: str, chat: bool, tokenizer=None) -> CompletionResponse | ChatResponse:
+    """One choice per answer, with its citations and abstention (and, if asked for, its log-probabilities:
+    `tokenizer` spells the tokens)."""
     ident, created = new_response_id(chat), int(time.time())
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
-                              **answered(a)) for i, a in enumerate(answers)]
+                              logprobs=chat_logprobs(a, tokenizer), **answered(a)) for i, a in enumerate(answers)]
         return ChatResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers, chat))
-    choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, **answered(a))
+    choices = [CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason,
+                                logprobs=completion_logprobs(a, tokenizer), **answered(a))
                for i, a in enumerate(answers)]
     return CompletionResponse(id=ident, created=created, model=model, choices=choices, usage=usage(answers))
 

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retro_peft.choices import HistoryStrategy, SearchMode
 
 FinishReason = Literal["stop", "length", "cancelled"]
+_LOGPROBS = ("the log-probability of each generated token under the model (before temperature and top-p), "
+             "citation markers included; null for a guided_choice or abstained answer; not with stream")
 _NOT_IMPLEMENTED = "not implemented: only its no-op value (null, false, 0, empty) is accepted, any other is a 400"
 FilterValue = str | int | float | bool
 
@@ -69,8 +71,6 @@ class _Sampling(_Request):
 
     # OpenAI fields this server does not implement: their no-op value (null, false, 0, empty, a `text`
     # response format) is accepted, any other refused with a 400 naming the field.
-    logprobs: Any = Field(None, description=_NOT_IMPLEMENTED)
-    top_logprobs: Any = Field(None, description=_NOT_IMPLEMENTED)
     response_format: Any = Field(None, description=_NOT_IMPLEMENTED + "; guided_choice constrains an answer to "
                                                                        "given strings")
     tools: Any = Field(None, description=_NOT_IMPLEMENTED + " (this server calls no tools)")
@@ -89,7 +89,7 @@ class _Sampling(_Request):
     prediction: Any = Field(None, description=_NOT_IMPLEMENTED)
     reasoning_effort: Any = Field(None, description=_NOT_IMPLEMENTED)
 
-    @field_validator("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    @field_validator("response_format", "tools", "tool_choice", "parallel_tool_calls",
                      "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
                      "echo", "suffix", "modalities", "audio", "prediction", "reasoning_effort")
     @classmethod
@@ -111,6 +111,8 @@ class CompletionRequest(_Sampling):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "auto", "prompt": _QUESTION}, {"model": "auto", "prompt": _QUESTION, "stream": True}]})
     prompt: str | list[str] = Field(..., description="a question, or a list of questions (one choice each)")
+    logprobs: int | None = Field(None, ge=0, le=5, description=_LOGPROBS + "; the number is how many most likely "
+                                                                           "alternatives per token (0-5)")
 
 
 class TextPart(BaseModel):
@@ -132,6 +134,9 @@ class ChatRequest(_Sampling):
         {"model": "auto", "messages": [{"role": "user", "content": _QUESTION}], "stream": True,
          "stream_options": {"include_usage": True}}]})
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool | None = Field(None, description=_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely alternatives "
+                                                                    "per token (0-20)")
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
@@ -162,10 +167,31 @@ _ANSWERABILITY = ("the calibrated answerability score the answer was given or ab
                   "its threshold); null (in a stream: absent) when the domain's adapter has no answerability head")
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
     citations: list[Citation] = Field(default_factory=list)
     abstained: bool = False
@@ -188,7 +214,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
     citations: list[Citation] = Field(default_factory=list)
     abstained: bool = False

@@ -79,7 +79,8 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     key = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
         key = cache_key(payloads.kind(chat), [model, state.bank.version(model), questions, sampling.max_new_tokens,
-                                              sampling.stop, search, choices, [[t.role, t.content] for t in history]])
+                                              sampling.stop, search, choices, [[t.role, t.content] for t in history],
+                                              sampling.logprobs])
         identity = getattr(request.state, "request_identity", None)  # set by RequestContext
         if identity is not None:
             state.known_requests.put(identity, (key, chat, body.model))
@@ -101,7 +102,7 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
                                                                  choices, history))
     if answers is None:  # the client went away; nobody reads this
         return Response(status_code=499)
-    response = payloads.completion(answers, reported, chat)
+    response = payloads.completion(answers, reported, chat, state.bank.tokenizer)
     jobs.count_tokens(state, answers, domains)
     cacheable = payloads.unstamped(response)
     if key is not None:
