@@ -134,9 +134,16 @@ def test_joint_lsr_teaches_the_encoder_the_adapters_preference(tiny, index, qa_f
                    index=index, progress=False, retriever=objective)
     losses = [v for _, v in result.retriever_losses]
     assert len(losses) == 6 and all(v >= 0 for v in losses)  # a KL divergence
-    assert losses[-1] < losses[0]
     after = objective.state_dict()
     assert any(not torch.equal(before[n], after[n]) for n in before)
+    # The generator's preference moves as the adapter trains, so the per-step losses need not fall; against the
+    # final adapter's preference, the trained encoder is closer than the one it started from.
+    ids = list(objective.by_item)
+    with torch.no_grad():
+        trained = float(objective.loss(ids, model.model, tokenizer.pad_token_id))
+        objective.load_state_dict(before)
+        started = float(objective.loss(ids, model.model, tokenizer.pad_token_id))
+    assert trained < started, (trained, started)
     assert model.model.training is True  # scoring switched the generator to eval and back
 
 

@@ -258,7 +258,6 @@ def test_no_openai_field_is_silently_ignored(url):
     headers = {"Authorization": f"Bearer {KEY}"}
     chat = {"model": "a", "messages": [{"role": "user", "content": "Who invented the piano?"}], "max_tokens": 2}
     refused = [("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
-               ("/v1/chat/completions", {**chat, "logprobs": True, "stream": True}, "logprobs"),
                ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
                ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                ("/v1/chat/completions", {**chat, "logit_bias": {"50256": -100}}, "logit_bias"),
@@ -292,6 +291,12 @@ def test_logprobs_in_openai_shapes(url):
     lp = legacy["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(lp["top_logprobs"])
     assert lp["text_offset"] == sorted(lp["text_offset"]) and all(len(t) == 1 for t in lp["top_logprobs"])
+    # streamed: each chunk carries the tokens decoded with its piece; together, the same entries
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, headers=headers) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
 
 
 def chunked_post(url: str, path: str, chunks: list[bytes]) -> tuple[int, dict]:

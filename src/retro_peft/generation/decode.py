@@ -179,7 +179,9 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     `sequences` are then what follows it.
 
     on_text(row, delta): called as a row's text grows (text that could still turn
-    into a stop string, or an incomplete character, is held back until it cannot).
+    into a stop string, or an incomplete character, is held back until it cannot); with
+    `sampling.logprobs`, on_text(row, delta, entries): the (token id, log p, alternatives) of the tokens
+    decoded since the previous piece (they may run ahead of the text held back).
     cancelled(row) -> bool: polled every step; a cancelled row stops at once.
     """
     device = next(model.parameters()).device
@@ -196,6 +198,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     tokens: list[list[int]] = [[] for _ in range(n)]
     record = [] if sampling.logprobs is not None else None
     steps_of: list[list[int]] = [[] for _ in range(n)]  # the decode step of each kept token (its logprobs)
+    sent = [0] * n  # tokens whose log-probabilities went out with a streamed piece
     texts, emitted, reasons = [""] * n, [0] * n, [None] * n
     track_text = on_text is not None or bool(sampling.stop)
     hold = max((len(x) for x in sampling.stop), default=1) - 1
@@ -205,7 +208,13 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
         while upto > emitted[row] and not final and texts[row][upto - 1] == "\ufffd":  # half a UTF-8 character
             upto -= 1
         if on_text is not None and upto > emitted[row]:
-            on_text(row, texts[row][emitted[row]:upto])
+            if record is None:
+                on_text(row, texts[row][emitted[row]:upto])
+            else:  # with the log-probabilities of the tokens decoded since the last piece
+                fresh = range(sent[row], len(tokens[row]))
+                on_text(row, texts[row][emitted[row]:upto],
+                        [(tokens[row][i], *_row_logprobs(record, row, [steps_of[row][i]])[0]) for i in fresh])
+                sent[row] = len(tokens[row])
             emitted[row] = upto
 
     for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,

@@ -213,10 +213,10 @@ class MicroBatcher:
             self._free_since = time.monotonic()
 
     def _run(self, jobs: list[Job]) -> None:
-        def on_text(row: int, delta: str) -> None:
+        def on_text(row: int, delta: str, logprobs: list | None = None) -> None:
             job = jobs[row]
             if job.on_text is not None and not job.cancelled:
-                job.loop.call_soon_threadsafe(job.on_text, delta)
+                job.loop.call_soon_threadsafe(job.on_text, delta, logprobs)
 
         try:
             answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],

@@ -38,9 +38,6 @@ def logprobs(body: CompletionRequest | ChatRequest, chat: bool) -> int | None:
         wanted = (body.top_logprobs or 0) if body.logprobs else None
     else:
         wanted = body.logprobs
-    if wanted is not None and body.stream:
-        raise ApiError(400, "logprobs with stream: true is not implemented; ask without stream",
-                       param="logprobs", code="invalid_value")
     return wanted
 
 

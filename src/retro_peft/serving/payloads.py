@@ -115,8 +115,8 @@ def event(data: bytes) -> bytes:
 class Chunks:
     """The server-sent events of one streamed answer, in OpenAI's chunk format (`CompletionChunk`, `ChatChunk`)."""
 
-    def __init__(self, model: str, chat: bool):
-        self.model, self.chat = model, chat
+    def __init__(self, model: str, chat: bool, tokenizer=None):
+        self.model, self.chat, self.tokenizer = model, chat, tokenizer  # the tokenizer spells logprobs' tokens
         self.id, self.created = new_response_id(chat), int(time.time())
 
     def opening(self) -> list[bytes]:
@@ -125,8 +125,13 @@ class Chunks:
             return []
         return [self._event([ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])]
 
-    def piece(self, text: str) -> bytes:
-        return self._event([self._choice(text)])
+    def piece(self, text: str, logprobs: list | None = None) -> bytes:
+        """A piece of the text; `logprobs`: (token id, log p, alternatives) of the tokens decoded with it."""
+        if logprobs is None:
+            return self._event([self._choice(text)])
+        answer = Answer(text=text, logprobs=logprobs)
+        spelt = (chat_logprobs if self.chat else completion_logprobs)(answer, self.tokenizer)
+        return self._event([self._choice(text, logprobs=spelt)])
 
     def last(self, answer: Answer, usage_chunk: bool) -> list[bytes]:
         """The finish reason, the citations, the abstention and the usage; with `usage_chunk` the usage again,
@@ -137,13 +142,14 @@ class Chunks:
             events.append(self._event([], used))
         return events + [DONE]
 
-    def _choice(self, text: str | None, finish_reason: str | None = None,
-                last: dict | None = None) -> CompletionChunkChoice | ChatChunkChoice:
+    def _choice(self, text: str | None, finish_reason: str | None = None, last: dict | None = None,
+                logprobs=None) -> CompletionChunkChoice | ChatChunkChoice:
         """A chunk's choice; `last` (from `answered`): the fields only the last chunk has."""
         if self.chat:
             return ChatChunkChoice(index=0, delta=ChatDelta(content=text), finish_reason=finish_reason,
-                                   **(last or {}))
-        return CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason, **(last or {}))
+                                   logprobs=logprobs, **(last or {}))
+        return CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason, logprobs=logprobs,
+                                     **(last or {}))
 
     def _event(self, choices: list, used: Usage | None = None) -> bytes:
         chunk = (ChatChunk if self.chat else CompletionChunk)(id=self.id, created=self.created, model=self.model,

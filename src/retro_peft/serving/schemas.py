@@ -22,7 +22,8 @@ from retro_peft.choices import HistoryStrategy, SearchMode
 
 FinishReason = Literal["stop", "length", "cancelled"]
 _LOGPROBS = ("the log-probability of each generated token under the model (before temperature and top-p), "
-             "citation markers included; null for a guided_choice or abstained answer; not with stream")
+             "citation markers included; null for a guided_choice or abstained answer; streamed: each chunk "
+             "carries the tokens decoded since the previous one")
 _NOT_IMPLEMENTED = "not implemented: only its no-op value (null, false, 0, empty) is accepted, any other is a 400"
 FilterValue = str | int | float | bool
 
@@ -230,7 +231,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     citations: list[Citation] | None = Field(**_IN_LAST_CHUNK)
     abstained: bool | None = Field(**_IN_LAST_CHUNK)

@@ -24,9 +24,10 @@ def stream(state: ServerState, question: str, domain: str | None, model: str, sa
            search: SearchOptions | None, chat: bool, usage_chunk: bool,
            choices: tuple[str, ...] | None = None, history: tuple[Turn, ...] = ()) -> StreamingResponse:
     """The job is queued before the 200 goes out, so a full queue is still a 503. `model`: the one reported."""
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-    job = jobs.submit(state, question, domain, sampling, search, pieces.put_nowait, choices, history)
-    chunks = Chunks(model, chat)
+    pieces: asyncio.Queue[tuple[str, list | None]] = asyncio.Queue()  # (text, its tokens' logprobs or None)
+    job = jobs.submit(state, question, domain, sampling, search, lambda text, logprobs=None:
+                      pieces.put_nowait((text, logprobs)), choices, history)
+    chunks = Chunks(model, chat, state.bank.tokenizer)
 
     async def events():
         waiter = asyncio.ensure_future(state.batcher.wait(job))
@@ -37,12 +38,12 @@ def stream(state: ServerState, question: str, domain: str | None, model: str, sa
                 getter = asyncio.ensure_future(pieces.get())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield chunks.piece(getter.result())
+                    yield chunks.piece(*getter.result())
                     continue
                 getter.cancel()
                 break
             while not pieces.empty():
-                yield chunks.piece(pieces.get_nowait())
+                yield chunks.piece(*pieces.get_nowait())
             try:
                 answer = waiter.result()
             except (RequestTimeout, RetroPeftError) as e:  # too late for a status: the error is an event
