@@ -89,3 +89,25 @@ def test_ask_chat_answers_each_line_with_the_conversation_so_far_and_ends_at_eof
     assert "--chat reads the questions from stdin" in capsys.readouterr().err
     assert main(["ask", QUESTION, "--history", "concat", "--index", str(index)]) == 2
     assert "--history needs --chat" in capsys.readouterr().err
+
+
+def test_json_output_is_clean_to_pipe_and_other_libraries_stay_quiet(folders, tmp_path):
+    """`ask`, `eval` and `index query` with --json print one JSON document on stdout and nothing else, in a real
+    process; other libraries' bars and warnings ("Loading weights", FutureWarning) appear only with -v."""
+    from conftest import run_cli
+
+    index, adapter, _ = folders
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q", "question": QUESTION, "answers": ["Normandy"]}) + "\n")
+    commands = [["ask", QUESTION, "--index", index, "--adapter", adapter, "--max-tokens", "3", "--json"],
+                ["eval", "--model", adapter.parent / "base", "--index", index, "--adapter", adapter, "--qa", qa,
+                 "--json"],
+                ["index", "query", index, "Normandy", "--json"]]
+    env = {"OMP_NUM_THREADS": "1"}
+    for command in commands:
+        proc = run_cli(*command, env=env, check=True)
+        json.loads(proc.stdout)  # the whole of stdout is the JSON
+        assert "Loading weights" not in proc.stderr and "Warning" not in proc.stderr, (command, proc.stderr)
+    loud = run_cli(*commands[0], "-v", env=env, check=True)
+    json.loads(loud.stdout)
+    assert "Loading weights" in loud.stderr  # -v lets transformers' bars through (on stderr, never stdout)

@@ -159,32 +159,17 @@ def create_model(config: DemoConfig):
     return RetroPeftModel.create(config.model, adapter_config, seed=config.seed)
 
 
-def evaluate_with_progress(generator, items, *, retrieval: bool = True, desc: str = "answer", progress: bool = True):
-    """`training.evaluate`, one generator batch at a time under a progress bar (same answers, same scores)."""
-    from tqdm.auto import tqdm
-
-    from retro_peft.training import score
-
-    answers = []
-    with tqdm(total=len(items), desc=desc, unit="q", disable=not progress) as bar:
-        for start in range(0, len(items), generator.batch_size):
-            batch = items[start:start + generator.batch_size]
-            passages = None if retrieval else [[] for _ in batch]
-            answers += generator.answer_many([it.question for it in batch], passages=passages)
-            bar.update(len(batch))
-    return score(items, answers, retrieval=retrieval and generator.index is not None)
-
-
 def evaluate_base(model, index, items, config: DemoConfig, *, progress: bool = True) -> dict:
     """The base model (adapter disabled), closed-book and with retrieval."""
     from retro_peft.generation import Generator
+    from retro_peft.training import evaluate
 
     generator = Generator(model.model, model.tokenizer, index=index, retrieval=retrieval_config(config),
                           max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size)
     with model.model.disable_adapter():
         return {
-            SETUPS[0]: evaluate_with_progress(generator, items, retrieval=False, desc=SETUPS[0], progress=progress),
-            SETUPS[1]: evaluate_with_progress(generator, items, retrieval=True, desc=SETUPS[1], progress=progress),
+            SETUPS[0]: evaluate(generator, items, retrieval=False, desc=SETUPS[0], progress=progress),
+            SETUPS[1]: evaluate(generator, items, retrieval=True, desc=SETUPS[1], progress=progress),
         }
 
 
@@ -205,8 +190,10 @@ def train_demo_adapter(model, index, items, config: DemoConfig, out_dir: Path, *
 
 
 def evaluate_adapter(model, index, items, config: DemoConfig, *, progress: bool = True):
+    from retro_peft.training import evaluate
+
     generator = model.generator(index=index, max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size)
-    return evaluate_with_progress(generator, items, retrieval=True, desc=SETUPS[2], progress=progress)
+    return evaluate(generator, items, retrieval=True, desc=SETUPS[2], progress=progress)
 
 
 def register_demo_domain(config: DemoConfig, out_dir: Path):
@@ -341,5 +328,5 @@ def run_demo(config: DemoConfig | None = None, *, out_dir: str | Path | None = N
     return result
 
 
-__all__ = ["DemoConfig", "DemoResult", "data_dir", "docs_dir", "evaluate_with_progress", "format_table",
+__all__ = ["DemoConfig", "DemoResult", "data_dir", "docs_dir", "format_table",
            "load_demo_qa", "qa_file", "run_demo"]

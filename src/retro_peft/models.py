@@ -12,7 +12,10 @@ Loading the generator, its device and dtype, and its fingerprints: `retro_peft.b
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from pathlib import Path
 from retro_peft import paths
 from retro_peft.errors import ModelNotFoundError
 from retro_peft.storage import fsync_tree, share
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,35 @@ def resolve_generator(name: str) -> str:
     return str(target)
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers' GGUF reader draws a plain tqdm bar, deaf to its own progress-bar switch: when that switch
+    is off (the CLI without -v), the reader's bar is off too."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """De-quantise once and save as safetensors; the folder appears complete or not at all."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    log.info("converting %s to safetensors (once; about 20 s)", gguf_path.name)
+    with _quiet_gguf_bar():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The weights are plain float tensors once de-quantised; keeping the GGUF
     # quantization_config would make transformers look for the GGUF file again.
     if hasattr(model.config, "quantization_config"):

@@ -1,14 +1,18 @@
 """`retro-peft` command line: a thin layer over the Python API.
 
 Each stage of the pipeline registers its own subcommands (`cli/index.py`, ...);
-every `RetroPeftError` becomes a one-line message and exit status 2.
+every `RetroPeftError` becomes a one-line message and exit status 2. Results go to
+stdout, retro-peft's own messages to stderr; other libraries' logs, progress bars and
+warnings are off unless `-v/--verbose` (or `RETRO_PEFT_LOG=debug`) asks for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 
 from retro_peft import __version__
 from retro_peft.choices import HISTORY_STRATEGIES, KV_LAYOUTS
@@ -23,9 +27,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show other libraries' logs, progress bars and warnings (also: RETRO_PEFT_LOG=debug)")
     for module in (index, train_retriever, train, evaluate, ask, domain, demo, serve):
         module.register(sub)
+    for command in sub.choices.values():  # `retro-peft ask ... -v` as well as `retro-peft -v ask ...`
+        for child in [command, *_subcommands(command)]:
+            child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [p for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for p in action.choices.values()]
+
+
+# Libraries whose logs and warnings are noise around a command's output (loading bars, deprecation notices).
+THIRD_PARTY = ("transformers", "sentence_transformers", "huggingface_hub", "peft", "bm25s", "datasets", "faiss",
+               "accelerate", "torch", "urllib3", "httpx", "qdrant_client")
+
+
+def quiet(verbose: bool) -> None:
+    """Other libraries' logs (below errors), progress bars and warnings off, unless `verbose`."""
+    if verbose:
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers reads this switch when it is imported ("Loading weights" bars)
+    # Read by transformers when first imported (it resets its logger's level then); if already imported, below.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    pattern = "|".join(THIRD_PARTY)
+    for category in (FutureWarning, DeprecationWarning, UserWarning, RuntimeWarning):
+        warnings.filterwarnings("ignore", category=category, module=f"({pattern})(\\.|$)")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,8 +124,11 @@ def given(args: argparse.Namespace, *names: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("retro_peft").setLevel(logging.INFO)  # progress messages
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("RETRO_PEFT_LOG", "").lower() == "debug"
+    # retro-peft's progress messages (stderr); debug: everything
+    logging.getLogger("retro_peft").setLevel(logging.DEBUG if debug else logging.INFO)
+    quiet(args.verbose or debug)
     try:
         return int(args.func(args) or 0)
     except RetroPeftError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from retro_peft.choices import ANSWER_KINDS, DTYPE_NAMES
 from retro_peft.cli import abstain_at, add_answer_arguments, add_kv_cache_arguments, given
@@ -34,6 +35,8 @@ def register(sub) -> None:
     add_kv_cache_arguments(p)
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                                                             "a terminal)")
     p.set_defaults(func=run)
 
 
@@ -94,7 +97,8 @@ def run(args) -> int:
         kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout)
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache, answerability=head,
                           **given(args, "max_new_tokens", "batch_size"))
-    result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit)
+    result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit,
+                      progress=not args.no_progress and sys.stderr.isatty())
     if args.predictions:
         atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())
     scores = result.summary()

@@ -146,10 +146,19 @@ def score(items: list[QAItem], answers: list[Answer], *, retrieval: bool) -> Eva
     return result
 
 
-def evaluate(generator: Generator, items: list[QAItem], *, retrieval: bool = True, limit: int | None = None) -> EvalResult:
-    """Answer `items` (batched; a choice question by its choices) and score them; `retrieval=False`: closed book."""
+def evaluate(generator: Generator, items: list[QAItem], *, retrieval: bool = True, limit: int | None = None,
+             progress: bool = False, desc: str = "answer") -> EvalResult:
+    """Answer `items` (in the generator's batches; a choice question by its choices) and score them;
+    `retrieval=False`: closed book. progress: a bar over the questions (on stderr)."""
+    from tqdm.auto import tqdm
+
     items = items[:limit] if limit else items
-    questions = [it.question for it in items]
-    passages = None if retrieval else [[] for _ in items]
-    answers = generator.answer_many(questions, passages=passages, choices=[it.choices or None for it in items])
+    answers = []
+    with tqdm(total=len(items), desc=desc, unit="q", disable=not progress) as bar:
+        for start in range(0, len(items), generator.batch_size):  # the batches answer_many would cut
+            batch = items[start:start + generator.batch_size]
+            answers += generator.answer_many([it.question for it in batch],
+                                             passages=None if retrieval else [[] for _ in batch],
+                                             choices=[it.choices or None for it in batch])
+            bar.update(len(batch))
     return score(items, answers, retrieval=retrieval and generator.index is not None)
