@@ -241,6 +241,44 @@ def test_compiled_layers_train_like_eager_ones_and_are_eager_again_afterwards(ti
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation runs the plain modules
 
 
+@pytest.mark.parametrize("block", [False, True])
+def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny, items, index, tokenizer, block):
+    retrieval = dataclasses.replace(RETRIEVAL, block_attention=block)
+    examples = build_examples(items, index, tokenizer, retrieval)
+    config = TrainConfig(steps=3, batch_size=3, lr=1e-2, log_every=1)
+
+    def fresh():
+        return RetroPeftModel.create(tiny, config_for_method("lora", retrieval=retrieval, steps=3), seed=0)
+
+    if block:  # built from the passages' KV caches, which checkpointing turns off: refused before any step
+        with pytest.raises(InputError, match="block-attention"):
+            train(fresh(), examples, dataclasses.replace(config, gradient_checkpointing=True), progress=False)
+        return
+    kept = fresh()
+    plain = train(kept, examples, config, progress=False)
+    model = fresh()
+    checkpointed = train(model, examples, dataclasses.replace(config, gradient_checkpointing=True), progress=False)
+    # the same math, dropout masks included (the RNG state is replayed in the recomputation)
+    assert [s for s, _ in checkpointed.losses] == [1, 2, 3]
+    assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(plain.losses, checkpointed.losses)), \
+        (plain.losses, checkpointed.losses)
+    a = {n: p for n, p in kept.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert not model.model.get_base_model().is_gradient_checkpointing  # undone after training
+
+    def no_dropout():  # compiled kernels draw their own random numbers
+        adapter = config_for_method("lora", retrieval=retrieval, steps=3)
+        adapter.peft.lora_dropout = 0.0
+        return RetroPeftModel.create(tiny, adapter, seed=0)
+
+    eager = train(no_dropout(), examples, config, progress=False)
+    both = train(no_dropout(), examples, dataclasses.replace(config, gradient_checkpointing=True, compile=True),
+                 progress=False)  # with --compile too (fused kernels round differently)
+    assert all(abs(a - b) < 1e-3 * max(1.0, abs(a)) for (_, a), (_, b) in zip(eager.losses, both.losses)), \
+        (eager.losses, both.losses)
+
+
 def test_crash_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, items, index, tokenizer, tmp_path):
     examples = build_examples(items, index, tokenizer, RETRIEVAL)
     # 3 examples per epoch at batch 3 -> the run crosses epochs; dropout (0.05) exercises the RNG restore.

@@ -65,6 +65,9 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     length_window: int = 32  # batches whose examples are sorted by length together
     compile: bool = False  # torch.compile each decoder layer (see compile_layers); pays off on long CUDA runs
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them (non-reentrant
+    # torch.utils.checkpoint): activation memory of one layer instead of all, for about one more forward.
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "length_window"):
@@ -237,6 +240,10 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
     if any(ex.segments for ex in examples):  # block attention: refuse a model the frozen cache cannot serve
         rotary_embedding(peft_model)
+        if config.gradient_checkpointing:
+            # transformers turns the KV cache off under checkpointing, and this layout is built from KV caches
+            raise InputError("gradient checkpointing cannot train in the block-attention layout (it needs the "
+                             "passages' KV caches, which checkpointing turns off): drop one of the two")
     adalora = isinstance(model.config, RetroAdaLoraConfig)
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
@@ -269,6 +276,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     loss_sum, loss_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     retriever_sum = torch.zeros((), device=device)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {model.config.method}")
+    uncheckpoint = checkpoint_layers(peft_model) if config.gradient_checkpointing else (lambda: None)
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     peft_model.train()
     try:
@@ -319,6 +327,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 on_step(done, logged)
     finally:
         uncompile()
+        uncheckpoint()
     bar.close()
     result.seconds = time.perf_counter() - t0
     result.tokens = tokens
@@ -353,6 +362,25 @@ def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_i
             total += forward_loss(model, batch, pad_id, device).float().item() * n
         count += n
     return total / max(count, 1)
+
+
+def checkpoint_layers(peft_model) -> Callable[[], None]:
+    """Gradient checkpointing on the base model's decoder layers (transformers' own, non-reentrant, so it works
+    with frozen base weights and PEFT adapters, and under torch.compile); returns the undo."""
+    base = peft_model.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise InputError(f"gradient checkpointing: {type(base).__name__} does not support it")
+    # Non-reentrant: gradients reach the adapters inside a layer even though its input (from the frozen
+    # embedding) does not require grad, and the RNG state is replayed, so dropout draws the same masks.
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_cache = getattr(base.config, "use_cache", None)
+
+    def undo() -> None:
+        base.gradient_checkpointing_disable()
+        if use_cache is not None:
+            base.config.use_cache = use_cache  # transformers turns the KV cache off while checkpointing
+
+    return undo
 
 
 def compile_layers(peft_model) -> Callable[[], None]:
