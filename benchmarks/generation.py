@@ -175,14 +175,10 @@ BLEND_TOKENS = (4, 16, 64)  # the blend layout's recompute_tokens measured (time
 
 def blend_ttft(model, cache, rows, full, device: str) -> dict:
     """Time to first token: full prefill, the block layout and the blend layout at each of BLEND_TOKENS."""
-    from retro_peft.kvcache import FrozenKVCache
-
     out = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], device),
            "kv": time_to_first_token(model, cache, rows, device)}
     for m in BLEND_TOKENS:
-        blend = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, layout="blend")
-        blend.inv_freq, blend.recompute_tokens = cache.inv_freq, m
-        out[f"blend_{m}"] = time_to_first_token(model, blend, rows, device)
+        out[f"blend_{m}"] = time_to_first_token(model, cache.with_layout("blend", m), rows, device)
     return out
 
 

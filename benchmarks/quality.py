@@ -107,9 +107,7 @@ def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_b
     start = time.perf_counter()
     cache = FrozenKVCache.build(model, tokenizer, index, retrieval) if kv_cache else None
     if blend is not None:  # the same stored states, later passages' first `blend` tokens recomputed
-        cache = FrozenKVCache(cache.keys, cache.values, cache.spans, cache.token_ids, cache.meta, cache.digests,
-                              layout="blend")
-        cache.recompute_tokens = blend
+        cache = cache.with_layout("blend", blend)
     generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
                           max_new_tokens=24, batch_size=16, kv_cache=cache)
     result = evaluate(generator, eval_items, retrieval=not closed_book)

@@ -120,9 +120,8 @@ def test_the_blend_layout_recomputes_later_passages_up_to_a_full_prefill(model, 
     the block layout's; in between, neither. Batched answers equal one-at-a-time ones."""
     retrieval = RetrievalConfig(k=3, context_tokens=1000)
     built = FrozenKVCache.build(model, tokenizer, index, retrieval)
-    blend = FrozenKVCache(built.keys, built.values, built.spans, built.token_ids, built.meta, built.digests,
-                          layout="blend").attach(model)
     block = built.attach(model)
+    blend = built.with_layout("blend")
     generator = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
                           kv_cache=blend)
     for question in QUESTIONS:

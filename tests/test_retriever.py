@@ -74,13 +74,13 @@ def test_gold_chunk_prefers_the_one_holding_the_answer_and_negatives_avoid_gold_
         if any(a.lower() in t.lower() for t in by_doc[item.gold_doc_ids[0]] for a in item.answers):
             assert any(a.lower() in pair.positive.lower() for a in item.answers)
 
-    from retro_peft.index.retriever import _negatives
+    from retro_peft.index.retriever import mined_negatives
 
     docs_of = {}
     for c in squad_index.chunks():
         docs_of.setdefault(c.text, set()).add(c.doc_id)
     corpus = list(docs_of)
-    negatives = _negatives(squad_index.encoder.model, pairs[:10], corpus, docs_of,
+    negatives = mined_negatives(squad_index.encoder.model, pairs[:10], corpus, docs_of,
                            RetrieverTrainConfig(hard_negatives=3))
     for pair, negs in zip(pairs, negatives):
         assert len(negs) == 3 and len(set(negs)) == 3
@@ -103,7 +103,7 @@ def test_bad_input_is_refused_before_anything_is_written(squad_index, questions,
         raise AssertionError("training started")
 
     monkeypatch.setattr(retriever, "_fit", no_training)
-    monkeypatch.setattr(retriever, "_negatives", no_training)
+    monkeypatch.setattr(retriever, "mined_negatives", no_training)
     out = tmp_path / "out"
     items, config = questions[:4], RetrieverTrainConfig()
     if case == "empty":

@@ -110,6 +110,14 @@ def _gold_chunk(item: QAItem, candidates: list[Chunk]) -> Chunk:
     return candidates[0]
 
 
+def corpus_documents(index) -> tuple[list[str], dict[str, set[str]]]:
+    """The index's distinct chunk texts, and the documents each text belongs to (what a negative must avoid)."""
+    docs_of: dict[str, set[str]] = {}
+    for c in index.chunks():
+        docs_of.setdefault(c.text, set()).add(c.doc_id)
+    return list(docs_of), docs_of
+
+
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output that is a file, another kind of folder, or a model (unless overwrite)."""
     if out.exists() and not out.is_dir():
@@ -131,10 +139,7 @@ def train_retriever(index, items: list[QAItem], out_dir: str | Path, config: Ret
     out = Path(out_dir).absolute()
     check_output_folder(out, overwrite)
     pairs = training_pairs(index, items)
-    corpus = list(dict.fromkeys(c.text for c in index.chunks()))
-    docs_of: dict[str, set[str]] = {}
-    for c in index.chunks():
-        docs_of.setdefault(c.text, set()).add(c.doc_id)
+    corpus, docs_of = corpus_documents(index)
     if config.hard_negatives:
         for p in pairs:
             outside = sum(1 for t in corpus if not docs_of[t] & p.gold_doc_ids)
@@ -147,7 +152,7 @@ def train_retriever(index, items: list[QAItem], out_dir: str | Path, config: Ret
     model = copy.deepcopy(base.model)  # the index's own encoder stays as it is
     if config.max_seq_length is not None:
         model.max_seq_length = config.max_seq_length
-    negatives = _negatives(model, pairs, corpus, docs_of, config) if config.hard_negatives else None
+    negatives = mined_negatives(model, pairs, corpus, docs_of, config) if config.hard_negatives else None
     log.info("training the retriever on %d pairs (%s hard negatives each)", len(pairs), config.hard_negatives)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,7 @@ def train_retriever(index, items: list[QAItem], out_dir: str | Path, config: Ret
     }
 
 
-def _negatives(model, pairs: list[Pair], corpus: list[str], docs_of: dict[str, set[str]],
+def mined_negatives(model, pairs: list[Pair], corpus: list[str], docs_of: dict[str, set[str]],
                config: RetrieverTrainConfig) -> list[list[str]]:
     """`hard_negatives` chunk texts per pair: the nearest mined ones outside its gold documents, topped up with
     random such chunks where mining found too few."""

@@ -223,6 +223,14 @@ class FrozenKVCache:
         return cached_prompts(tokenizer, questions, passages, retrieval, layout=self.layout,
                               token_ids=self.token_ids, digests=self.digests)
 
+    def with_layout(self, layout: str, recompute_tokens: int | None = None) -> FrozenKVCache:
+        """The same stored states (shared, not copied) used in another layout; recompute_tokens: blend's."""
+        other = FrozenKVCache(self.keys, self.values, self.spans, self.token_ids, self.meta, self.digests, layout)
+        other.inv_freq = self.inv_freq
+        if recompute_tokens is not None:
+            other.recompute_tokens = recompute_tokens
+        return other
+
     def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
         """The batch's context: each row's segments at their positions, rows left-padded (`assembly.assemble`)."""
         return assemble(self, rows, device, dtype)

@@ -27,7 +27,8 @@ import torch
 from retro_peft.choices import RETRIEVER_SUPERVISIONS, RetrieverSupervision
 from retro_peft.errors import InputError
 from retro_peft.generation.constrained import choice_logprobs
-from retro_peft.index.retriever import (RetrieverTrainConfig, _negatives, embed_with_grad, training_pairs)
+from retro_peft.index.retriever import (RetrieverTrainConfig, mined_negatives, corpus_documents, embed_with_grad,
+                                        training_pairs)
 from retro_peft.qa import QAItem
 from retro_peft.training.lsr import LSRConfig, lsr_loss, scoring_inputs
 
@@ -85,12 +86,9 @@ class RetrieverObjective:
 
     def _prepare_contrastive(self, items: list[QAItem]) -> None:
         pairs = {p.question: p for p in training_pairs(self.index, items)}  # refuses unknown gold documents
-        corpus = list(dict.fromkeys(c.text for c in self.index.chunks()))
-        self.docs_of: dict[str, set[str]] = {}
-        for c in self.index.chunks():
-            self.docs_of.setdefault(c.text, set()).add(c.doc_id)
+        corpus, self.docs_of = corpus_documents(self.index)
         ordered = list(pairs.values())
-        mined = _negatives(self.encoder, ordered, corpus, self.docs_of,
+        mined = mined_negatives(self.encoder, ordered, corpus, self.docs_of,
                            RetrieverTrainConfig(hard_negatives=self.config.hard_negatives, seed=self.config.seed))
         negatives = {p.question: n for p, n in zip(ordered, mined)}
         for item in items:
