@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import plots
 from common import SCRATCH, SQUAD, WIKI, machine_summary, write_json
 
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
@@ -372,6 +373,7 @@ def main(argv=None) -> int:
     for name, (train, test) in task_items.items():
         report["tasks"][name] = run_task(args, name, train, test, indexes[name], train_rows)
         write_json(out / "answer-kinds.json", report)  # after each task: a cut-short run keeps what it finished
+    plots.chart_beside(out / "answer-kinds.json", report, plots.quality)
     (out / "answer-kinds.md").write_text(markdown(report))
     print(markdown(report))
     return 0

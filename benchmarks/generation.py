@@ -41,6 +41,7 @@ import torch
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.generation.decode import StaticDecode, decode, decode_steps, left_pad
 
+import plots
 from common import RANDOM_CONFIGS, machine_info, timed, write_json
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -303,6 +304,7 @@ def main(argv=None) -> int:
         results["kv_cache"] = kv_section(model, args, vocab)
         if args.out:
             write_json(args.out, results)
+            plots.chart_beside(args.out, results, plots.generation)
         return 0
 
     tokens_per_second(model, reqs[:2], 2, 2, args.device, 1)  # warm-up
@@ -365,6 +367,7 @@ def main(argv=None) -> int:
     print(f"\nswitch active adapter: p50 {results['switch_ms']['p50']:.3f} ms, max {results['switch_ms']['max']:.3f} ms")
     if args.out:
         write_json(args.out, results)
+        plots.chart_beside(args.out, results, plots.generation)
     return 0
 
 

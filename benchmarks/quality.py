@@ -16,6 +16,7 @@ trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput
 
     python benchmarks/quality.py --steps 2 --limit 4                    # smoke run (CPU)
     python benchmarks/quality.py --device cuda --steps 300              # the real run
+    python benchmarks/quality.py --variants d --quantize 4bit --out .bench/quality-4bit   # QLoRA: the 4-bit base
 
 Writes <out>/quality.json and <out>/quality.md (default out: .bench/quality).
 """
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import torch
 
+import plots
 from common import SCRATCH, SQUAD, write_json
+from retro_peft.choices import QUANTIZE_MODES
 
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
 
@@ -54,15 +57,19 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
     p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
+                        "with a run without it, same steps")
     p.add_argument("--out", default=str(SCRATCH / "quality"))
     return p.parse_args(argv)
 
 
 def load_base(args):
-    """(model, tokenizer, name): fresh base weights, trainable in fp32 (bf16 comes from autocast on CUDA)."""
+    """(model, tokenizer, name): fresh base weights, trainable in fp32 (bf16 comes from autocast on CUDA); with
+    --quantize, the linear layers quantized (the adapter still trains in fp32)."""
     from retro_peft.base_model import load_base_model
 
-    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device)
+    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device, quantize=args.quantize)
     return model, tokenizer, args.model
 
 
@@ -87,7 +94,7 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     model.base_model_name = name
     examples = build_examples(train_items, index, tokenizer, retrieval, seed=args.seed)
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or config.default_lr,
-                               seed=args.seed, device=args.device, log_every=10)
+                               seed=args.seed, device=args.device, log_every=10, quantize=args.quantize)
     result = train(model, examples, train_config)
     trainable, total = model.trainable_parameters()
     stats = {"trainable_params": trainable, "total_params": total, "train_seconds": round(result.seconds, 2),
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
                                 context_tokens=args.context_tokens)
     closed = dataclasses.replace(retrieval, k=0, distractors=0)
     base_factory = lambda: load_base(args)  # noqa: E731  (each variant starts from fresh base weights)
-    report = {"model": args.model, "device": args.device,
+    report = {"model": args.model, "device": args.device, "quantize": args.quantize,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per-method default",
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
               "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
@@ -168,6 +175,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", report)
+    plots.chart_beside(out / "quality.json", report, plots.quality)
     (out / "quality.md").write_text(markdown(report))
     print(markdown(report))
     return 0
@@ -181,7 +189,8 @@ def markdown(report: dict) -> str:
             return f"{100 * v:.1f}" if pct else f"{v:,.1f}"
         return f"{v:,}" if isinstance(v, int) else str(v)
 
-    lines = [f"model {report['model']} on {report['device']}, {report['steps']} steps x batch {report['batch_size']}, "
+    base = f" ({report['quantize']} base)" if report.get("quantize") else ""
+    lines = [f"model {report['model']}{base} on {report['device']}, {report['steps']} steps x batch {report['batch_size']}, "
              f"train {report['n_train']} questions (articles 0-2), eval {report['n_eval']} (articles 3-4)", "",
              "| variant | EM | F1 | abstain unanswerable % | answer answerable % | retrieval recall % "
              "| trainable params | train s | tokens/s |",

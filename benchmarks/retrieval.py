@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+import plots
 from common import SQUAD, machine_info, ms, pct, timed, wiki_data, write_json
 
 K = 10
@@ -373,6 +374,8 @@ def main(argv=None) -> int:
     text = report(res)
     print(text)
     save()
+    if args.out:
+        plots.chart_beside(args.out, res, plots.retrieval)
     return 0
 
 

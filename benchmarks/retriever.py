@@ -43,6 +43,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import plots
 from common import SCRATCH, SQUAD, is_tuning, machine_info, print_json, timed, wiki_data
 
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
         "encoder_dir": str(encoder_dir),
     }
     print_json(results, args.out)
+    if args.out:
+        plots.chart_beside(args.out, results, plots.retrieval)
     return 0
 
 

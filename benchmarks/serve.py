@@ -19,6 +19,12 @@ server's event loop. Reports JSON:
              concurrency 1 and 32: a domain answering through its frozen KV cache against the same index
              and model with full prefill (answers differ: BENCHMARKS.md, Frozen KV cache)
 
+  mixed:     (--mixed, only this section) issue 20's mixed workload through both batching modes in one run:
+             prompts of 100-700 tokens, max tokens 8-128 (seeded), streamed, arriving open-loop (Poisson) at
+             each --rates: generated tokens/s, TTFT and end-to-end latency p50/p99, statuses
+
+`--batching-mode passes|continuous` picks the server's batching for the other sections.
+
 Goals (issue 5): cached >= 1000 req/s with p99 < 100 ms at 200 clients on 2 cores; at
 concurrency 32 batching >= 4x the tokens/s of batching off; no 5xx anywhere.
 """
@@ -36,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import plots
 from common import RANDOM_CONFIGS, SQUAD, machine_info, print_json
 
 DOCS = [
@@ -85,6 +92,56 @@ async def _load(url: str, concurrency: int, total: int, body: dict, unique: bool
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
+async def _open_loop(url: str, rate: float, bodies: list[dict], seed: int) -> dict:
+    """Stream each body as a request, arrivals a Poisson process of `rate` per second (open loop: a slow server
+    does not slow the arrivals): time to the first text, to the last byte, and the tokens generated."""
+    import random
+
+    import httpx
+
+    rng = random.Random(seed)
+    done = []
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(bodies)),
+                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+        async def one(delay: float, body: dict) -> None:
+            await asyncio.sleep(delay)
+            start, first, tokens, failed = time.perf_counter(), None, 0, False
+            payload = dict(body, stream=True, stream_options={"include_usage": True})
+            async with client.stream("POST", "/v1/completions", json=payload) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    data = json.loads(line[6:])
+                    failed = failed or "error" in data  # a stream's timeout comes as an event after its 200
+                    if first is None and data.get("choices") and data["choices"][0].get("text"):
+                        first = time.perf_counter() - start
+                    if data.get("usage"):
+                        tokens = data["usage"]["completion_tokens"]
+            done.append((response.status_code, first, time.perf_counter() - start, tokens, failed))
+
+        arrivals, at = [], 0.0
+        for _ in bodies:
+            arrivals.append(at)
+            at += rng.expovariate(rate)
+        start = time.perf_counter()
+        await asyncio.gather(*(one(t, b) for t, b in zip(arrivals, bodies)))
+        wall = time.perf_counter() - start
+
+    def pick(values: list[float], q: float):
+        values = sorted(v for v in values if v is not None)
+        return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
+
+    ttft, latency = [d[1] for d in done], [d[2] for d in done]
+    statuses: dict = {}
+    for d in done:
+        statuses[str(d[0])] = statuses.get(str(d[0]), 0) + 1
+    return {"rate_per_s": rate, "requests": len(bodies), "seconds": round(wall, 2),
+            "tokens_per_s": round(sum(d[3] for d in done) / wall, 1),
+            "ttft_p50_ms": pick(ttft, 0.5), "ttft_p99_ms": pick(ttft, 0.99),
+            "latency_p50_ms": pick(latency, 0.5), "latency_p99_ms": pick(latency, 0.99), "statuses": statuses,
+            "failed_streams": sum(d[4] for d in done)}
+
+
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = os.getenv("WRK_BODY")
@@ -123,9 +180,13 @@ def run_wrk(url: str, concurrency: int, seconds: int, body: dict) -> dict:
 def run_load(url: str, concurrency: int, total: int, body: dict, unique: bool, tag: str = "",
              prompts: list[str] | None = None) -> dict:
     """Run the load in a new process and return its report."""
-    spec = json.dumps({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique,
-                       "tag": tag, "prompts": prompts})
-    proc = subprocess.run([sys.executable, __file__, "--load", spec], capture_output=True, text=True)
+    return _in_process({"url": url, "concurrency": concurrency, "total": total, "body": body, "unique": unique,
+                        "tag": tag, "prompts": prompts})
+
+
+def _in_process(spec: dict) -> dict:
+    """The load generator's report, run in a new process (spec["open_loop"]: `_open_loop`, else `_load`)."""
+    proc = subprocess.run([sys.executable, __file__, "--load", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the load generator failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
@@ -195,7 +256,7 @@ def kv_cache_section(root: Path, args) -> dict:
         row = {"concurrency": concurrency}
         for domain in ("full-prefill", "frozen-kv"):
             body = {"model": domain, "prompt": "", "max_tokens": args.max_tokens, "temperature": 0}
-            app = create_app(server_settings(32, cache=False, max_wait_ms=args.max_wait_ms), bank)
+            app = create_app(server_settings(32, cache=False, max_wait_ms=args.max_wait_ms, mode=args.batching_mode), bank)
             with serve_in_thread(app) as url:
                 run_load(url, concurrency, concurrency, body, unique=False, prompts=questions[-concurrency:])  # warm-up
                 row[domain] = run_load(url, concurrency, total, body, unique=False, prompts=questions[:total])
@@ -209,12 +270,59 @@ def kv_cache_section(root: Path, args) -> dict:
     return out
 
 
-def server_settings(max_batch_size: int, cache: bool, max_wait_ms: float = 50):
+def server_settings(max_batch_size: int, cache: bool, max_wait_ms: float = 50, mode: str = "passes"):
     from retro_peft.serving.settings import ServeSettings
 
     return ServeSettings(auth={"keys": [{"name": "bench", "key": KEY, "scopes": ["generate"]}]},
                          limits={"enabled": False}, cache={"enabled": cache}, log_level="warning",
-                         batching={"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": 1024})
+                         generation={"max_tokens_limit": 512, "max_prompt_tokens": 2048},
+                         batching={"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": 1024,
+                                   "mode": mode})
+
+
+MIXED_PROMPT_TOKENS = (100, 700)
+MIXED_MAX_TOKENS = (8, 128)
+
+
+def mixed_bodies(tokenizer, requests: int, seed: int) -> list[dict]:
+    """Issue 20's mixed workload: distinct prompts of 100-700 tokens (the corpus repeated, each from its own
+    offset, ending in a question), max tokens 8-128, greedy."""
+    import random
+
+    rng = random.Random(seed)
+    filler = tokenizer.encode(" ".join(d["text"] for d in DOCS) * 60, add_special_tokens=False)
+    bodies = []
+    for i in range(requests):
+        length = rng.randint(*MIXED_PROMPT_TOKENS)
+        text = tokenizer.decode(filler[i:i + length]) + f" Question {i}: who invented the piano?"
+        bodies.append({"model": "docs", "prompt": text, "max_tokens": rng.randint(*MIXED_MAX_TOKENS),
+                       "temperature": 0})
+    return bodies
+
+
+def mixed_section(root: Path, args) -> dict:
+    """Both batching modes, the same requests and arrival times, one server each at a time, through the real
+    server."""
+    from retro_peft.serving.app import create_app
+    from retro_peft.serving.testing import serve_in_thread
+
+    bank = build_bank(root, args)
+    bodies = mixed_bodies(bank.tokenizer, args.requests, seed=0)
+    out = {"requests": args.requests, "prompt_tokens": list(MIXED_PROMPT_TOKENS),
+           "max_tokens": list(MIXED_MAX_TOKENS), "rows": []}
+    for rate in args.rates:
+        row = {"rate_per_s": rate}
+        for mode in ("passes", "continuous"):
+            app = create_app(server_settings(32, cache=False, max_wait_ms=args.max_wait_ms, mode=mode), bank)
+            with serve_in_thread(app) as url:
+                warm = [dict(b, max_tokens=4) for b in bodies[:2]]
+                _in_process({"open_loop": {"url": url, "rate": 100.0, "bodies": warm, "seed": 1}})
+                row[mode] = _in_process({"open_loop": {"url": url, "rate": rate, "bodies": bodies, "seed": 0}})
+        row["continuous_vs_passes_tokens_per_s"] = round(
+            row["continuous"]["tokens_per_s"] / max(row["passes"]["tokens_per_s"], 1e-9), 2)
+        out["rows"].append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return out
 
 
 def batch_sizes(app) -> tuple[float, float]:
@@ -234,12 +342,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--kv-cache", action="store_true",
                         help="run only the frozen KV cache section (RAG-sized prompts from the SQuAD data)")
+    parser.add_argument("--batching-mode", choices=("passes", "continuous"), default="passes",
+                        help="the server's batching for the cached, uncached and kv-cache sections")
+    parser.add_argument("--mixed", action="store_true",
+                        help="run only the mixed-workload section, both batching modes (issue 20)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0],
+                        help="--mixed: arrival rates, requests per second")
+    parser.add_argument("--requests", type=int, default=24, help="--mixed: requests per rate and mode")
     parser.add_argument("--out", help="also write the JSON report here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
     args = parser.parse_args()
     if args.load:
         spec = json.loads(args.load)
-        print(json.dumps(asyncio.run(_load(**spec))))
+        print(json.dumps(asyncio.run(_open_loop(**spec["open_loop"]) if "open_loop" in spec else _load(**spec))))
         return
 
     import logging
@@ -254,15 +369,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
-              "cpus": machine_info()["cores"], "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms}
+              "cpus": machine_info()["cores"], "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
+              "batching_mode": args.batching_mode}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.mixed:
+            report["mixed"] = mixed_section(Path(tmp), args)
+            return print_json(report, args.out)
         if args.kv_cache:
             report["kv_cache"] = kv_cache_section(Path(tmp), args)
-            return print_json(report, args.out)
+            print_json(report, args.out)
+            if args.out:
+                plots.chart_beside(args.out, report, plots.serving)
+            return None
         bank = build_bank(Path(tmp), args)
 
-        with serve_in_thread(create_app(server_settings(32, cache=True), bank)) as url:
+        with serve_in_thread(create_app(server_settings(32, cache=True, mode=args.batching_mode), bank)) as url:
             run_load(url, 1, 1, body, unique=False)  # fill the cache
             if shutil.which("wrk"):
                 # Three rounds, the median one reported (by p99): on a 2-core machine shared with the
@@ -281,7 +403,8 @@ def main() -> None:
             row = {"concurrency": concurrency}
             for label, max_batch in (("batching_on", 32), ("batching_off", 1)):
                 total = 2 * concurrency if args.quick else max(4 * concurrency, 16)
-                app = create_app(server_settings(max_batch, cache=False, max_wait_ms=args.max_wait_ms), bank)
+                app = create_app(server_settings(max_batch, cache=False, max_wait_ms=args.max_wait_ms,
+                                                 mode=args.batching_mode), bank)
                 with serve_in_thread(app) as url:
                     # Warm-up, not measured: the first passes at a new batch shape are slow on a GPU.
                     run_load(url, concurrency, concurrency, body, unique=True, tag=f"warm-up {label} ")
@@ -293,6 +416,8 @@ def main() -> None:
             report["uncached"].append(row)
             print(json.dumps(row), file=sys.stderr)
     print_json(report, args.out)
+    if args.out:
+        plots.chart_beside(args.out, report, plots.serving)
 
 
 if __name__ == "__main__":

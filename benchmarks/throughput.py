@@ -15,6 +15,11 @@ timed runs of `--steps` steps, each on a fresh model; the median is reported.
     .venv/bin/python benchmarks/throughput.py --save-examples .device/examples.json
     python benchmarks/throughput.py --examples examples.json --tokenizer tok/ --model random:llama-1b --device cuda
 
+--ddp: data-parallel, one process per GPU under torchrun (variants ours/compiled); tokens/s are all GPUs'
+together at the same per-GPU batch, so the scaling ratio is this run's over a 1-GPU run's:
+    torchrun --nproc_per_node 2 benchmarks/throughput.py --ddp --examples examples.json --tokenizer tok/ \
+        --model random:llama-8b --device cuda --variants ours --out throughput-ddp2.json
+
 The examples are RetroLoRA's (k=3, 1 distractor, P=0.8) for the questions of SQuAD
 articles 0-2, built from the index of all 173 paragraphs with SmolLM2's tokenizer.
 """
@@ -32,6 +37,7 @@ import torch
 
 from retro_peft.training.data import TrainingExample
 
+import plots
 from common import RANDOM_CONFIGS, SCRATCH, SQUAD, machine_info, machine_summary, print_json
 
 
@@ -154,13 +160,23 @@ def main(argv=None) -> int:
     p.add_argument("--index", type=Path, default=SCRATCH / "index-squad5")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the packaged SmolLM2's)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--ddp", action="store_true", help="data-parallel under torchrun (one process per GPU)")
     args = p.parse_args(argv)
+    from retro_peft.training import distributed
+
+    if args.ddp:
+        if distributed.world_size() == 1:
+            p.error("--ddp runs under a launcher: torchrun --nproc_per_node N benchmarks/throughput.py --ddp ...")
+        # one process group for every run (train() joins it rather than creating one per run), on this rank's GPU
+        distributed.init(distributed.local_device(torch.device(args.device)))
     cuda = args.device == "cuda"
     args.steps = args.steps or (100 if cuda else 8)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (10 if cuda else 1)
     args.repeats = args.repeats or (3 if cuda else 1)
     args.batch_size = args.batch_size or (8 if cuda else 4)
     variants = (args.variants or ("hf,ours,compiled" if cuda else "hf,ours")).split(",")
+    if args.ddp and "hf" in variants:  # transformers.Trainer would set up its own DDP from the same variables
+        p.error("--ddp measures retro-peft's trainer: --variants ours[,compiled]")
 
     if args.save_examples:
         rows = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in build_examples(args.index)]
@@ -181,7 +197,7 @@ def main(argv=None) -> int:
               "warmup_steps": args.warmup_steps, "repeats": args.repeats, "examples": len(examples),
               "mean_tokens_per_example": round(statistics.mean(lengths), 1), "torch": machine["torch"],
               "threads": machine["torch_threads"], "machine": machine_summary(machine),
-              "gpu": machine["gpu"] if cuda else None, "variants": {}}
+              "gpu": machine["gpu"] if cuda else None, "world_size": distributed.world_size(), "variants": {}}
     for variant in variants:
         cold = run(variant, args, examples, tokenizer, args.warmup_steps) if args.warmup_steps else None
         runs = [run(variant, args, examples, tokenizer, args.steps) for _ in range(args.repeats)]
@@ -189,11 +205,16 @@ def main(argv=None) -> int:
             "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
             "runs": [{k: round(v, 2) for k, v in r.items()} for r in runs],
             "cold_seconds": round(cold["seconds"], 2) if cold else None}
-        print(variant, report["variants"][variant], file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print(variant, report["variants"][variant], file=sys.stderr, flush=True)
     hf = report["variants"].get("hf", {}).get("tokens_per_s")
     if hf:
         report["speedup_vs_hf"] = {v: round(r["tokens_per_s"] / hf, 3) for v, r in report["variants"].items()}
+    if not distributed.is_main():
+        return 0
     print_json(report, args.out)
+    if args.out:
+        plots.chart_beside(args.out, report, plots.training)
     return 0
 
 

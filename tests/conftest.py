@@ -27,6 +27,39 @@ def run_cli(*args, env=None, check=False, timeout=300):
     return proc
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    from helpers_adapters import smollm2_tokenizer
+
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    """A tiny random Llama folder (SmolLM2's tokenizer). initializer_range 0.2: with the default 0.02 the tied LM
+    head is so small that no adapter could move the loss far from log(vocab), and "the loss goes down" would
+    say little."""
+    from helpers_adapters import tiny_llama_folder
+
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama", tokenizer, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    """A tiny index of the helpers' DOCS (MiniLM)."""
+    from helpers_adapters import tiny_index
+
+    return tiny_index(tmp_path_factory.mktemp("index") / "idx")
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory):
+    """The helpers' QA items as a JSONL file."""
+    from helpers_adapters import QA, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", QA)
+
+
 @pytest.fixture(scope="session")
 def encoder():
     from retro_peft.index import Encoder

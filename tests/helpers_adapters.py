@@ -68,3 +68,29 @@ def single_thread() -> None:
     OpenMP threads spin-wait (measured 50x slower on a tiny model); results also
     stay bit-identical between processes."""
     torch.set_num_threads(1)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the environment of a test's subprocess (see `single_thread`)
+
+
+def train_killed_at_first_checkpoint(args: list[str], out: Path, timeout: float = 240) -> None:
+    """Run `retro-peft train ARGS --out OUT` in its own process and SIGKILL it (no cleanup code runs) as soon as
+    its first checkpoint is written; check that it died mid-run with a checkpoint and no finished adapter."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from retro_peft.training import latest_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "retro_peft.cli", "train", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
+    try:
+        deadline = time.monotonic() + timeout
+        while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -9, "the run finished before it could be killed"
+    assert latest_checkpoint(out) is not None and not (out / "retro_config.json").exists()

@@ -8,6 +8,7 @@ from retro_peft.adapters.config import LLAMA_LINEAR
 from retro_peft.adapters.model import RetroPeftModel
 from retro_peft.domains.bank import AdapterBank, DomainError
 from retro_peft.errors import InputError
+from retro_peft.generation import StaticDecode
 
 from helpers_adapters import DOCS, smollm2_tokenizer, tiny_index, tiny_llama_folder
 
@@ -53,6 +54,19 @@ def test_mixed_domain_batch_equals_single_requests(setup):
     assert len({a.text for a in batched}) > 2  # the adapters really differ
     assert batched[2].citations == [] and batched[2].passages == []  # base row: no retrieval
     assert all(len(a.passages) == 2 for a in batched if a is not batched[2] and a is not batched[4])
+
+
+def test_the_static_decode_path_gives_a_mixed_domain_batch_the_same_answers(setup):
+    # What `compile_decode` replays as CUDA graphs, run eagerly: rows of several adapters (MixedLoRA), the base
+    # model and retrieval-only in one fixed-shape pass; on a CPU the compiled path is refused at once.
+    bank = _bank(setup)
+    domains = ["a", "b", None, "c", "plain", "a"]
+    questions = (QUESTIONS * 2)[: len(domains)]
+    eager = [a.text for a in bank.answer_many(questions, domains)]
+    bank._runner.static = StaticDecode(bank.model, compile=False)
+    assert [a.text for a in bank.answer_many(questions, domains)] == eager
+    with pytest.raises(InputError, match="CUDA"):
+        AdapterBank(str(setup[1]), compile_decode=True)
 
 
 def test_non_lora_adapters_decode_per_group_and_methods_do_not_mix(setup):

@@ -146,7 +146,8 @@ def test_logprobs_are_the_models_log_probabilities_of_the_generated_tokens(tiny_
 
 
 def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_model, tokenizer):
-    # The fixed-shape path that CUDA graphs replay (StaticCache, full-length mask), run eagerly here.
+    # The fixed-shape path that CUDA graphs replay (StaticCache, full-length mask, the prompt padded to a
+    # prefill bucket, finished rows read back once per sync_every steps), run eagerly here.
     retrieval = RetrievalConfig(context_tokens=160)
     prompts = [build_prompt(tokenizer, q, p, retrieval).input_ids
                for q, p in [("Where does the Rhine flow?", PASSAGES[:1]), ("Why?", []), ("Who made tea?", PASSAGES[2:])]]
@@ -155,19 +156,53 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
     ordinary = decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad)
     fixed, shapes = StaticDecode(tiny_model, compile=False), []
     forward = fixed.forward
-    fixed.forward = lambda **kw: shapes.append((kw["input_ids"].shape, kw["attention_mask"].shape,
-                                                type(kw.get("cache", kw.get("past_key_values"))).__name__)) \
-        or forward(**kw)
+    fixed.forward = lambda kind, **kw: shapes.append((kind, kw["input_ids"].shape, kw["attention_mask"].shape,
+                                                      type(kw.get("cache", kw.get("past_key_values"))).__name__)) \
+        or forward(kind, **kw)
     static = decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad, static=fixed)
     assert static == ordinary and len({tuple(r) for r in ordinary}) > 1
-    width = -(-(ids.shape[1] + 10) // StaticDecode.LENGTH_STEP) * StaticDecode.LENGTH_STEP  # lengths in steps of 64
-    assert len(shapes) == 9 and set(shapes) == {((3, 1), (3, width), "StaticCache")}  # one shape
-    stop = ordinary[0][3]  # rows that stop early keep the fixed shapes
-    assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad,
-                  static=StaticDecode(tiny_model, compile=False)) == \
-        decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad)
+    bucket = fixed.prefill_bucket(ids.shape[1])
+    width = fixed.cache_length(bucket + 10)  # lengths in steps of 64
+    assert bucket in StaticDecode.PREFILL_BUCKETS and bucket > ids.shape[1]
+    assert shapes == [("prefill", (3, bucket), (3, width), "StaticCache")] + \
+        [("step", (3, 1), (3, width), "StaticCache")] * 9
+    assert len(fixed._caches) == 1  # the next call of this shape reuses the cache
+    assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad, static=fixed) == ordinary
+    stop = ordinary[0][3]  # rows that stop early keep the fixed shapes; any sync interval gives the same tokens
+    for sync_every in (1, 3, 8):
+        assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad,
+                      static=StaticDecode(tiny_model, compile=False, sync_every=sync_every)) == \
+            decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids={stop}, pad_id=pad)
     with pytest.raises(InputError, match="CUDA"):
         Generator(tiny_model, tokenizer, compile_decode=True)
+    with pytest.raises(InputError, match="sync_every"):
+        StaticDecode(tiny_model, compile=False, sync_every=0)
+
+
+@pytest.mark.parametrize("fails_at", [0, 4])
+def test_a_graph_that_fails_falls_back_to_eager_decoding_with_one_warning(tiny_model, tokenizer, caplog, fails_at):
+    # A compile or capture failure (an unsupported model, out of memory while recording), at the prefill or in
+    # the middle of decoding: the answer goes on eagerly from the tokens so far and is the eager one.
+    prompts = [build_prompt(tokenizer, q, [], RetrievalConfig()).input_ids for q in ("Why?", "Where is the tea?")]
+    pad = tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, pad, "cpu")
+    ordinary = decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad)
+    fixed, calls = StaticDecode(tiny_model, compile=False), []
+
+    def capture(**inputs):
+        calls.append(inputs["input_ids"].shape)
+        if len(calls) > fails_at:
+            raise RuntimeError("CUDA error: out of memory while capturing")
+        return fixed.eager(**inputs)
+
+    # what a real failure looks like from the decode loop: the compiled call raises
+    fixed.compiled = {"prefill": capture, "step": capture}
+    with caplog.at_level("WARNING", logger="retro_peft.generation.decode"):
+        assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad, static=fixed) == ordinary
+        assert decode(tiny_model, ids, mask, max_new_tokens=10, stop_ids=set(), pad_id=pad, static=fixed) == ordinary
+    assert len(calls) == fails_at + 1 and fixed.compiled is None  # eager from then on
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "decoding eagerly" in caplog.records[0].message
 
 
 def test_decoding_stops_at_a_stop_token(tiny_model, tokenizer):

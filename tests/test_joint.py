@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers_adapters import QA, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder, write_jsonl
+from helpers_adapters import QA, single_thread, tiny_index, write_jsonl
 from safetensors.torch import load_file
 
 from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
@@ -24,16 +24,6 @@ RETRIEVAL = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tok
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama", tokenizer, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
 def built_index(tmp_path_factory, small_encoder_dir):
     return tiny_index(tmp_path_factory.mktemp("index") / "idx", encoder=str(small_encoder_dir))
 
@@ -43,11 +33,6 @@ def index(built_index, tmp_path):
     """A copy per test: joint training re-embeds it."""
     shutil.copytree(built_index.path, tmp_path / "idx")
     return open_index(tmp_path / "idx")
-
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", QA)
 
 
 def _model(tiny):

@@ -8,7 +8,7 @@ from retro_peft.adapters import RetrievalConfig
 from retro_peft.errors import InputError
 from retro_peft.generation import Generator, Passage
 from retro_peft.generation import StaticDecode
-from retro_peft.hf_compat import cache_kwarg
+from retro_peft.hf_compat import as_cache, cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
 from retro_peft.kvcache.layout import HEAD
 from retro_peft.kvcache.rotation import rotate
@@ -107,6 +107,7 @@ def blend_logits(model, tokenizer, cache, retrieval, question, passages):
     row = cache.prompts(tokenizer, [question], [passages], retrieval)[0]
     with torch.inference_mode():
         past, mask = cache.assemble_rows([(cache, row.keys)], model)
+        past = as_cache(past)
         tail = torch.tensor([row.tail_ids])
         mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
         positions = mask.sum(1, keepdim=True) - tail.shape[1] + torch.arange(tail.shape[1])[None]
@@ -190,6 +191,11 @@ def test_batched_answers_equal_one_at_a_time_with_the_frozen_cache(model, tokeni
     # stored context too: it is written into the static cache's first slots
     batched.static = StaticDecode(model, compile=False)
     assert [a.text for a in batched.answer_many(questions, passages=passages)] == [a.text for a in got]
+    # the same shape again reuses that static cache (emptied) for other rows
+    assert len(batched.static._caches) == 1
+    assert [a.text for a in batched.answer_many(questions[::-1], passages=passages[::-1])] == \
+        [a.text for a in got[::-1]]
+    assert len(batched.static._caches) == 1
 
 
 def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):

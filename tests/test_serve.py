@@ -258,7 +258,7 @@ def test_no_openai_field_is_silently_ignored(url):
     headers = {"Authorization": f"Bearer {KEY}"}
     chat = {"model": "a", "messages": [{"role": "user", "content": "Who invented the piano?"}], "max_tokens": 2}
     refused = [("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
-               ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
+               ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema"}}, "response_format"),
                ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                ("/v1/chat/completions", {**chat, "logit_bias": {"50256": -100}}, "logit_bias"),
                ("/v1/chat/completions", {**chat, "max_token": 5}, "max_token"),

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from helpers_adapters import DOCS, QA, single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder, write_jsonl
+from helpers_adapters import (DOCS, ONE_THREAD, QA, single_thread, tiny_index, tiny_llama_folder,
+                              train_killed_at_first_checkpoint, write_jsonl)
 from safetensors.torch import load_file
 
 from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
@@ -22,33 +23,10 @@ single_thread()
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    # initializer_range 0.2: with the default 0.02 the tied LM head is so small that no adapter
-    # could move the loss far from log(vocab), and "the loss goes down" would say little.
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama", tokenizer, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    return tiny_index(tmp_path_factory.mktemp("index") / "idx")
-
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", QA)
-
-
-@pytest.fixture(scope="module")
 def items(qa_file):
     return load_qa(qa_file)
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RETRIEVAL = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=220)
 
 
@@ -514,26 +492,12 @@ def test_eval_refuses_an_index_built_with_another_encoder(tiny, index, qa_file, 
 
 
 def test_killed_training_process_resumes_to_the_same_adapter(tiny, index, qa_file, tmp_path, capsys):
-    import os
-    import subprocess
-    import sys
-    import time
 
     common = ["--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file), "--k", "2",
               "--context-tokens", "220", "--steps", "60", "--batch-size", "1", "--lr", "1e-2",
               "--checkpoint-every", "5", "--no-progress"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "retro_peft.cli", "train", *common, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
-    try:
-        deadline = time.monotonic() + 240
-        while latest_checkpoint(killed) is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.kill()  # SIGKILL: no cleanup code runs
-    finally:
-        proc.wait()
-    assert proc.returncode == -9, "the run finished before it could be killed"
-    assert latest_checkpoint(killed) is not None and not (killed / "retro_config.json").exists()
+    train_killed_at_first_checkpoint(common, killed)
 
     assert main(["train", *common, "--out", str(killed), "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from"] >= 5

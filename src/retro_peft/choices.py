@@ -7,6 +7,7 @@ tuple of its values (what argparse's `choices=` and error messages list).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal, get_args
 
 from retro_peft.errors import InputError
@@ -41,6 +42,27 @@ PROMPT_TEMPLATES: tuple[str, ...] = get_args(PromptTemplate)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)
+
+# How the base model's linear layers are held in memory (bitsandbytes; the settings: base_model.quantization_config):
+#   4bit: NF4 with double quantization (QLoRA)   8bit: LLM.int8()
+# The adapters stay in full precision either way.
+Quantize = Literal["4bit", "8bit"]
+QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
+
+QUANTIZE_PIP = "pip install 'retro-peft[quantize]'  (or: pip install bitsandbytes)"
+
+
+def check_quantize(quantize: str | None) -> str | None:
+    """`quantize` if bitsandbytes can be used for it; refused before any loading otherwise."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_MODES:
+        raise InputError(f"unknown quantization {quantize!r}: use {', '.join(QUANTIZE_MODES)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"--quantize {quantize} needs the bitsandbytes package, which is not installed; "
+                         f"install it with: {QUANTIZE_PIP}")
+    return quantize
+
 
 # What a QA item's answer is: a span copied from a passage (SQuAD), free text of its own, or one of given choices.
 AnswerKind = Literal["span", "free", "choice"]

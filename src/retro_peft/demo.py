@@ -31,6 +31,9 @@ from retro_peft.errors import InputError
 DOMAIN = "retro-docs"
 DESCRIPTION = "retro-peft's own documentation (built by `retro-peft demo`)"
 SETUPS = ("base, closed-book", "base + retrieval", "RetroLoRA + retrieval")
+# `run_demo`'s phases, in order; the long ones draw a progress bar (chunks embedded, questions answered, steps)
+PHASES = ("index the documentation", "load the base model", "answer with the base model", "train RetroLoRA",
+          "answer with RetroLoRA", "register the domain")
 
 
 @dataclass
@@ -107,21 +110,22 @@ def adapter_dir(name: str = DOMAIN) -> Path:
 # -- phases ----------------------------------------------------------------------------------------
 
 class Timer:
-    """Prints `==> phase` when a phase starts and its wall and CPU time when it ends; keeps both.
+    """Prints `==> [i/phases] phase` when a phase starts and its wall and CPU time when it ends; keeps both.
 
     CPU time (this process, all threads) does not depend on what else runs on the
     machine: on N idle cores a phase takes roughly cpu / N seconds.
     """
 
-    def __init__(self, emit: Callable[[str], None] = print):
-        self.emit = emit
+    def __init__(self, emit: Callable[[str], None] = print, phases: int | None = None):
+        self.emit, self.phases = emit, phases
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        self.emit(f"==> {name}")
+        count = f"[{len(self.seconds) + 1}/{self.phases}] " if self.phases else ""
+        self.emit(f"==> {count}{name}")
         t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.seconds[name], self.cpu_seconds[name] = time.perf_counter() - t0, time.process_time() - c0
@@ -281,27 +285,27 @@ def run_demo(config: DemoConfig | None = None, *, out_dir: str | Path | None = N
         import torch
 
         torch.set_num_threads(config.threads)
-    timer = Timer()
+    timer = Timer(phases=len(PHASES))
     print(f"retro-peft demo: home {paths.home()}, {config.steps} training steps, domain {config.name!r}")
     train_items, eval_items = load_demo_qa("train"), load_demo_qa("eval")
     eval_items = eval_items[: config.eval_limit] if config.eval_limit else eval_items
 
-    with timer.phase("index the documentation"):
+    with timer.phase(PHASES[0]):
         index = build_demo_index(config, progress=progress)
         print(f"    {index.manifest['counts']['documents']} documents -> {len(index)} chunks in {index.path}")
-    with timer.phase("load the base model"):
+    with timer.phase(PHASES[1]):
         model = create_model(config)
         trainable, total = model.trainable_parameters()
         print(f"    {config.model} + {config.method} adapter: {trainable:,} trainable of {total:,} parameters")
     results = {}
-    with timer.phase("answer with the base model"):
+    with timer.phase(PHASES[2]):
         results.update(evaluate_base(model, index, eval_items, config, progress=progress))
-    with timer.phase(f"train RetroLoRA ({config.steps} steps)"):
+    with timer.phase(f"{PHASES[3]} ({config.steps} steps)"):
         trained = train_demo_adapter(model, index, train_items, config, out_dir, progress=progress)
         print(f"    final loss {trained.final_loss:.3f}, {trained.tokens_per_s:.0f} tokens/s; adapter in {out_dir}")
-    with timer.phase("answer with RetroLoRA"):
+    with timer.phase(PHASES[4]):
         results[SETUPS[2]] = evaluate_adapter(model, index, eval_items, config, progress=progress)
-    with timer.phase("register the domain"):
+    with timer.phase(PHASES[5]):
         spec = register_demo_domain(config, out_dir)
         print(f"    domain {spec.name}: index {spec.index}, adapter {spec.adapter}")
 

@@ -4,6 +4,8 @@ Every problem with the user's input or files raises a `RetroPeftError` whose
 message names the problem; the CLI prints it without a traceback and exits 2.
 """
 
+from __future__ import annotations
+
 
 class RetroPeftError(Exception):
     """Base class: a problem the user can fix (bad input, missing file, mismatch)."""
@@ -24,6 +26,30 @@ class EncoderMismatchError(RetroPeftError):
 class ModelNotFoundError(RetroPeftError):
     """A model name resolves to nothing installed or on disk."""
 
+
+
+class MissingPackageError(RetroPeftError):
+    """An optional package a command needs is not installed; the message is the pip command that installs it."""
+
+    @classmethod
+    def of(cls, error: ModuleNotFoundError, needed_by: str = "this") -> MissingPackageError | None:
+        """The one-line error for a missing optional package (its import name in `error`); None for any other."""
+        package = (error.name or "").partition(".")[0]
+        extra = OPTIONAL_PACKAGES.get(package)
+        if extra is None:
+            return None
+        return cls(f"{needed_by} needs the optional package {package!r}, which is not installed: "
+                   f"pip install 'retro-peft[{extra}]'")
+
+
+# Import name -> the extra of pyproject.toml's [project.optional-dependencies] that installs it.
+OPTIONAL_PACKAGES = {
+    **dict.fromkeys(("fastapi", "uvicorn", "httptools", "pydantic", "pydantic_settings", "limits", "jwt",
+                     "prometheus_client", "redis", "yaml"), "serve"),
+    "qdrant_client": "qdrant",
+    "bitsandbytes": "quantize",
+    "opentelemetry": "otel",
+}
 
 
 class AdapterMismatchError(InputError):

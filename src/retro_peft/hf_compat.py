@@ -8,6 +8,7 @@ touches a cache goes through these.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -22,8 +23,27 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+@dataclass
+class StackedStates:
+    """A context's keys and values with every layer in one tensor each, [layers, batch, kv_heads, tokens, head_dim]:
+    what the frozen KV cache's assembly writes in one pass. `as_cache` makes it a DynamicCache for an eager
+    forward; a stacked static cache takes it in one copy (`write_context`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def as_cache(past):
+    """What a model's forward takes as its cache: StackedStates as a DynamicCache, any other cache as it is."""
+    if isinstance(past, StackedStates):
+        return dynamic_cache(list(past.keys.unbind(0)), list(past.values.unbind(0)))
+    return past
+
+
 def layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) of one layer of a cache: [batch, kv_heads, tokens, head_dim] each."""
+    if isinstance(cache, StackedStates):
+        return cache.keys[layer], cache.values[layer]
     if hasattr(cache, "layers"):  # transformers >= 4.56
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]
@@ -43,4 +63,14 @@ def dynamic_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynam
 
 def static_cache(config, *, batch: int, length: int, device, dtype) -> StaticCache:
     # transformers 5 sizes the buffers at the first update; 4.x needs batch, device and dtype up front
+    # (Each layer keeps buffers of its own. Views of two stacked tensors, written in one copy, were tried: the
+    # aliased inputs kept the compiled steps from replaying as CUDA graphs, and 8B decoding ran 2x slower.)
     return StaticCache(config=config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype)
+
+
+def write_context(cache: StaticCache, context) -> None:
+    """Write `context` (a cache or StackedStates of [batch, ..., width, ...] states) into the first `width` slots of
+    an emptied static cache; the prompt's states then go after them."""
+    layers = context.keys.shape[0] if isinstance(context, StackedStates) else cache_layers(context)
+    for layer in range(layers):
+        cache.update(*layer_states(context, layer), layer)  # appended: slots 0..width

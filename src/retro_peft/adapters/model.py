@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
-from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model
+from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model, quantized
 from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
 from retro_peft.generation.answerability import ANSWERABILITY_FILE, AnswerabilityHead
 from retro_peft.generation.generator import Generator
@@ -67,12 +67,15 @@ class RetroPeftModel:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, base_model, config: RetroAdapterConfig, *, tokenizer=None, dtype=None, device=None,
-               seed: int | None = 0) -> RetroPeftModel:
-        """Wrap `base_model` (a name, or a loaded model with `tokenizer`) with a fresh adapter."""
+               seed: int | None = 0, quantize: str | None = None) -> RetroPeftModel:
+        """Wrap `base_model` (a name, or a loaded model with `tokenizer`) with a fresh adapter.
+
+        quantize: "4bit"/"8bit" loads the base quantized (QLoRA: the adapter trains in full precision on it)."""
         from peft import get_peft_model
 
-        base, tokenizer, name = cls._base(base_model, tokenizer, dtype, device)
+        base, tokenizer, name = cls._base(base_model, tokenizer, dtype, device, quantize)
         check_target_modules(base, config)
+        _prepare_quantized(base)
         if seed is not None:  # adapter initialisation is random: make it repeatable
             torch.manual_seed(seed)
         try:
@@ -82,12 +85,15 @@ class RetroPeftModel:
         return cls(peft_model, tokenizer, config, name, {"base_model": {"name": name, **base_fingerprint(base)}})
 
     @staticmethod
-    def _base(base_model, tokenizer, dtype, device):
+    def _base(base_model, tokenizer, dtype, device, quantize=None):
         if isinstance(base_model, (str, os.PathLike)):
-            model, tok, _path = load_base_model(os.fspath(base_model), dtype=dtype, device=device)
+            model, tok, _path = load_base_model(os.fspath(base_model), dtype=dtype, device=device, quantize=quantize)
             return model, tokenizer or tok, os.fspath(base_model)
         if tokenizer is None:
             raise InputError("a loaded base model needs its tokenizer")
+        if quantize and quantized(base_model) != quantize:  # bitsandbytes quantizes while loading, not after
+            raise InputError(f"quantize={quantize!r} applies when the base model is loaded: give its name or folder, "
+                             "or load it with load_base_model(..., quantize=...)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if device is not None:
@@ -96,8 +102,9 @@ class RetroPeftModel:
 
     @classmethod
     def load(cls, adapter_dir, *, base_model=None, tokenizer=None, dtype=None, device=None,
-             is_trainable: bool = False) -> RetroPeftModel:
-        """Load a saved adapter onto its base model (by default the one named in retro_config.json)."""
+             is_trainable: bool = False, quantize: str | None = None) -> RetroPeftModel:
+        """Load a saved adapter onto its base model (by default the one named in retro_config.json), quantized
+        if `quantize` says so (an adapter trained on either loads on either)."""
         from peft import PeftModel
 
         adapter_dir = Path(adapter_dir)
@@ -105,8 +112,10 @@ class RetroPeftModel:
         config = RetroAdapterConfig.from_dict(info["adapter"])
         recorded = info["base_model"]
         base, tokenizer, name = cls._base(base_model if base_model is not None else recorded["name"],
-                                          tokenizer, dtype, device)
+                                          tokenizer, dtype, device, quantize)
         check_fingerprint(recorded, base_fingerprint(base), what=f"adapter {adapter_dir}", found_name=name)
+        if is_trainable:
+            _prepare_quantized(base)
         try:
             peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -190,6 +199,16 @@ class RetroPeftModel:
         head = self.answerability.at_rate(abstain_at) if self.answerability is not None else None
         return Generator(self.model, self.tokenizer, index=index, retrieval=self.config.retrieval,
                          answerability=head, **kwargs)
+
+
+def _prepare_quantized(base) -> None:
+    """A quantized base made ready to train an adapter on (peft's QLoRA recipe: every base weight frozen, its
+    norms and embeddings in float32); a full-precision base is left as it is."""
+    if quantized(base):
+        from peft import prepare_model_for_kbit_training
+
+        # checkpointing is the trainer's own switch (TrainConfig.gradient_checkpointing), not peft's
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
 def _index_info(index) -> dict:

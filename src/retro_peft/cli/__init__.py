@@ -15,21 +15,21 @@ import sys
 import warnings
 
 from retro_peft import __version__
-from retro_peft.choices import HISTORY_STRATEGIES, KV_LAYOUTS
-from retro_peft.errors import RetroPeftError
+from retro_peft.choices import HISTORY_STRATEGIES, KV_LAYOUTS, QUANTIZE_MODES
+from retro_peft.errors import MissingPackageError, RetroPeftError
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Each module keeps its heavy imports (torch, transformers, uvicorn) inside its
     # commands, so `retro-peft --help` stays fast.
-    from retro_peft.cli import ask, demo, domain, evaluate, index, serve, train, train_retriever
+    from retro_peft.cli import ask, demo, domain, evaluate, export, index, serve, train, train_retriever
 
     parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show other libraries' logs, progress bars and warnings (also: RETRO_PEFT_LOG=debug)")
-    for module in (index, train_retriever, train, evaluate, ask, domain, demo, serve):
+    for module in (index, train_retriever, train, evaluate, export, ask, domain, demo, serve):
         module.register(sub)
     for command in sub.choices.values():  # `retro-peft ask ... -v` as well as `retro-peft -v ask ...`
         for child in [command, *_subcommands(command)]:
@@ -45,7 +45,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 # Libraries whose logs and warnings are noise around a command's output (loading bars, deprecation notices).
 THIRD_PARTY = ("transformers", "sentence_transformers", "huggingface_hub", "peft", "bm25s", "datasets", "faiss",
-               "accelerate", "torch", "urllib3", "httpx", "qdrant_client")
+               "accelerate", "torch", "urllib3", "httpx", "qdrant_client", "bitsandbytes")
 
 
 def quiet(verbose: bool) -> None:
@@ -70,6 +70,19 @@ def quiet(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def add_progress_argument(p: argparse.ArgumentParser) -> None:
+    """--no-progress, for the commands with long jobs (embedding, answering, training, a frozen KV cache build)."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (none either when stderr is not a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars (on stderr) unless --no-progress, and only when stderr is a terminal: `retro_peft.progress`."""
+    from retro_peft import progress
+
+    return progress.enabled(not getattr(args, "no_progress", False))
+
+
 def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
     """--kv-cache FILE and --kv-layout, for the commands that answer through a frozen KV cache."""
     p.add_argument("--kv-cache", metavar="FILE",
@@ -79,6 +92,14 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --kv-cache: block (default; every passage stored, only the question prefilled, answers "
                         "change), prefix (head and first passage stored, the rest prefilled: a full prefill's "
                         "answers) or blend (block, then the first 16 tokens of each later passage recomputed)")
+
+
+def add_quantize_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--quantize 4bit|8bit, for the commands that load a base model (train, eval, ask)."""
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help=f"load the base model's linear layers quantized by bitsandbytes ({what}): 4bit (NF4, double "
+                        "quantization, bfloat16 compute) or 8bit (LLM.int8()); needs pip install "
+                        "'retro-peft[quantize]'")
 
 
 def add_answer_arguments(p: argparse.ArgumentParser, choices_default: str, abstain_default: str) -> None:
@@ -133,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RetroPeftError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package (serve, qdrant): the pip command; anything else: a bug
+        missing = MissingPackageError.of(e, f"retro-peft {args.command}")
+        if missing is None:
+            raise
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from retro_peft.choices import DTYPE_NAMES
-from retro_peft.cli import abstain_at, add_answer_arguments, add_history_argument, given
+from retro_peft.choices import DTYPE_NAMES, check_quantize
+from retro_peft.cli import abstain_at, add_answer_arguments, add_history_argument, add_quantize_argument, given
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU")
+    add_quantize_argument(p, "adapters trained on either base answer on it")
     add_answer_arguments(p, "default: the domain's, if any", "the domain's abstain_at, else the rate the head was "
                                                              "calibrated for")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -84,6 +85,7 @@ def run(args) -> int:
         raise InputError("give the question (TEXT), or --chat to read questions from stdin")
     if not args.chat and not args.text.strip():
         raise InputError("the question is empty")
+    check_quantize(args.quantize)  # bitsandbytes missing: the pip command before anything is loaded
     sampling = SamplingConfig(**given(args, "max_new_tokens", "temperature", "top_p", "seed"),
                               stop=tuple(args.stop or ()))
     if not args.chat:
@@ -117,7 +119,8 @@ def _open(args, question: str, sampling):
         route = Router({n: spec.index for n, spec in targets.items()}).route(question)
         name = route.domain
     chosen = {name: targets[name]} if name is not None else {}  # the routed domain's adapter names the base
-    bank = AdapterBank(_base_model(args, chosen), max_new_tokens=sampling.max_new_tokens, dtype=args.dtype)
+    bank = AdapterBank(_base_model(args, chosen), max_new_tokens=sampling.max_new_tokens, dtype=args.dtype,
+                       quantize=args.quantize)
     if name is not None:
         spec = targets[name]
         bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout,

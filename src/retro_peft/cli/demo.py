@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from retro_peft.cli import add_progress_argument, show_progress
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on retro-peft's own docs (~5-8 minutes on a CPU)",
@@ -14,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N held-out questions (default all)")
     p.add_argument("--report", help="also write the scores, predictions and timings to this JSON file")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -23,5 +25,5 @@ def run(args) -> int:
 
     overrides = {k: v for k, v in (("steps", args.steps), ("eval_limit", args.limit), ("threads", args.threads)) if v is not None}
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    run_demo(config, out_dir=args.out, progress=not args.no_progress, report=args.report)
+    run_demo(config, out_dir=args.out, progress=show_progress(args), report=args.report)
     return 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from retro_peft.choices import ANSWER_KINDS, DTYPE_NAMES
-from retro_peft.cli import abstain_at, add_answer_arguments, add_kv_cache_arguments, given
+from retro_peft.cli import (abstain_at, add_answer_arguments, add_kv_cache_arguments, add_progress_argument,
+                            add_quantize_argument, given, show_progress)
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -30,13 +30,13 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 halves CPU prefill where the CPU has "
                         "native bf16, e.g. AVX512-BF16)")
+    add_quantize_argument(p, "the adapter, trained on either base, answers on it")
     p.add_argument("--kind", choices=ANSWER_KINDS, help="answer kind of questions that name none")
     add_answer_arguments(p, "default: questions that name none answer freely", "the rate the head was calibrated for")
     add_kv_cache_arguments(p)
     p.add_argument("--predictions", help="also write every prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                                                             "a terminal)")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -46,6 +46,7 @@ def run(args) -> int:
     from retro_peft.adapters import RetrievalConfig, RetroPeftModel
     from retro_peft.adapters.model import check_index, read_retro_config
     from retro_peft.base_model import check_device, inference_dtype, load_base_model
+    from retro_peft.choices import check_quantize
     from retro_peft.cli.train import parse_articles
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
@@ -54,6 +55,7 @@ def run(args) -> int:
     from retro_peft.training import evaluate
 
     device = str(check_device(args.device))
+    check_quantize(args.quantize)  # bitsandbytes missing: the pip command before anything is read
     if args.predictions:  # else a bad path fails only after the whole evaluation
         check_output_file(args.predictions, "--predictions")
     if args.kv_cache and not os.path.exists(args.kv_cache):  # it will be built and written there
@@ -74,7 +76,8 @@ def run(args) -> int:
         check_index(info, index)
     dtype = inference_dtype(device, args.dtype)
     if args.adapter:
-        model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device)
+        model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device,
+                                    quantize=args.quantize)
         lm, tokenizer, retrieval = model.model, model.tokenizer, model.retrieval
         if answer_rate and model.answerability is None:
             raise InputError(f"adapter {args.adapter} has no calibrated answerability head (train it with "
@@ -84,7 +87,7 @@ def run(args) -> int:
         if answer_rate:
             raise InputError("--abstain-at uses an adapter's calibrated answerability head: give --adapter")
         head = None
-        lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device)
+        lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
         retrieval = RetrievalConfig()
     overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
     retrieval = dataclasses.replace(retrieval, **overrides)
@@ -94,11 +97,12 @@ def run(args) -> int:
             raise InputError("--kv-cache stores passage states: it needs --index (and retrieval)")
         from retro_peft.kvcache import load_or_build
 
-        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout)
+        kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout,
+                                 progress=show_progress(args))
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache, answerability=head,
                           **given(args, "max_new_tokens", "batch_size"))
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit,
-                      progress=not args.no_progress and sys.stderr.isatty())
+                      progress=show_progress(args))
     if args.predictions:
         atomic_write_bytes(args.predictions, "".join(json.dumps(p) + "\n" for p in result.predictions).encode())
     scores = result.summary()

@@ -6,6 +6,7 @@ import json
 import sys
 
 from retro_peft.choices import SEARCH_MODES
+from retro_peft.cli import add_progress_argument, show_progress
 from retro_peft.errors import InputError
 from retro_peft.index import IndexConfig, MaxSimReranker, build_index, evaluate_retrieval, open_index
 from retro_peft.qa import load_qa
@@ -30,12 +31,14 @@ def register(sub) -> None:
                         "path) before each chunk's text in what is embedded and BM25-indexed (hits still show the "
                         "chunk's own text)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing index")
+    add_progress_argument(p)
     p.set_defaults(func=_build)
 
     p = cmds.add_parser("add", help="add or update documents")
     p.add_argument("name")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--encoder", help="fail unless the index was built with this encoder")
+    add_progress_argument(p)
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("delete", help="delete documents by id")
@@ -47,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("name")
     p.add_argument("--encoder", required=True,
                    help="the new encoder: a folder (`retro-peft train-retriever --out`), minilm or a HF id")
+    add_progress_argument(p)
     p.set_defaults(func=_reembed)
 
     p = cmds.add_parser("query", help="search an index")
@@ -77,7 +81,7 @@ def _build(args) -> int:
     config = IndexConfig(encoder=args.encoder, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
                          backend=args.backend, qdrant_url=args.qdrant_url, ann_threshold=args.ann_threshold,
                          context=tuple(f.strip() for f in args.context.split(",")) if args.context else ())
-    index = build_index(args.name, args.inputs, config, overwrite=args.overwrite, progress=True)
+    index = build_index(args.name, args.inputs, config, overwrite=args.overwrite, progress=show_progress(args))
     counts = index.manifest["counts"]
     print(f"built {index.path}: {counts['documents']} documents, {counts['chunks']} chunks "
           f"({index.manifest['dense']['backend']}/{index.manifest['dense']['kind']})")
@@ -85,7 +89,7 @@ def _build(args) -> int:
 
 
 def _add(args) -> int:
-    stats = open_index(args.name, encoder=args.encoder).add(args.inputs, progress=True)
+    stats = open_index(args.name, encoder=args.encoder).add(args.inputs, progress=show_progress(args))
     print(f"added {stats['added']}, replaced {stats['replaced']}, unchanged {stats['unchanged']} documents")
     return 0
 
@@ -98,7 +102,7 @@ def _delete(args) -> int:
 
 def _reembed(args) -> int:
     index = open_index(args.name)
-    stats = index.reembed(args.encoder, progress=True)
+    stats = index.reembed(args.encoder, progress=show_progress(args))
     if not stats["changed"]:
         print(f"{index.path} already uses this encoder ({stats['encoder']['name']}); nothing written")
         return 0

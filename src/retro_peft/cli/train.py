@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from retro_peft.choices import ANSWER_KINDS, GROUNDINGS, PEFT_METHODS, RETRIEVER_SUPERVISIONS, SEARCH_MODES
-from retro_peft.cli import abstain_at, given, parse_choices
+from retro_peft.cli import abstain_at, add_progress_argument, add_quantize_argument, given, parse_choices, show_progress
 from retro_peft.errors import InputError
 from retro_peft.models import DEFAULT_GENERATOR
 
@@ -71,6 +71,7 @@ def register(sub) -> None:
     # unlike TrainConfig (whose default is only the final adapter), a command-line run keeps checkpoints
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
     p.add_argument("--eval-every", type=int, help="steps between evaluation-loss runs on --eval-qa")
+    p.add_argument("--log-every", type=int, help="steps between logged losses (default: TrainConfig.log_every)")
     p.add_argument("--eval-qa", help="held-out questions for --eval-every")
     p.add_argument("--eval-articles", help="SQuAD articles of --eval-qa, e.g. 3:5")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -81,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward pass: far less activation memory for "
                         "about a third more compute (with --compile too)")
-    p.add_argument("--no-progress", action="store_true")
+    add_quantize_argument(p, "QLoRA: the adapter trains in full precision on it and loads on either base")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -92,6 +94,8 @@ def run(args) -> int:
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
+    from retro_peft.base_model import check_device
+    from retro_peft.training import distributed
     from retro_peft.training.calibrate import DEFAULT_HELD_OUT, calibrate, split_held_out
     from retro_peft.training.joint import JointRetrieverConfig, RetrieverObjective
     from retro_peft.training.trainer import check_output_dir
@@ -109,7 +113,8 @@ def run(args) -> int:
         raise InputError("--gradient-checkpointing cannot train with --block-attention (that layout is built from "
                          "the passages' KV caches, which checkpointing turns off): drop one of the two")
     answer_rate = abstain_at(args)
-    train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device"),
+    train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device",
+                                       "quantize", "log_every"),
                                checkpoint_every=args.checkpoint_every, compile=args.compile,
                                gradient_checkpointing=args.gradient_checkpointing)
     config = config_for_method(args.method, retrieval=retrieval, steps=train_config.steps)
@@ -136,12 +141,16 @@ def run(args) -> int:
     seed = train_config.seed
     # contrastive: its checks (every gold document in the index) run before the generator is loaded
     retriever = RetrieverObjective(index, items, joint) if joint and joint.supervision == "contrastive" else None
-    model = RetroPeftModel.create(args.model, config, seed=seed)
+    # a quantized base is placed on its device when loaded (the trainer moves a full-precision one itself)
+    # (under torchrun, on this rank's own GPU)
+    model = RetroPeftModel.create(args.model, config, seed=seed, quantize=train_config.quantize,
+                                  device=str(distributed.local_device(check_device(train_config.device)))
+                                  if train_config.quantize else None)
     if joint is not None and retriever is None:
         retriever = RetrieverObjective(index, items, joint, tokenizer=model.tokenizer, retrieval=retrieval)
     examples = build_examples(items, index, model.tokenizer, retrieval, seed=seed)
     eval_examples = build_examples(eval_items, index, model.tokenizer, retrieval, seed=seed) if eval_items else None
-    if args.resume and latest_checkpoint(out) is None:
+    if args.resume and latest_checkpoint(out) is None and distributed.is_main():
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
 
     def fit_answerability() -> None:
@@ -149,7 +158,7 @@ def run(args) -> int:
             model.answerability = calibrate(model.generator(index), held_out, answer_rate=answer_rate, seed=seed)
 
     result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,
-                   index=index, data_sha256=data_sha, progress=not args.no_progress, before_save=fit_answerability,
+                   index=index, data_sha256=data_sha, progress=show_progress(args), before_save=fit_answerability,
                    retriever=retriever)
     trainable, total = model.trainable_parameters()
     summary = {"out": str(out), "method": args.method, "steps": result.steps, "final_loss": result.final_loss,
@@ -165,5 +174,6 @@ def run(args) -> int:
     if model.answerability is not None:
         summary["answerability"] = {"answer_rate": model.answerability.answer_rate,
                                     "threshold": model.answerability.threshold, **model.answerability.stats}
-    print(json.dumps(summary, indent=2))
+    if distributed.is_main():  # one summary, not one per rank
+        print(json.dumps(summary, indent=2))
     return 0

@@ -46,7 +46,7 @@ from retro_peft.domains.registry import AUTO, check_abstain_at, check_choices, c
 from retro_peft.domains.routing import Router
 from retro_peft.errors import InputError, RetroPeftError
 from retro_peft.generation import (Answer, BatchRunner, Generator, RetrievalConfig, SamplingConfig, SearchOptions,
-                                   stream_answer)
+                                   StaticDecode, stream_answer)
 from retro_peft.index import Encoder, open_index
 from retro_peft.index.index import read_manifest
 from retro_peft.kvcache import load_or_build
@@ -80,18 +80,22 @@ class Domain:
 
 class AdapterBank:
     def __init__(self, base_model: str = "smollm2-135m", *, max_adapters: int = 8, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32):
+                 dtype: str | torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32,
+                 quantize: str | None = None, compile_decode: bool = False):
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
         device = str(check_device(device))
         # bf16 on a GPU, fp32 on a CPU unless asked (adapters keep their own dtype)
         dtype = inference_dtype(device, dtype)
-        self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device)
+        # quantize: "4bit"/"8bit" (bitsandbytes); every adapter loads on the quantized base as on the full one
+        self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device, quantize=quantize)
         self.model.eval()
         self.fingerprint = base_fingerprint(self.model)
         # what every domain's answers depend on (part of each `Domain.version`)
         self._answers_version = [self.fingerprint, str(dtype), retro_peft.__version__]
+        if quantize:  # (appended only when set: the cache keys of full-precision banks stay as they were)
+            self._answers_version.append(quantize)
         self._auto_version: str | None = None  # `version(AUTO)`, recomputed after a load or unload
         self.max_adapters = max_adapters
         self.max_new_tokens = max_new_tokens
@@ -103,7 +107,10 @@ class AdapterBank:
         # Rows routed to no domain: the base model, no retrieval.
         self._base_generator = Generator(self.model, self.tokenizer, index=None, retrieval=RetrievalConfig(k=0),
                                          max_new_tokens=max_new_tokens)
-        self._runner = BatchRunner(self.model, self.tokenizer, batch_size=batch_size)  # decodes every domain's rows
+        # decodes every domain's rows; compile_decode (CUDA): prefills of short prompts and every decode step as CUDA
+        # graphs (`StaticDecode`; graphs are per thread: the server's one batcher thread decodes everything)
+        self._runner = BatchRunner(self.model, self.tokenizer, batch_size=batch_size,
+                                   static=StaticDecode(self.model) if compile_decode else None)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -271,16 +278,18 @@ class AdapterBank:
 
     def answer_many(self, questions: list[str], domains: list[str | None], *, sampling: SamplingConfig | None = None,
                     search: SearchOptions | None = None, on_text=None, cancelled=None,
-                    choices: list | None = None, history: list | None = None) -> list[Answer]:
+                    choices: list | None = None, history: list | None = None,
+                    constraints: list | None = None) -> list[Answer]:
         """Answer a batch whose rows may belong to different domains (None: base model, no retrieval).
 
         search: retrieval k / mode / filters for every row, in place of each domain's own.
         choices: per row, the strings its answer must be one of (None: its domain's choices, if any).
         history: per row, its conversation's earlier turns (None or empty: none).
+        constraints: per row, the `JsonConstraint` its answer is decoded under (None: none).
         on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
         """
         if len(questions) != len(domains) or any(x is not None and len(x) != len(questions)
-                                                 for x in (choices, history)):
+                                                 for x in (choices, history, constraints)):
             raise InputError("answer_many needs one domain (and, if given, one choice list and one history) per "
                              "question")
         rows: list = [None] * len(questions)
@@ -289,8 +298,9 @@ class AdapterBank:
             at = [r for r, d in enumerate(domains) if d == name]
             mine = None if choices is None else [choices[r] for r in at]
             turns = None if history is None else [history[r] for r in at]
+            grammar = None if constraints is None else [constraints[r] for r in at]
             for r, row in zip(at, generator.rows([questions[r] for r in at], search=search, choices=mine,
-                                                 history=turns)):
+                                                 history=turns, constraints=grammar)):
                 rows[r] = row
         sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
         scored = [bool(row.choices) for row in rows]
@@ -318,6 +328,11 @@ class AdapterBank:
                  for i in range(0, len(names), self.max_adapters)]
         parts[0] += by.get(None, [])  # base-model rows ride along with the first part
         return [sorted(part) for part in parts]
+
+    @property
+    def grammars(self):
+        """JSON constraints compiled for the base model (the server checks a request's schema with it)."""
+        return self._runner.grammars
 
     def route(self, question: str) -> str | None:
         """The domain for `domain="auto"`: see `retro_peft.domains.routing`; None = base model, no retrieval."""

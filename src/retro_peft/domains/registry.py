@@ -185,8 +185,10 @@ def _existing_file(name: str) -> Path:
     file = _file(name)
     if not file.exists():
         known = [f.stem for f in _files()]  # names only: an unreadable file must not hide this message
-        listing = ", ".join(known) if known else "none registered yet (retro-peft domain add)"
-        raise InputError(f"unknown domain {name!r}; known domains: {listing}")
+        if not known:
+            raise InputError(f"unknown domain {name!r}; known domains: none registered yet (add one with "
+                             "`retro-peft domain add`, or run `retro-peft demo`)")
+        raise InputError(f"unknown domain {name!r}; known domains: {', '.join(known)} (see `retro-peft domain list`)")
     return file
 
 

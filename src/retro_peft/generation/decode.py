@@ -9,16 +9,22 @@ text as it grows, cancellation.
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import transformers
 from transformers import DynamicCache
 
+from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import TRANSFORMERS_MAJOR, cache_kwarg, layer_states, static_cache
+from retro_peft.hf_compat import TRANSFORMERS_MAJOR, as_cache, cache_kwarg, static_cache, write_context
 from retro_peft.base_model import model_dtype
+
+log = logging.getLogger(__name__)
 
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:
@@ -42,56 +48,136 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
+class GraphFailed(RuntimeError):
+    """A compiled step failed to compile or capture; the decode continues eagerly (see `decode_steps`)."""
+
+
+SYNC_EVERY = 8  # static decoding reads which rows finished back to the host once per this many tokens
+
+
 class StaticDecode:
-    """The decode step with fixed shapes, so that it can run as one CUDA graph.
+    """Prefill and decode steps with fixed shapes, so that they run as CUDA graphs.
 
     Eager decoding on a GPU is bound by launching kernels, not by arithmetic (a
     Llama-1B step issues hundreds of small kernels). Here the KV cache is a
-    `StaticCache` (allocated once per batch for context + prompt + max_new_tokens,
-    rounded up to a multiple of `LENGTH_STEP`, and written in place; a frozen KV
-    cache's assembled context is copied into its first slots) and the attention
-    mask has its final length from the start (causal masking hides the slots not
-    written yet), so every step has the same shapes and
-    `torch.compile(mode="reduce-overhead")` replays it as a CUDA graph. The first
-    call per batch shape compiles (tens of seconds); later calls replay.
-    `compile=False` runs the same static path eagerly (any device): the tests
-    check it against the ordinary path. Use a compiled one from one thread: torch
-    keeps CUDA-graph state per thread, and another thread fails an assertion in
-    `torch._inductor.cudagraph_trees` (seen when a second server app in the same
-    process started its own batcher thread).
+    `StaticCache` (context + prompt + max_new_tokens slots, rounded up to a multiple
+    of `LENGTH_STEP`, written in place; a frozen KV cache's assembled context is
+    copied into its first slots) and the attention mask has its final length from
+    the start (causal masking hides the slots not written yet), so every step has
+    the same shapes and `torch.compile(mode="reduce-overhead")` replays it as a CUDA
+    graph, the greedy token chosen inside it. Three more things keep the GPU busy:
+    - caches are kept per shape and reused (`MAX_CACHES`, least recently used
+      dropped): a graph replays over the same addresses instead of being recorded
+      again for a new cache;
+    - a prompt of at most `PREFILL_BUCKETS[-1]` tokens (the question after a frozen
+      KV cache's context) is left-padded to a bucket and prefilled by a graph too;
+      a longer one is compute-bound and prefilled eagerly;
+    - the host learns which rows finished once per `sync_every` tokens, not per
+      token, so it queues the next steps while the GPU runs (a row that stops
+      runs on for at most `sync_every - 1` steps; their tokens are dropped).
+    The first call per shape compiles (tens of seconds); later calls replay. A
+    failure to compile or capture falls back to the eager path with one logged
+    warning. `compile=False` runs the same static path eagerly (any device): the
+    tests check it against the ordinary path. Use a compiled one from one thread:
+    torch keeps CUDA-graph state per thread (another thread's replay fails an
+    assertion in `torch._inductor.cudagraph_trees`, which falls back here).
     """
 
-    def __init__(self, model, compile: bool = True):
+    LENGTH_STEP = 64  # cache lengths are rounded up to a multiple of this, so nearby prompt lengths share a graph
+    PREFILL_BUCKETS = (16, 32, 64, 128)  # prompt lengths prefilled by a graph (one per bucket and cache length)
+    MAX_CACHES = 4  # static caches kept for reuse (one per batch size and length)
+
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
             raise InputError(f"compiled decoding replays CUDA graphs: it needs a CUDA device, the model is on {device}")
-        self.forward = torch.compile(model.forward, mode="reduce-overhead") if compile else model.forward
+        if sync_every < 1:
+            raise InputError(f"sync_every must be at least 1, got {sync_every}")
+        # Two compiled functions (two code objects, so two caches of graphs): prefills and steps never share a
+        # graph, and dynamic=False keeps each shape's graph static instead of recompiling one with symbolic shapes
+        # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
+        self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
+                         "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
+        self.sync_every = sync_every
+        self._caches: OrderedDict = OrderedDict()
 
-    LENGTH_STEP = 64  # cache lengths are rounded up to a multiple of this, so nearby prompt lengths share a graph
+    def eager(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last position's logits [batch, vocab], the greedy tokens [batch])."""
+        logits = self.model(**inputs).logits[:, -1, :]
+        return logits, logits.argmax(dim=-1)
+
+    def _prefill(self, **inputs):
+        return self.eager(**inputs)
+
+    def _step(self, **inputs):
+        return self.eager(**inputs)
+
+    def forward(self, kind: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`eager`, as a CUDA-graph replay when compiled (kind: "prefill" or "step"). Raises GraphFailed (after one
+        warning, and from then on runs eagerly) when compiling or capturing fails. A replay overwrites its
+        outputs: use them up first."""
+        if self.compiled is None:
+            return self.eager(**inputs)
+        try:
+            # A new iteration: the previous replay's outputs are dead (used up), so the graphs replay over the
+            # same memory instead of recording new ones that keep the old outputs alive.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled[kind](**inputs)
+        except Exception as error:  # noqa: BLE001 - any failure of the compiler or the capture: the eager path is right
+            self.compiled = None
+            log.warning("compiled decoding failed (%s: %s); decoding eagerly from now on",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            raise GraphFailed(str(error)) from error
 
     def cache_length(self, tokens: int) -> int:
         return -(-tokens // self.LENGTH_STEP) * self.LENGTH_STEP
 
-    def new_cache(self, batch: int, length: int, device, dtype, context=None):
-        """A StaticCache of `length` slots; `context` (a cache of precomputed states) is written into its first ones."""
-        cache = static_cache(self.model.config, batch=batch, length=length, device=device, dtype=dtype)
+    def prefill_bucket(self, tokens: int) -> int | None:
+        return next((b for b in self.PREFILL_BUCKETS if tokens <= b), None)
+
+    def cache(self, batch: int, length: int, device, dtype, context=None):
+        """A StaticCache of `length` slots, emptied; `context` (a cache of precomputed states) is written into its
+        first ones. Reused across calls of the same shape."""
+        key = (batch, length, str(device), dtype)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            cache = static_cache(self.model.config, batch=batch, length=length, device=device, dtype=dtype)
+            while len(self._caches) >= self.MAX_CACHES:
+                self._caches.popitem(last=False)
+        else:
+            cache.reset()
+        self._caches[key] = cache
         if context is not None:  # its slots come first: the prompt's tokens are written after them
             if TRANSFORMERS_MAJOR < 5:
                 # 4.x places the prompt at the count of non-zero slots in row 0, which context padding breaks
                 raise InputError("static decoding with a frozen KV cache's context needs transformers >= 5, "
                                  f"found {transformers.__version__}")
-            for layer in range(self.model.config.num_hidden_layers):
-                cache.update(*layer_states(context, layer), layer)  # appended: slots 0..context width
+            write_context(cache, context)
         return cache
+
+    def syncs_at(self, step: int) -> bool:
+        """Whether the host reads the tokens after decode step `step` (the first at once: time to first token)."""
+        return step % self.sync_every == 0
+
+
+def _record(record, sampling, logits, token) -> None:
+    if record is not None and sampling.logprobs is not None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = logp.topk(sampling.logprobs, dim=-1) if sampling.logprobs else None
+        record.append((logp.gather(-1, token[:, None])[:, 0].cpu(),
+                       None if top is None else top.values.cpu(), None if top is None else top.indices.cpu()))
 
 
 @torch.inference_mode()
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, sampling: SamplingConfig | None = None,
                  rng: torch.Generator | list[torch.Generator] | None = None, finished: torch.Tensor | None = None,
-                 static: StaticDecode | None = None, past=None, record: list | None = None):
+                 static: StaticDecode | None = None, past=None, record: list | None = None, grammar=None):
     """Decode a left-padded batch with a KV cache, yielding the [batch] tokens of each step.
+
+    grammar: the constrained rows' token masks (`grammar.RowMasks`): each step their logits are masked to
+    what their grammar allows, and their matchers advanced by the tokens chosen (a host sync per step).
 
     record: with `sampling.logprobs` set, each step appends (log p of each row's token [batch], the top
     `sampling.logprobs` log-probabilities [batch, n] and their token ids [batch, n]), on the CPU.
@@ -105,50 +191,110 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     e.g. a cancelled request) get `pad_id`; the loop ends when every row is done.
     The caller may set `finished[row] = True` between steps. `static`: decode
     with fixed shapes (see `StaticDecode`; `past`, if given, is copied into its
-    static cache); the same computation (compiled bf16 kernels round
-    differently, so near ties can break the other way).
+    static cache; the caller's marks are read at its sync steps); the same
+    computation (compiled bf16 kernels round differently, so near ties can break
+    the other way). If its graphs fail, the tokens so far are prefilled eagerly
+    over `past` (which the static path leaves untouched) and decoding goes on.
     """
     sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
+    if finished is None:
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    if static is not None:
+        produced = []
+        try:
+            for token in _static_steps(model, static, input_ids, attention_mask, past, max_new_tokens=max_new_tokens,
+                                       stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, rng=rng,
+                                       finished=finished, record=record, grammar=grammar):
+                produced.append(token)
+                yield token
+            return
+        except GraphFailed:
+            pass
+        if produced:  # go on from the tokens so far, eagerly (rows that stopped meanwhile are marked)
+            so_far = torch.stack(produced, dim=1)
+            stop = torch.tensor(sorted(stop_ids) or [-1], device=so_far.device)
+            finished |= torch.isin(so_far, stop).any(dim=1).cpu()
+            input_ids = torch.cat([input_ids, so_far], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(so_far.shape)], dim=1)
+        if len(produced) < max_new_tokens:
+            yield from decode_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens - len(produced),
+                                    stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, rng=rng, finished=finished,
+                                    past=past, record=record, grammar=grammar)
+        return
     batch = input_ids.shape[0]
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-    step_forward = model
-    if static is None:
-        past = DynamicCache() if past is None else past
-    else:  # the mask covers the whole static cache from the start (causal masking hides unwritten slots)
-        dtype = model_dtype(model)
-        length = static.cache_length(attention_mask.shape[1] + max_new_tokens)
-        past = static.new_cache(batch, length, input_ids.device, dtype, past)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, length - attention_mask.shape[1]))],
-                                   dim=1)
-        step_forward = static.forward
+    past = DynamicCache() if past is None else as_cache(past)
     cache_kw = cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, logits_to_keep=1, **{cache_kw: past}).logits[:, -1, :]
+    with tracing.span("prefill", rows=batch, tokens=int(input_ids.numel())):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=True, logits_to_keep=1, **{cache_kw: past}).logits[:, -1, :]
     stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
-    if finished is None:
-        finished = torch.zeros(batch, dtype=torch.bool)
     next_pos = position_ids[:, -1:] + 1
-    for step in range(max_new_tokens):
-        token = choose_tokens(logits, sampling, rng)
-        done = finished.to(token.device)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        if record is not None and sampling.logprobs is not None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            top = logp.topk(sampling.logprobs, dim=-1) if sampling.logprobs else None
-            record.append((logp.gather(-1, token[:, None])[:, 0].cpu(),
-                           None if top is None else top.values.cpu(), None if top is None else top.indices.cpu()))
-        yield token
-        finished |= (done | torch.isin(token, stop)).cpu()  # one host sync per token, to stop early
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            return
-        if static is None:
+    # a span across the yields: the caller runs between steps inside it (and opens none of its own)
+    with tracing.span("decode", rows=batch, max_new_tokens=max_new_tokens):
+        for step in range(max_new_tokens):
+            token = choose_tokens(logits if grammar is None else grammar.constrain(logits), sampling, rng)
+            done = finished.to(token.device)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            _record(record, sampling, logits, token)
+            if grammar is not None:
+                grammar.advance(token.tolist(), done.tolist())
+            yield token
+            finished |= (done | torch.isin(token, stop)).cpu()  # one host sync per token, to stop early
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                return
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
-        # (a CUDA-graph replay overwrites its outputs: the logits are used up before the next step)
-        logits = step_forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                              use_cache=True, **{cache_kw: past}).logits[:, -1, :]
-        next_pos = next_pos + 1
+            logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                           use_cache=True, **{cache_kw: past}).logits[:, -1, :]
+            next_pos = next_pos + 1
+
+
+def _static_steps(model, static: StaticDecode, input_ids, attention_mask, past, *, max_new_tokens, stop_ids, pad_id,
+                  sampling, rng, finished, record, grammar):
+    """`decode_steps` with fixed shapes (see `StaticDecode`)."""
+    batch, prompt = input_ids.shape
+    device = input_ids.device
+    bucket = static.prefill_bucket(prompt)
+    if bucket is not None and bucket > prompt:  # padding before the prompt, after the context: one graph per bucket
+        context = attention_mask[:, :attention_mask.shape[1] - prompt]
+        input_ids = torch.cat([input_ids.new_full((batch, bucket - prompt), pad_id), input_ids], dim=1)
+        attention_mask = torch.cat([context, attention_mask.new_zeros((batch, bucket - prompt)),
+                                    attention_mask[:, -prompt:]], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    length = static.cache_length(attention_mask.shape[1] + max_new_tokens)
+    cache = static.cache(batch, length, device, model_dtype(model), past)
+    # the mask covers the whole static cache from the start (causal masking hides unwritten slots)
+    mask = torch.cat([attention_mask, attention_mask.new_ones((batch, length - attention_mask.shape[1]))], dim=1)
+    cache_kw = cache_kwarg(model)
+    prefill = partial(static.forward, "prefill") if bucket is not None else static.eager
+    with tracing.span("prefill", rows=batch, tokens=int(input_ids.numel())):
+        logits, greedy = prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                                 logits_to_keep=1, **{cache_kw: cache})
+    stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
+    done = finished.to(device)
+    next_pos = position_ids[:, -1:] + 1
+    with tracing.span("decode", rows=batch, max_new_tokens=max_new_tokens):
+        for step in range(max_new_tokens):
+            if grammar is not None:
+                token = choose_tokens(grammar.constrain(logits), sampling, rng)
+            else:
+                token = greedy if sampling.greedy else choose_tokens(logits, sampling, rng)
+            token = torch.where(done, torch.full_like(token, pad_id), token)  # (a new tensor: the replay's outputs
+            _record(record, sampling, logits, token)                          # are overwritten by the next one)
+            if grammar is not None:
+                grammar.advance(token.tolist(), done.tolist())
+            yield token
+            done = done | torch.isin(token, stop)
+            if static.syncs_at(step) or step == max_new_tokens - 1:
+                finished |= done.cpu()  # the host's one sync in `sync_every` steps
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    return
+                done = finished.to(device)  # with the rows the caller marked (cancelled, stop strings)
+            logits, greedy = static.forward("step", input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                                            use_cache=True, **{cache_kw: cache})
+            next_pos = next_pos + 1
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
@@ -172,7 +318,7 @@ class Generated:
 
 def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: set[int], pad_id: int,
                    sampling: SamplingConfig, on_text=None, cancelled=None,
-                   static: StaticDecode | None = None, context=None) -> list[Generated]:
+                   static: StaticDecode | None = None, context=None, grammar=None) -> list[Generated]:
     """Decode prompts (token lists) as one batch, with stop strings, streaming and cancellation.
 
     context: (cache, mask) holding each row's precomputed context (`FrozenKVCache.assemble`);
@@ -183,6 +329,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     `sampling.logprobs`, on_text(row, delta, entries): the (token id, log p, alternatives) of the tokens
     decoded since the previous piece (they may run ahead of the text held back).
     cancelled(row) -> bool: polled every step; a cancelled row stops at once.
+    grammar: the constrained rows' token masks (`grammar.RowMasks`; see `decode_steps`).
     """
     device = next(model.parameters()).device
     input_ids, mask = left_pad(sequences, pad_id, device)
@@ -217,10 +364,8 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
                 sent[row] = len(tokens[row])
             emitted[row] = upto
 
-    for step in decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
-                             pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static,
-                             past=past, record=record):
-        for row, token in enumerate(step.tolist()):
+    def take(step: int, step_tokens: list[int]) -> None:
+        for row, token in enumerate(step_tokens):
             if reasons[row] is not None:
                 continue
             if cancelled is not None and cancelled(row):
@@ -229,7 +374,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
                 reasons[row] = "stop"
             else:
                 tokens[row].append(token)
-                steps_of[row].append(len(record or ()) - 1)
+                steps_of[row].append(step)
                 if track_text:
                     texts[row] = tokenizer.decode(tokens[row], skip_special_tokens=True)
                     cut = min((i for i in (texts[row].find(x) for x in sampling.stop) if i >= 0), default=-1)
@@ -237,6 +382,26 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
                         texts[row], reasons[row], finished[row] = texts[row][:cut], "stop", True
             if track_text:
                 emit(row, final=reasons[row] is not None)
+
+    # The tokens are read back (one host sync) only when the decode loop reads its own: every step eagerly,
+    # once per `static.sync_every` steps with fixed shapes.
+    pending: list[torch.Tensor] = []
+
+    def take_pending(upto: int) -> None:
+        for offset, step_tokens in enumerate(torch.stack(pending).tolist()):
+            take(upto - len(pending) + 1 + offset, step_tokens)
+        pending.clear()
+
+    steps = decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
+                         pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static, past=past,
+                         record=record, grammar=grammar)
+    step = -1
+    for step, step_tokens in enumerate(steps):
+        pending.append(step_tokens)
+        if static is None or static.syncs_at(step):
+            take_pending(step)
+    if pending:
+        take_pending(step)
     results = []
     for row in range(n):
         if not track_text:

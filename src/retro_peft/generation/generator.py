@@ -6,9 +6,11 @@ import contextlib
 import queue
 import threading
 
+from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.answers import Answer
 from retro_peft.generation.decode import StaticDecode
+from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.generation.answerability import AnswerabilityHead
 from retro_peft.generation.history import REWRITE_TOKENS, clean_rewrite, concat_queries, rewrite_ids
 from retro_peft.generation.prompt import (Passage, Prompt, RetrievalConfig, SearchOptions, Turn, build_prompt,
@@ -76,11 +78,13 @@ class Generator:
         mode = search.mode or self.retrieval.mode
         histories = self._histories(questions, history)
         strategy = search.history or self.retrieval.history
-        queries, vectors = list(questions), None
-        if strategy != "none" and any(histories):
-            rewrites = self.standalone(questions, histories) if strategy == "rewrite" else None
-            queries, vectors = concat_queries(self.index, questions, histories, mode, rewrites)
-        hits = self.index.search_many(queries, k=k, mode=mode, filters=search.filter_dict(), query_vectors=vectors)
+        with tracing.span("retrieve", questions=len(questions), k=k, mode=mode, history=strategy):
+            queries, vectors = list(questions), None
+            if strategy != "none" and any(histories):
+                rewrites = self.standalone(questions, histories) if strategy == "rewrite" else None
+                queries, vectors = concat_queries(self.index, questions, histories, mode, rewrites)
+            hits = self.index.search_many(queries, k=k, mode=mode, filters=search.filter_dict(),
+                                          query_vectors=vectors)
         return [[Passage.from_hit(h) for h in row] for row in hits]
 
     def standalone(self, questions: list[str], histories: list[tuple[Turn, ...]]) -> list[str | None]:
@@ -127,15 +131,31 @@ class Generator:
                 raise InputError(f"choices must be at least two different non-empty strings, got {list(c)!r}")
         return out
 
+    @staticmethod
+    def _constraints(questions: list[str], choices: list | None, constraints: list | None) -> list:
+        """Each question's JSON constraint (None: free or a choice answer). A JSON answer replaces the default
+        choices; a question's own choices and a constraint together are refused."""
+        if constraints is None:
+            return [None] * len(questions)
+        if len(constraints) != len(questions):
+            raise InputError(f"{len(constraints)} constraints for {len(questions)} questions")
+        for c, x in zip(constraints, choices or [None] * len(questions)):
+            if c is not None and not isinstance(c, JsonConstraint):
+                raise InputError(f"a constraint is a JsonConstraint, got {type(c).__name__}")
+            if c is not None and x:
+                raise InputError("give choices or a JSON constraint for a question, not both")
+        return list(constraints)
+
     def rows(self, questions: list[str], passages: list[list[Passage]] | None = None,
              search: SearchOptions | None = None, choices: list | None = None,
-             history: list | None = None) -> list[Row]:
+             history: list | None = None, constraints: list | None = None) -> list[Row]:
         """The questions ready to decode: with a frozen KV cache, as it runs them (stored segments + tail;
         a question with earlier turns is prefilled in full: the cache's segments start the prompt)."""
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise InputError("the question is empty")
-        choices = self._choices(questions, choices)
+        constraints = self._constraints(questions, choices, constraints)
+        choices = [() if c is not None else x for c, x in zip(constraints, self._choices(questions, choices))]
         histories = self._histories(questions, history)
         extra = {"answerability": self.answerability, "cites": self.retrieval.citations}
         abstention = self.retrieval.abstention
@@ -148,12 +168,13 @@ class Generator:
         plain = self.prompts([questions[i] for i in plain_at], [passages[i] for i in plain_at], search,
                              [choices[i] for i in plain_at], [histories[i] for i in plain_at]) if plain_at else []
         for i, p in zip(plain_at, plain):
-            rows[i] = Row(p, abstention, choices=choices[i], **extra)
+            rows[i] = Row(p, abstention, choices=choices[i], constraint=constraints[i], **extra)
         if cached_at:
             shown = [with_choices(questions[i], choices[i]) for i in cached_at]
             cached = self.kv_cache.prompts(self.tokenizer, shown, [passages[i] for i in cached_at], self.retrieval)
             for i, p in zip(cached_at, cached):
-                rows[i] = Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=choices[i], **extra)
+                rows[i] = Row(p.prompt, abstention, self.kv_cache, p.keys, p.tail_ids, choices=choices[i],
+                              constraint=constraints[i], **extra)
         return rows
 
     def sampling(self, sampling: SamplingConfig | None = None) -> SamplingConfig:
@@ -174,12 +195,15 @@ class Generator:
 
     def answer_many(self, questions: list[str], *, passages: list[list[Passage]] | None = None,
                     sampling: SamplingConfig | None = None, search: SearchOptions | None = None, on_text=None,
-                    cancelled=None, choices: list | None = None, history: list | None = None) -> list[Answer]:
+                    cancelled=None, choices: list | None = None, history: list | None = None,
+                    constraints: list | None = None) -> list[Answer]:
         """`choices`: per question, the strings its answer must be one of (None or empty: the default);
-        `history`: per question, its conversation's earlier turns (None or empty: none)."""
+        `history`: per question, its conversation's earlier turns (None or empty: none);
+        `constraints`: per question, the `JsonConstraint` its answer is decoded under (None: none)."""
         if isinstance(questions, str):
             raise InputError("answer_many takes a list of questions")
-        return self.runner.run(self.rows(questions, passages, search, choices, history), self.sampling(sampling),
+        return self.runner.run(self.rows(questions, passages, search, choices, history, constraints),
+                               self.sampling(sampling),
                                on_text=on_text, cancelled=cancelled)
 
 

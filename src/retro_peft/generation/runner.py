@@ -13,7 +13,8 @@ so the generation layer stays below `retro_peft.kvcache`.
 
 A row with `choices` is answered by scoring them (`constrained.choice_logprobs`), not by
 free decoding; a row with an `answerability` head abstains when its prompt scores below
-the head's threshold (see `answerability`). Both kinds of row may share a batch.
+the head's threshold (see `answerability`). Both kinds of row may share a batch. A row with a `constraint`
+(a JSON answer) is decoded under its grammar's token masks (`grammar`), beside free rows in the same pass.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from retro_peft.generation.answerability import AnswerabilityHead, prompt_end_ho
 from retro_peft.generation.answers import Answer, cite, is_abstention, split_citations
 from retro_peft.generation.constrained import choice_logprobs
 from retro_peft.generation.decode import Generated, generate_batch, stop_token_ids
+from retro_peft.generation.grammar import Grammars, JsonConstraint, json_strings
 from retro_peft.generation.prompt import Prompt, check_fits, encode, model_context
 from retro_peft.generation.sampling import SamplingConfig
 
@@ -46,6 +48,7 @@ class Row:
     choices: tuple[str, ...] = ()  # the answer is exactly one of these (scored, not decoded)
     answerability: AnswerabilityHead | None = None  # abstain below its threshold (None: only by the phrase)
     cites: bool = False  # the model ends answers with citation markers (read after a chosen choice)
+    constraint: JsonConstraint | None = None  # the answer is this JSON (decoded under its grammar's masks)
 
     @property
     def stored(self) -> bool:
@@ -63,6 +66,11 @@ class BatchRunner:
         self.model, self.tokenizer, self.batch_size, self.static = model, tokenizer, batch_size, static
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def grammars(self) -> Grammars:
+        """JSON constraints compiled for this tokenizer and the model's vocabulary (compiled once each)."""
+        return Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
 
     def run(self, rows: list[Row], sampling: SamplingConfig, *, on_text=None, cancelled=None,
             groups: Groups | None = None) -> list[Answer]:
@@ -109,8 +117,9 @@ class BatchRunner:
         sequences, context = self.inputs([rows[r] for r in group])
         hook, scores = self._scoring(rows, group, mask_abstention=True)
 
-        def abstains(i: int) -> bool:
-            return i in scores and scores[i] < rows[group[i]].answerability.threshold
+        def abstains(i: int) -> bool:  # a JSON row answers in its schema: its score is reported, not acted on
+            row = rows[group[i]]
+            return i in scores and scores[i] < row.answerability.threshold and row.constraint is None
 
         def cancel(i: int) -> bool:  # a row the score abstains on stops before its first token
             return abstains(i) or (cancelled is not None and cancelled(group[i]))
@@ -118,7 +127,8 @@ class BatchRunner:
         with hook:
             done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids, pad_id=self.pad_id,
                                   sampling=sampling, on_text=_for_rows(on_text, group), cancelled=cancel,
-                                  static=self.static, context=context)
+                                  static=self.static, context=context,
+                                  grammar=self.grammars.masks([rows[r].constraint for r in group]))
         for i, (r, generated) in enumerate(zip(group, done)):
             if abstains(i):
                 answers[r] = abstained(rows[r], scores[i])
@@ -184,9 +194,14 @@ def abstained(row: Row, score: float) -> Answer:
 
 
 def make_answer(row: Row, generated: Generated) -> Answer:
-    text, cited = split_citations(generated.text, row.prompt.passages)
-    abstained = is_abstention(text, row.abstention)
-    return Answer(text=text, citations=[] if abstained else cite(text, row.prompt.passages, cited), abstained=abstained,
+    if row.constraint is not None:  # the JSON as decoded; its string values are what cites (markers in them too)
+        text, abstained = generated.text, False
+        cited_text, cited = split_citations(" ".join(json_strings(text)), row.prompt.passages)
+    else:
+        text, cited = split_citations(generated.text, row.prompt.passages)
+        cited_text, abstained = text, is_abstention(text, row.abstention)
+    return Answer(text=text, citations=[] if abstained else cite(cited_text, row.prompt.passages, cited),
+                  abstained=abstained,
                   dropped_turns=row.prompt.dropped_turns,
                   prompt_tokens=len(row.prompt.input_ids), completion_tokens=len(generated.tokens),
                   passages=row.prompt.passages, finish_reason=generated.finish_reason,

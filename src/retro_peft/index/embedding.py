@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_peft import paths
+from retro_peft import paths, progress
 from retro_peft.errors import ModelNotFoundError
 from retro_peft.models import DEFAULT_ENCODER, resolve_encoder
 
@@ -50,13 +50,25 @@ class Encoder:
         h.update(str(self.dim).encode())
         return h.hexdigest()[:32]
 
-    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], show_progress: bool = False, desc: str = "embed") -> np.ndarray:
+        """show_progress: a bar over the texts (chunks/s, ETA) when stderr is a terminal (`retro_peft.progress`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=show_progress,
-        )
+        if not progress.enabled(show_progress):
+            return self._encode(texts)
+        # The batches sentence-transformers would form (longest first), one call each, so the bar counts texts.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with progress.bar(progress=True, desc=desc, total=len(texts), unit="chunk") as bar:
+            for first in range(0, len(texts), self.batch_size):
+                rows = order[first:first + self.batch_size]
+                out[rows] = self._encode([texts[i] for i in rows])
+                bar.update(len(rows))
+        return out
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def describe(self) -> dict:
@@ -100,13 +112,13 @@ class EmbeddingCache:
 
 
 def embed_with_cache(encoder: Encoder, texts: list[str], hashes: list[str], cache: EmbeddingCache | None,
-                     show_progress: bool = False) -> tuple[np.ndarray, int]:
-    """Vectors for `texts`, embedding only cache misses. Returns (vectors, number embedded)."""
+                     show_progress: bool = False, desc: str = "embed") -> tuple[np.ndarray, int]:
+    """Vectors for `texts`, embedding only cache misses (the bar counts those). Returns (vectors, number embedded)."""
     cached = cache.get_many(list(dict.fromkeys(hashes))) if cache else {}
     missing = list(dict.fromkeys(h for h in hashes if h not in cached))
     if missing:
         text_of = dict(zip(hashes, texts))
-        fresh = encoder.encode([text_of[h] for h in missing], show_progress=show_progress)
+        fresh = encoder.encode([text_of[h] for h in missing], show_progress=show_progress, desc=desc)
         new = dict(zip(missing, fresh))
         if cache:
             cache.put_many(new)

@@ -265,7 +265,7 @@ class Index:
             return stats
         keep = [row for row, c in enumerate(self._chunks) if c.doc_id not in changed]
         fresh = [c for c in new_chunks if c.doc_id in changed]
-        vectors = _embed(self.encoder, fresh, progress, self.manifest.get("context", ()))
+        vectors = _embed(self.encoder, fresh, progress, self.manifest.get("context", ()), desc="embed new chunks")
         chunks = [self._chunks[r] for r in keep] + fresh
         self._commit(chunks, np.concatenate([self._vectors[keep], vectors]) if keep else vectors)
         return stats
@@ -304,7 +304,7 @@ class Index:
         try:
             texts = indexed_texts(self._chunks, self.manifest.get("context", ()))
             vectors, stats["embedded"] = embed_with_cache(encoder, texts, [text_hash(t) for t in texts], cache,
-                                                          show_progress=progress)
+                                                          show_progress=progress, desc="re-embed chunks")
         finally:
             cache.close()
         self._commit(self._chunks, vectors, {**self.manifest, "encoder": described})
@@ -343,7 +343,7 @@ def build_index(name_or_path: str | Path, inputs: Iterable[str | Path | Document
     config.chunking.validate(encoder.max_tokens)
     chunks = chunk_documents(docs, encoder.tokenizer, config.chunking)
     log.info("%d documents -> %d chunks", len(docs), len(chunks))
-    vectors = _embed(encoder, chunks, progress, config.context)
+    vectors = _embed(encoder, chunks, progress, config.context, desc="embed chunks")
     base = {
         "encoder": encoder.describe(),
         "chunking": {"chunk_tokens": config.chunk_tokens, "overlap": config.overlap},
@@ -442,11 +442,12 @@ def indexed_texts(chunks: list[Chunk], context) -> list[str]:
     return out
 
 
-def _embed(encoder: Encoder, chunks: list[Chunk], progress: bool, context=()) -> np.ndarray:
+def _embed(encoder: Encoder, chunks: list[Chunk], progress: bool, context=(), desc: str = "embed") -> np.ndarray:
     cache = EmbeddingCache(encoder)
     texts = indexed_texts(chunks, context)
     try:
-        vectors, _ = embed_with_cache(encoder, texts, [text_hash(t) for t in texts], cache, show_progress=progress)
+        vectors, _ = embed_with_cache(encoder, texts, [text_hash(t) for t in texts], cache, show_progress=progress,
+                                      desc=desc)
     finally:
         cache.close()
     return vectors

@@ -24,13 +24,13 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from retro_peft.choices import DEFAULT_KV_LAYOUT, check_kv_layout
 from retro_peft.errors import InputError
+from retro_peft.progress import bar as progress_bar
 from retro_peft.generation.prompt import Passage, encode, passage_body
-from retro_peft.hf_compat import cache_kwarg, dynamic_cache, layer_states
+from retro_peft.hf_compat import as_cache, cache_kwarg, dynamic_cache, layer_states
 from retro_peft.kvcache.assembly import assemble, assemble_rows
 from retro_peft.kvcache.blend import DEFAULT_RECOMPUTE_TOKENS, recompute, recompute_slots
 from retro_peft.kvcache.layout import (HEAD, CachedPrompt, body_digest, cached_prompts, chunk_key, marker_key,
@@ -79,7 +79,8 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
     spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
     # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
     items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
-    for first in tqdm(range(0, len(items), batch_size), disable=not progress, desc="kv cache"):
+    bar = progress_bar(progress=progress, desc="kv cache", total=len(items), unit="passage")
+    for first in range(0, len(items), batch_size):
         group = items[first:first + batch_size]
         inputs = [lead.get(key, []) + seg for key, seg in group]
         width = max(len(x) for x in inputs)
@@ -104,6 +105,8 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
             spans[key] = (start, len(seg), n + skip)
             token_ids[key] = list(seg)
             start += len(seg)
+        bar.update(len(group))
+    bar.close()
     return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2), spans, token_ids
 
 
@@ -232,14 +235,17 @@ class FrozenKVCache:
         return other
 
     def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
-        """The batch's context: each row's segments at their positions, rows left-padded (`assembly.assemble`)."""
-        return assemble(self, rows, device, dtype)
+        """The batch's context as a DynamicCache (what a model's forward takes) and its mask: each row's segments
+        at their positions, rows left-padded (`assembly.assemble`)."""
+        states, mask = assemble(self, rows, device, dtype)
+        return as_cache(states), mask
 
     @staticmethod
     def assemble_rows(rows: list[tuple[object | None, list[str]]], model):
         """A decode pass's context, its rows from any caches (`assembly.assemble_rows`), on `model`'s device;
         rows of a cache in the `blend` layout then have their later passages' first tokens recomputed by
-        `model` (`blend.recompute`). The batch runner calls it on any of the pass's caches."""
+        `model` (`blend.recompute`). The batch runner calls it on any of the pass's caches. Returns (StackedStates,
+        or with recomputed rows a DynamicCache, and the mask): what `decode_steps` takes as `past`."""
         device = next(model.parameters()).device
         past, mask = assemble_rows(rows, device)
         width = mask.shape[1]
@@ -250,7 +256,9 @@ class FrozenKVCache:
                 continue
             length = sum(cache.spans[k][1] for k in keys)
             selected.append(recompute_slots(cache, keys, width - length, cache.recompute_tokens))
-        return recompute(model, past, mask, selected)
+        if not any(selected):
+            return past, mask
+        return recompute(model, as_cache(past), mask, selected)
 
     def attach(self, model, *, check: bool = True) -> FrozenKVCache:
         """Check the states are this model's, and put them on its device (assembly then runs there).

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible completions and chat over the adapter bank, plus search and operations.
+"""The FastAPI app: OpenAI-compatible completions and chat over the adapter bank, plus search, operations and
+the playground page (GET /).
 
     create_app(settings, bank=None)   # bank=None: load settings.model and the domains at start-up
 
@@ -20,16 +21,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from retro_peft import __version__
+from retro_peft import __version__, tracing
 from retro_peft.serving import errors, logs, openapi
 from retro_peft.serving.middleware import RequestContext
-from retro_peft.serving.routers import generation, operations, retrieval
+from retro_peft.serving.routers import generation, operations, playground, retrieval
 from retro_peft.serving.settings import ServeSettings, load_settings
 from retro_peft.serving.state import ServerState
 
 
 def create_app(settings: ServeSettings | None = None, bank=None) -> FastAPI:
     settings = settings or load_settings()
+    tracing.active()  # reads OTEL_* now: a misconfigured exporter stops the start, not a request
     state = ServerState(settings, bank)
 
     @asynccontextmanager
@@ -54,7 +56,7 @@ def create_app(settings: ServeSettings | None = None, bank=None) -> FastAPI:
     if settings.http.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.http.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    for router in (generation.router, retrieval.router, operations.router):
+    for router in (generation.router, retrieval.router, operations.router, playground.router):
         app.include_router(router)
     return app
 

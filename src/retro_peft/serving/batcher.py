@@ -18,8 +18,8 @@ for 32 clients to come back on a busy 2-core machine (mean batch 21.3 of 32).
 Rows of one pass share a `SamplingConfig` and `SearchOptions` (the bank takes
 one of each per call), so a batch holds the oldest request and the queued
 requests with the same settings; the others wait for the next pass, in order.
-Answer choices (`guided_choice`) and a chat's earlier turns are per row: requests
-with different choices or conversations share a pass.
+Answer choices (`guided_choice`), JSON constraints (`response_format`) and a chat's earlier turns
+are per row: requests with different choices, formats or conversations share a pass.
 
 The event loop never blocks: it submits a `Job` and awaits its future; the
 worker streams text back with `call_soon_threadsafe`. A job whose client went
@@ -38,7 +38,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
+from retro_peft import tracing
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
+from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.generation.prompt import Turn
 from retro_peft.serving.settings import BatchingConfig
 
@@ -75,11 +77,18 @@ class Job:
     search: SearchOptions | None = None  # retrieval options in place of the domain's own
     choices: tuple[str, ...] | None = None  # the answer is one of these (None: the domain's choices, if any)
     history: tuple[Turn, ...] = ()  # a chat's earlier turns, oldest first (system messages included)
+    constraint: JsonConstraint | None = None  # the answer is this JSON (`response_format`), decoded under its grammar
     cancelled: bool = False  # set by the event loop, read by the worker: a plain bool is enough
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class MicroBatcher:
+class JobQueue:
+    """The event-loop side every batching mode shares: a bounded queue of `Job`s, submit / wait with the request
+    timeout / cancel / stop, and the queue-depth gauge. A subclass owns the worker thread (`_work`) and says when
+    to retry (`retry_after`); `_busy` counts the jobs it has taken and not answered yet."""
+
+    thread_name = "retro-peft-batcher"
+
     def __init__(self, bank, config: BatchingConfig, metrics=None):
         self.bank = bank
         self.config = config
@@ -87,17 +96,13 @@ class MicroBatcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = 0  # jobs being decoded now
-        self._batch_seconds = 0.5  # running mean of a pass: Retry-After and the wait
-        self._free_since = 0.0  # when the last pass ended
-        self._peak = 0  # most requests in flight at once since the last batch was taken
-        self._expected = config.max_batch_size  # that peak for the last pass: the batch to wait for
+        self._busy = 0
         self._thread: threading.Thread | None = None
 
     # -- event-loop side ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="retro-peft-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=self.thread_name, daemon=True)
         self._thread.start()
 
     @property
@@ -109,24 +114,27 @@ class MicroBatcher:
         return len(self._queue) + self._busy
 
     def retry_after(self) -> int:
-        passes = math.ceil((len(self._queue) + 1) / self.config.max_batch_size)
-        return max(1, math.ceil(passes * self._batch_seconds))
+        raise NotImplementedError
 
     def submit(self, question: str, domain: str | None, sampling: SamplingConfig,
                on_text: Callable[[str], None] | None = None,
                search: SearchOptions | None = None, choices: tuple[str, ...] | None = None,
-               history: tuple[Turn, ...] = ()) -> Job:
+               history: tuple[Turn, ...] = (), constraint: JsonConstraint | None = None) -> Job:
         """Queue one request (raises QueueFull); await `wait(job)` for its answer. Call on the event loop."""
         loop = asyncio.get_running_loop()
-        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, search, choices, history)
+        job = Job(question, domain, sampling, loop, loop.create_future(), on_text, search, choices, history,
+                  constraint)
         with self._cond:
             if self._stopping or len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self.retry_after())
             self._queue.append(job)
-            self._peak = max(self._peak, self.in_flight)
+            self._queued()
             self._set_depth()
             self._cond.notify()
         return job
+
+    def _queued(self) -> None:
+        """Called under the lock after a job joined the queue."""
 
     async def wait(self, job: Job) -> Answer:
         """The job's answer (RequestTimeout past the timeout); cancelling this stops the row's generation."""
@@ -141,7 +149,8 @@ class MicroBatcher:
             raise
 
     def cancel(self, job: Job) -> None:
-        """Stop a job: out of the queue if it still waits (its slot is free at once), else the bank drops its row."""
+        """Stop a job: out of the queue if it still waits (its slot is free at once), else the worker drops its row
+        (it polls the flag every decode step)."""
         job.cancelled = True
         with self._cond:
             try:
@@ -166,11 +175,32 @@ class MicroBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    # -- worker side ----------------------------------------------------------------------
-
     def _set_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._queue))
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class MicroBatcher(JobQueue):
+    """Passes run to completion (`batching.mode: passes`; see the module docstring)."""
+
+    def __init__(self, bank, config: BatchingConfig, metrics=None):
+        super().__init__(bank, config, metrics)
+        self._batch_seconds = 0.5  # running mean of a pass: Retry-After and the wait
+        self._free_since = 0.0  # when the last pass ended
+        self._peak = 0  # most requests in flight at once since the last batch was taken
+        self._expected = config.max_batch_size  # that peak for the last pass: the batch to wait for
+
+    def retry_after(self) -> int:
+        passes = math.ceil((len(self._queue) + 1) / self.config.max_batch_size)
+        return max(1, math.ceil(passes * self._batch_seconds))
+
+    def _queued(self) -> None:
+        self._peak = max(self._peak, self.in_flight)
+
+    # -- worker side ----------------------------------------------------------------------
 
     def _next_batch(self) -> list[Job] | None:
         max_size = self.config.max_batch_size
@@ -218,11 +248,14 @@ class MicroBatcher:
             if job.on_text is not None and not job.cancelled:
                 job.loop.call_soon_threadsafe(job.on_text, delta, logprobs)
 
-        try:
-            answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
-                                            sampling=jobs[0].sampling, search=jobs[0].search, on_text=on_text,
-                                            cancelled=lambda row: jobs[row].cancelled,
-                                            choices=[j.choices for j in jobs], history=[j.history for j in jobs])
+        try:  # one trace per pass: its requests share the retrieve, prefill and decode spans
+            with tracing.span("batch", requests=len(jobs), domains=sorted({str(j.domain) for j in jobs})):
+                answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
+                                                sampling=jobs[0].sampling, search=jobs[0].search, on_text=on_text,
+                                                cancelled=lambda row: jobs[row].cancelled,
+                                                choices=[j.choices for j in jobs],
+                                                history=[j.history for j in jobs],
+                                                constraints=[j.constraint for j in jobs])
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its batch
             if len(jobs) > 1:
                 for job in jobs:

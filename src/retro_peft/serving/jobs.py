@@ -9,6 +9,7 @@ from fastapi import Request
 
 from retro_peft.errors import RetroPeftError
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
+from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.generation.prompt import Turn
 from retro_peft.serving.batcher import Job, QueueFull, RequestTimeout
 from retro_peft.serving.errors import ApiError, busy
@@ -17,11 +18,11 @@ from retro_peft.serving.state import BASE, ServerState
 
 def submit(state: ServerState, question: str, domain: str | None, sampling: SamplingConfig,
            search: SearchOptions | None, on_text=None, choices: tuple[str, ...] | None = None,
-           history: tuple[Turn, ...] = ()) -> Job:
+           history: tuple[Turn, ...] = (), constraint: JsonConstraint | None = None) -> Job:
     """Queue one answer (`on_text`: called with each piece of text, from the batcher's thread; `history`: the
-    conversation's earlier turns); 503 when full."""
+    conversation's earlier turns; `constraint`: the JSON it answers in); 503 when full."""
     try:
-        return state.batcher.submit(question, domain, sampling, on_text, search, choices, history)
+        return state.batcher.submit(question, domain, sampling, on_text, search, choices, history, constraint)
     except QueueFull as e:
         state.metrics.rejected.labels("queue_full").inc()
         raise busy(str(e), e.retry_after) from None
@@ -29,12 +30,12 @@ def submit(state: ServerState, question: str, domain: str | None, sampling: Samp
 
 def submit_all(state: ServerState, questions: list[str], domains: list[str | None], sampling: SamplingConfig,
                search: SearchOptions | None, choices: tuple[str, ...] | None = None,
-               history: tuple[Turn, ...] = ()) -> list[Job]:
+               history: tuple[Turn, ...] = (), constraint: JsonConstraint | None = None) -> list[Job]:
     """All the jobs or none (those queued are cancelled when one does not fit)."""
     jobs = []
     try:
         for q, d in zip(questions, domains):
-            jobs.append(submit(state, q, d, sampling, search, choices=choices, history=history))
+            jobs.append(submit(state, q, d, sampling, search, choices=choices, history=history, constraint=constraint))
     except ApiError:
         for job in jobs:
             state.batcher.cancel(job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from retro_peft.domains.registry import check_choices
 from retro_peft.errors import InputError
 from retro_peft.generation import SamplingConfig, SearchOptions
+from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.serving.errors import ApiError
 from retro_peft.serving.schemas import ChatRequest, CompletionRequest, RetrievalOptions
 from retro_peft.serving.settings import ServeSettings
@@ -63,3 +64,17 @@ def choices(settings: ServeSettings, body: CompletionRequest | ChatRequest) -> t
         return check_choices(body.guided_choice, "guided_choice")
     except InputError as e:
         raise ApiError(400, str(e), param="guided_choice", code="invalid_value") from None
+
+
+def constraint(body: CompletionRequest | ChatRequest) -> JsonConstraint | None:
+    """The request's `response_format` as a JSON constraint (None: free text), or a 400 naming the field. The
+    schema is compiled (and refused if the grammar library cannot) by the router, before any generation."""
+    form = body.response_format
+    if form is None or form.type == "text":
+        return None
+    if body.guided_choice is not None:
+        raise ApiError(400, "response_format: give a JSON response_format or guided_choice, not both",
+                       param="response_format", code="invalid_value")
+    if form.type == "json_object":
+        return JsonConstraint()
+    return JsonConstraint.of(form.json_schema.json_schema, strict=form.json_schema.strict is not False)

@@ -4,8 +4,9 @@ and, on each choice, `citations`, `abstained` and `answerability`.
 Bounds that depend on the server's settings (max_tokens, k, stop strings) are
 checked in `options.py` and the routers against the settings, so the schema stays
 valid for every configuration; the fixed ones (temperature, top_p, n) are declared here.
+`response_format` (`json_object`, `json_schema`) is enforced while decoding (`generation.grammar`).
 No field is silently ignored: OpenAI fields this server does not implement (`tools`,
-`logprobs`, `response_format`, `logit_bias`, ...) are accepted only at their no-op value
+`logit_bias`, ...) are accepted only at their no-op value
 (null, false, 0, empty) and otherwise refused with a 400 naming the field; `user`,
 `metadata`, `store` and `service_tier` are accepted and documented as having no effect;
 any other field is refused as unknown (a misspelt `max_token` would otherwise be
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retro_peft.choices import HistoryStrategy, SearchMode
 
@@ -42,6 +43,33 @@ class RetrievalOptions(BaseModel):
         None, description="chat: how a follow-up's search query is built from the earlier turns (none: the last "
                           "user message alone; concat: with the previous turns, the newest weighted most; rewrite: "
                           "condensed into a standalone question by the base model); default: the domain's")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` is the field's name in OpenAI's API; pydantic's BaseModel has a `schema` method, hence the alias
+    json_schema: dict[str, Any] = Field(..., alias="schema", description="a JSON Schema (the answer is a document "
+                                                                         "of it)")
+    strict: bool | None = Field(None, description="true or null: no properties beyond the schema's (xgrammar's "
+                                                  "strict mode); false: additional properties allowed where the "
+                                                  "schema does not forbid them")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `text` (free), `json_object` (any JSON object) or `json_schema` (a document
+    of the given schema), enforced token by token while decoding; a schema the grammar library cannot compile
+    is a 400 before any generation."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema: the schema")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -70,10 +98,12 @@ class _Sampling(_Request):
     store: bool | None = Field(None, description="accepted, no effect (nothing is stored)")
     service_tier: str | None = Field(None, description="accepted, no effect")
 
-    # OpenAI fields this server does not implement: their no-op value (null, false, 0, empty, a `text`
-    # response format) is accepted, any other refused with a 400 naming the field.
-    response_format: Any = Field(None, description=_NOT_IMPLEMENTED + "; guided_choice constrains an answer to "
-                                                                       "given strings")
+    response_format: ResponseFormat | None = Field(
+        None, description="the answer's format: text, json_object or json_schema (enforced while decoding; not with "
+                          "guided_choice)")
+
+    # OpenAI fields this server does not implement: their no-op value (null, false, 0, empty) is accepted, any
+    # other refused with a 400 naming the field.
     tools: Any = Field(None, description=_NOT_IMPLEMENTED + " (this server calls no tools)")
     tool_choice: Any = Field(None, description=_NOT_IMPLEMENTED)
     parallel_tool_calls: Any = Field(None, description=_NOT_IMPLEMENTED)
@@ -90,12 +120,12 @@ class _Sampling(_Request):
     prediction: Any = Field(None, description=_NOT_IMPLEMENTED)
     reasoning_effort: Any = Field(None, description=_NOT_IMPLEMENTED)
 
-    @field_validator("response_format", "tools", "tool_choice", "parallel_tool_calls",
+    @field_validator("tools", "tool_choice", "parallel_tool_calls",
                      "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
                      "echo", "suffix", "modalities", "audio", "prediction", "reasoning_effort")
     @classmethod
     def _not_implemented(cls, value, info):
-        if value is None or value is False or value in (0, "", [], {}, {"type": "text"}, ["text"]) \
+        if value is None or value is False or value in (0, "", [], {}, ["text"]) \
                 or (info.field_name == "best_of" and value == 1) \
                 or (info.field_name == "tool_choice" and value == "none"):
             return None

@@ -19,13 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
                                YamlConfigSettingsSource)
 
-from retro_peft.choices import DType, HistoryStrategy, KVLayout
+from retro_peft.choices import DType, HistoryStrategy, KVLayout, Quantize, check_quantize
 from retro_peft.errors import InputError
 
 # uvicorn's event loop. Not uvloop: under 200 connections on 2 cores uvloop left some connections
 # unanswered for seconds while serving the others (cached requests: max latency 2.0-6.8 s, p99 up to
 # 4.7 s), where asyncio's loop stayed within 127 ms at 5-20% fewer requests/s (BENCHMARKS.md, Serving).
 EVENT_LOOP = "asyncio"
+
+# The semantic tier's default cosine (with the same content words in order, serving/cache.py): 0 false hits on
+# SQuAD's distinct questions about one paragraph, and ~98% of the paraphrases benchmarks/semantic_cache.py makes
+# hit (0.95: ~50%); by the cosine alone no threshold below 0.998 gets to 0 (BENCHMARKS.md, Semantic cache).
+SEMANTIC_THRESHOLD = 0.9
 
 Scope = Literal["generate", "retrieve", "admin"]
 SCOPES: tuple[str, ...] = ("generate", "retrieve", "admin")
@@ -64,6 +69,9 @@ class GenerationConfig(_Section):
 
 
 class BatchingConfig(_Section):
+    mode: Literal["passes", "continuous"] = Field(
+        "passes", description="passes: each batch decoded to completion (serving/batcher.py); continuous: rows "
+                              "join and leave one running batch at every decode step (serving/scheduler.py)")
     max_batch_size: int = Field(32, ge=1, description="1 turns batching off")
     max_wait_ms: float = Field(50.0, ge=0,
                                description="a pass waits up to this, or 10% of a mean pass, for the requests it expects")
@@ -118,6 +126,16 @@ class CacheConfig(_Section):
     max_entries: int = Field(10_000, ge=1, description="in-memory bound; Redis is bounded by its maxmemory policy")
     redis_url: str | None = Field(None, description="redis://host:port/db to share the caches between replicas")
     retrieval: bool = True  # also cache /v1/retrieve results
+    disk_dir: str | None = Field(None, description="a folder for the disk tier (between memory and Redis): "
+                                                   "entries survive restarts; None: no disk tier")
+    disk_bytes: int = Field(1 << 30, ge=1 << 20, description="the disk tier's bound per cache (responses, "
+                                                             "retrieval); the oldest entries go first")
+    semantic: bool = Field(False, description="answer a question from the cached answer of a near-identical "
+                                              "earlier one (same domain, settings, index version); `x-cache: "
+                                              "semantic`")
+    semantic_threshold: float = Field(SEMANTIC_THRESHOLD, gt=0.0, le=1.0,
+                                      description="the cosine (by the domain's index encoder) a question needs to "
+                                                  "an earlier one for a semantic hit")
 
 
 class HttpConfig(_Section):
@@ -136,6 +154,13 @@ class ServeSettings(BaseSettings):
     dtype: DType = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on a CPU; bfloat16 halves CPU prefill on CPUs with "
                             "native bf16 (AVX512-BF16, AMX)")
+    quantize: Quantize | None = Field(
+        None, description="load the base model 4bit (NF4) or 8bit by bitsandbytes (pip install "
+                          "'retro-peft[quantize]'); every domain's adapter answers on it")
+    compile_decode: bool = Field(
+        False, description="CUDA only: prefill short prompts (a frozen KV cache's question) and run every decode "
+                           "step as CUDA graphs (the first request of each shape compiles; a graph that fails "
+                           "falls back to eager decoding with one warning)")
     max_adapters: int = Field(8, ge=1)
     domains: list[DomainConfig] | None = None
     host: str = "127.0.0.1"
@@ -152,6 +177,12 @@ class ServeSettings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+
+    @model_validator(mode="after")
+    def _quantize_needs_bitsandbytes(self):
+        # at start-up, with the pip command, rather than as a failed model load once the server runs
+        check_quantize(self.quantize)
+        return self
 
 
 def load_settings(config_file: str | Path | None = None, **overrides) -> ServeSettings:

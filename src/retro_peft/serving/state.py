@@ -13,10 +13,11 @@ from retro_peft.domains.registry import AUTO, list_domains
 from retro_peft.errors import RetroPeftError
 from retro_peft.serving.auth import Authenticator
 from retro_peft.serving.batcher import MicroBatcher
-from retro_peft.serving.cache import RequestKeys, make_cache
+from retro_peft.serving.cache import RequestKeys, SemanticIndex, make_cache
 from retro_peft.serving.errors import ApiError, busy
 from retro_peft.serving.metrics import Metrics
 from retro_peft.serving.ratelimit import RateLimiter
+from retro_peft.serving.scheduler import ContinuousScheduler
 from retro_peft.serving.settings import DomainConfig, ServeSettings
 
 log = logging.getLogger("retro_peft.serving")
@@ -32,13 +33,16 @@ class ServerState:
         env_keys = settings.api_keys.get_secret_value() if settings.api_keys else None
         self.auth = Authenticator(settings.auth, env_keys)
         self.limiter = RateLimiter(settings.limits) if settings.limits.enabled else None
-        self.response_cache = make_cache(settings.cache) if settings.cache.enabled else None
-        self.retrieval_cache = make_cache(settings.cache) if settings.cache.enabled and settings.cache.retrieval \
-            else None
+        self.response_cache = make_cache(settings.cache, "responses") if settings.cache.enabled else None
+        self.retrieval_cache = make_cache(settings.cache, "retrieval") \
+            if settings.cache.enabled and settings.cache.retrieval else None
+        # questions answered, by embedding: the semantic tier's look-up (the answers are in response_cache)
+        self.semantic = SemanticIndex(settings.cache.semantic_threshold, settings.cache.max_entries) \
+            if self.response_cache is not None and settings.cache.semantic else None
         # Request bytes already seen -> their response-cache key (see middleware.RequestContext._cache_hit).
         self.known_requests = RequestKeys(settings.cache.max_entries) if self.response_cache is not None else None
         self.bank = bank
-        self.batcher: MicroBatcher | None = None
+        self.batcher: MicroBatcher | ContinuousScheduler | None = None
         self.status = "loading"
         self.domains: dict[str, str] = {}  # name -> "loaded" | "loading" | error
         self.descriptions: dict[str, str | None] = {}
@@ -64,7 +68,9 @@ class ServerState:
                 specs = self._configured_domains()
                 self.domains = {d.name: "loading" for d in specs}
                 self.bank = AdapterBank(self.settings.model, max_adapters=self.settings.max_adapters,
-                                        device=self.settings.device, dtype=self.settings.dtype)
+                                        device=self.settings.device, dtype=self.settings.dtype,
+                                        quantize=self.settings.quantize,
+                                        compile_decode=self.settings.compile_decode)
                 for spec in specs:
                     self.descriptions[spec.name] = spec.description
                     try:
@@ -77,7 +83,8 @@ class ServerState:
                         log.error("domain %s failed to load: %s", spec.name, e)
             else:
                 self.domains = {name: "loaded" for name in self.bank.domains}
-            self.batcher = MicroBatcher(self.bank, self.settings.batching, self.metrics)
+            batching = ContinuousScheduler if self.settings.batching.mode == "continuous" else MicroBatcher
+            self.batcher = batching(self.bank, self.settings.batching, self.metrics)
             self.batcher.start()
             # The model, tokenizers and libraries are ~500k long-lived objects; a full garbage
             # collection walks them all (measured: 340 ms with SmolLM2 loaded, 0 ms after freezing)

@@ -22,11 +22,12 @@ _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def stream(state: ServerState, question: str, domain: str | None, model: str, sampling: SamplingConfig,
            search: SearchOptions | None, chat: bool, usage_chunk: bool,
-           choices: tuple[str, ...] | None = None, history: tuple[Turn, ...] = ()) -> StreamingResponse:
+           choices: tuple[str, ...] | None = None, history: tuple[Turn, ...] = (),
+           constraint=None) -> StreamingResponse:
     """The job is queued before the 200 goes out, so a full queue is still a 503. `model`: the one reported."""
     pieces: asyncio.Queue[tuple[str, list | None]] = asyncio.Queue()  # (text, its tokens' logprobs or None)
     job = jobs.submit(state, question, domain, sampling, search, lambda text, logprobs=None:
-                      pieces.put_nowait((text, logprobs)), choices, history)
+                      pieces.put_nowait((text, logprobs)), choices, history, constraint)
     chunks = Chunks(model, chat, state.bank.tokenizer)
 
     async def events():

@@ -5,6 +5,9 @@ decay, gradient accumulation, bf16 autocast on CUDA (fp32 on CPU), batches
 grouped by length (little padding), evaluation and atomic checkpoints every N
 steps, and `resume` that continues with the same data order. The loss stays on
 the device between log intervals, so the loop does not wait on the GPU each step.
+Under `torchrun` / `accelerate launch` it is data-parallel (see `distributed`): each rank
+trains on its share of the same global batches, DistributedDataParallel averages the
+gradients, and rank 0 alone writes checkpoints and the adapter.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` written as a temporary
 folder, fsynced and renamed (so it is complete or absent):
@@ -40,8 +43,10 @@ from retro_peft.kvcache import FrozenKVCache
 from retro_peft.kvcache.layout import HEAD, marker_key
 from retro_peft.kvcache.rotation import rotary_embedding
 from retro_peft.kvcache.store import segment_states
-from retro_peft.base_model import check_device
+from retro_peft.base_model import check_device, quantized
+from retro_peft.choices import check_quantize
 from retro_peft.storage import check_parent_writable, replace_folder
+from retro_peft.training import distributed
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,9 @@ class TrainConfig:
     # Recompute each decoder layer's activations in the backward pass instead of keeping them (non-reentrant
     # torch.utils.checkpoint): activation memory of one layer instead of all, for about one more forward.
     gradient_checkpointing: bool = False
+    # "4bit" / "8bit": the model's base was loaded quantized (RetroPeftModel.create(..., quantize=)): QLoRA.
+    # Checked against the model and recorded with the checkpoints, so a resume runs on the same base.
+    quantize: str | None = None
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "length_window"):
@@ -86,6 +94,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0")
         check_device(self.device)
+        check_quantize(self.quantize)
 
 
 @dataclass
@@ -94,7 +103,7 @@ class TrainResult:
     final_loss: float | None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    tokens: int = 0  # real (non-padding) tokens processed in this process
+    tokens: int = 0  # real (non-padding) tokens processed in this run (all ranks together)
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     trainable_params: int = 0
@@ -163,13 +172,39 @@ def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, t
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_loss(model, examples: list[TrainingExample], pad_id: int, device) -> torch.Tensor:
-    """Mean answer-token loss of a batch: one forward pass, or two in the frozen KV cache's layout."""
+def forward_loss(model, examples: list[TrainingExample], pad_id: int, device,
+                 num_items: int | None = None) -> torch.Tensor:
+    """Mean answer-token loss of a batch: one forward pass, or two in the frozen KV cache's layout.
+    num_items: divide the summed loss by this many answer tokens instead (a rank's share of a global batch)."""
     if any(ex.segments for ex in examples):
         return block_attention_forward(model, examples, pad_id, device).loss
+    extra = {"num_items_in_batch": num_items} if num_items is not None else {}
     # use_cache=False: training has no use for a KV cache, and building one per layer
     # costs kernels (and a recompile per layer when compiled).
-    return model(**collate(examples, pad_id, device), use_cache=False).loss
+    return model(**collate(examples, pad_id, device), use_cache=False, **extra).loss
+
+
+def answer_tokens(examples: list[TrainingExample]) -> int:
+    """The tokens the loss averages over: those predicted from a previous position that carry a label."""
+    return sum(label != IGNORE for ex in examples for label in ex.labels[1:])
+
+
+def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad_id: int, device):
+    """(loss, this rank's examples) of one micro-batch `batch_ids` (the global one).
+
+    One process: the batch's mean loss. Data-parallel: this rank's share, its summed loss divided by the
+    answer tokens of the whole global batch and multiplied by the ranks (DDP averages the gradients), so the
+    update is exactly one process's on the global batch, however the answer tokens fall between the shares.
+    A rank whose share is empty (an epoch's last, short batch) runs one example at weight 0: DDP needs every
+    rank's backward pass.
+    """
+    if distributed.world_size() == 1:
+        batch = [examples[i] for i in batch_ids]
+        return forward_loss(model, batch, pad_id, device), batch
+    batch = [examples[i] for i in distributed.shard(batch_ids)]
+    total = answer_tokens([examples[i] for i in batch_ids])
+    loss = forward_loss(model, batch or [examples[batch_ids[0]]], pad_id, device, num_items=max(total, 1))
+    return loss * (distributed.world_size() if batch else 0), batch
 
 
 def block_attention_forward(model, examples: list[TrainingExample], pad_id: int, device):
@@ -236,15 +271,18 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         raise InputError("resume needs the output folder that holds the checkpoints")
     if out_dir is not None:
         check_output_dir(out_dir, resume=resume)
-    device = check_device(config.device)
-    peft_model, pad_id = model.model.to(device), model.tokenizer.pad_token_id
+    device = distributed.local_device(check_device(config.device))
+    world = distributed.world_size()
+    adalora = isinstance(model.config, RetroAdaLoraConfig)
+    if world > 1:
+        _check_data_parallel(config, examples, adalora, retriever)
+    peft_model, pad_id = _placed(model.model, config, device), model.tokenizer.pad_token_id
     if any(ex.segments for ex in examples):  # block attention: refuse a model the frozen cache cannot serve
         rotary_embedding(peft_model)
         if config.gradient_checkpointing:
             # transformers turns the KV cache off under checkpointing, and this layout is built from KV caches
             raise InputError("gradient checkpointing cannot train in the block-attention layout (it needs the "
                              "passages' KV caches, which checkpointing turns off): drop one of the two")
-    adalora = isinstance(model.config, RetroAdaLoraConfig)
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -261,8 +299,11 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     identity = {"data_sha256": examples_sha256(examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed, "steps": config.steps,
                 "method": model.config.method, "base_model": model.info.get("base_model"),
+                "quantize": config.quantize,  # (older checkpoints lack the key: None, full precision, as they were)
+                "world_size": world,  # a resume must split each global batch the same way
                 "retriever": retriever.identity() if retriever is not None else None}
     start_step, position, result = 0, 0, TrainResult(steps=0, final_loss=None)
+    created_group = distributed.init(device)
     torch.manual_seed(config.seed)
     if resume:
         ckpt = latest_checkpoint(out_dir)
@@ -271,28 +312,33 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                                                            retriever)
             result.resumed_from = start_step
     result.trainable_params = sum(p.numel() for p in params)
-    stream = batch_stream([len(ex) for ex in examples], config.batch_size, config.seed, position, config.length_window)
+    # every rank draws the same global batches (batch_size per rank) and trains on its share
+    stream = batch_stream([len(ex) for ex in examples], config.batch_size * world, config.seed, position,
+                          config.length_window)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loss_sum, loss_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     retriever_sum = torch.zeros((), device=device)
-    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {model.config.method}")
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress or not distributed.is_main(),
+               desc=f"train {model.config.method}")
     uncheckpoint = checkpoint_layers(peft_model) if config.gradient_checkpointing else (lambda: None)
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     peft_model.train()
+    ddp = distributed.wrap(peft_model, device)  # the model itself in one process
     try:
         for step in range(start_step, config.steps):
-            for _ in range(config.grad_accum):
+            for micro in range(config.grad_accum):
                 position, batch_ids = next(stream)
-                batch = [examples[i] for i in batch_ids]
+                with distributed.no_sync(ddp, last_micro_batch=micro == config.grad_accum - 1):
+                    with autocast:
+                        loss, batch = shard_loss(ddp, examples, batch_ids, pad_id, device)
+                        loss = loss / config.grad_accum
+                        if retriever is not None:
+                            extra = retriever.loss([ex.item_id for ex in batch], peft_model, pad_id)
+                            if extra is not None:
+                                retriever_sum += extra.detach() / config.grad_accum
+                                loss = loss + retriever.config.weight * extra / config.grad_accum
+                    loss.backward()
                 tokens += sum(len(ex) for ex in batch)  # host-side count: no device sync
-                with autocast:
-                    loss = forward_loss(peft_model, batch, pad_id, device) / config.grad_accum
-                    if retriever is not None:
-                        extra = retriever.loss([ex.item_id for ex in batch], peft_model, pad_id)
-                        if extra is not None:
-                            retriever_sum += extra.detach() / config.grad_accum
-                            loss = loss + retriever.config.weight * extra / config.grad_accum
-                loss.backward()
                 loss_sum += loss.detach()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -307,7 +353,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             done = step + 1
             logged = None
             if done % max(config.log_every, 1) == 0 or done == config.steps:
-                logged = (loss_sum / loss_count).item()  # the one host sync, at log intervals
+                logged = distributed.mean(loss_sum / loss_count).item()  # the one host sync, at log intervals
                 result.losses.append((done, logged))
                 if retriever is not None:
                     result.retriever_losses.append((done, (retriever_sum / loss_count).item()))
@@ -330,13 +376,14 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         uncheckpoint()
     bar.close()
     result.seconds = time.perf_counter() - t0
-    result.tokens = tokens
-    result.tokens_per_s = tokens / result.seconds if result.seconds > 0 else 0.0
+    all_tokens = distributed.mean(torch.tensor(float(tokens), dtype=torch.float64, device=device)) * world
+    result.tokens = round(all_tokens.item())
+    result.tokens_per_s = result.tokens / result.seconds if result.seconds > 0 else 0.0
     result.final_loss = result.losses[-1][1] if result.losses else None
     result.final_ranks = model.final_ranks()
-    if before_save is not None:
+    if before_save is not None and distributed.is_main():
         before_save()
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         # The trained encoder goes into the adapter folder, which records the index as it will be once
         # re-embedded; then the index is re-embedded (atomically: until then it answers as before).
         model.save(out_dir, index=index, training_data_sha256=data_sha256,
@@ -345,6 +392,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         if retriever is not None:
             stats = index.reembed(str(Path(out_dir).absolute() / RETRIEVER_FOLDER))
             result.reembedded = {k: stats[k] for k in ("chunks", "embedded", "changed", "generation")}
+    distributed.barrier()  # no rank leaves before the adapter is complete
+    distributed.cleanup(created_group)
     return result
 
 
@@ -362,6 +411,36 @@ def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_i
             total += forward_loss(model, batch, pad_id, device).float().item() * n
         count += n
     return total / max(count, 1)
+
+
+def _check_data_parallel(config: TrainConfig, examples: list[TrainingExample], adalora: bool, retriever) -> None:
+    """Refuse what data-parallel training cannot do exactly as one process would."""
+    if adalora:
+        raise InputError("AdaLoRA cannot train data-parallel yet: its orthogonality penalty is added inside the "
+                         "forward pass, where the per-rank loss scaling would count it once per rank; train it "
+                         "in one process, or use --method lora")
+    if retriever is not None:
+        raise InputError("joint retriever training cannot train data-parallel yet (the encoder is outside "
+                         "DistributedDataParallel, its gradients would not be averaged): train it in one process")
+    if any(ex.segments for ex in examples):
+        raise InputError("block-attention training cannot train data-parallel yet (its passages' forward passes "
+                         "run outside DistributedDataParallel): train it in one process")
+
+
+def _placed(peft_model, config: TrainConfig, device: torch.device):
+    """The model on `device`; a quantized one must have been loaded there (bitsandbytes places it when loading)."""
+    found = quantized(peft_model)
+    if found != config.quantize:
+        raise InputError(f"TrainConfig.quantize is {config.quantize!r} but the model's base is "
+                         f"{f'quantized to {found}' if found else 'not quantized'}: load it with "
+                         f"RetroPeftModel.create(..., quantize={config.quantize!r}) or set the same quantize")
+    if not found:
+        return peft_model.to(device)
+    on = {p.device for p in peft_model.parameters()}
+    if on != {device} and not (device.type == "cuda" and device.index is None and {d.type for d in on} == {"cuda"}):
+        raise InputError(f"the quantized model is on {', '.join(sorted(map(str, on)))}, not on {device}: load it "
+                         f"with device={str(device)!r} (a quantized model cannot be moved after loading)")
+    return peft_model
 
 
 def checkpoint_layers(peft_model) -> Callable[[], None]:
@@ -449,9 +528,27 @@ def latest_checkpoint(out_dir) -> Path | None:
     return done[-1] if done else None
 
 
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def rank_prefix(rank: int) -> str:
+    """Rank 0's RNG states keep the one-process names; another rank's are prefixed (each has its own stream)."""
+    return f"rank{rank}." if rank else ""
+
+
 def save_checkpoint(out_dir, step: int, position: int, model, optimizer, scheduler, identity: dict,
                     result: TrainResult, adalora: bool, retriever=None) -> Path:
+    """Called by every rank (it gathers their RNG states); rank 0 writes."""
+    states = distributed.gather(rng_states())
     folder = Path(out_dir) / CHECKPOINTS
+    final = folder / f"step-{step:06d}"
+    if not distributed.is_main():
+        distributed.barrier()  # returns once rank 0 has written it
+        return final
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
     try:
@@ -460,9 +557,7 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
         opt = optimizer.state_dict()
         save_file({f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()},
                   tmp / "optimizer.safetensors")
-        extra = {"rng.cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            extra.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        extra = {rank_prefix(r) + k: v for r, s in enumerate(states) for k, v in s.items()}
         rank_pattern = None
         if adalora:
             alloc = model.base_model.rankallocator
@@ -476,21 +571,24 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
                  "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
                  "result": result.to_dict(), "rank_pattern": _bools(rank_pattern)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-        final = folder / f"step-{step:06d}"
         replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(p for p in folder.iterdir() if p.name.startswith("step-"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool, retriever=None):
     state = json.loads((path / "state.json").read_text())
-    saved = state["identity"]
+    saved = {"world_size": 1, **state["identity"]}  # (older checkpoints lack the key: one process)
     for key in identity:
         if saved.get(key) != identity[key]:
-            what = {"data_sha256": "training data", "base_model": "base model"}.get(key, key)
+            what = {"data_sha256": "training data", "base_model": "base model",
+                    "quantize": "base model's quantization",
+                    "world_size": "number of training processes (torchrun --nproc_per_node; resume on as many)",
+                    }.get(key, key)
             raise InputError(f"cannot resume from {path}: the {what} differs from that run "
                              f"(saved {str(saved.get(key))[:60]!r}, now {str(identity[key])[:60]!r})")
     weights = load_file(path / "trainable.safetensors")
@@ -510,9 +608,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, ada
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     extra = load_file(path / "extra.safetensors")
-    torch.set_rng_state(extra["rng.cpu"])
+    mine = rank_prefix(distributed.rank())
+    torch.set_rng_state(extra[mine + "rng.cpu"])
     if torch.cuda.is_available():
-        cuda = [extra[k] for k in sorted(k for k in extra if k.startswith("rng.cuda."))]
+        cuda = [extra[k] for k in sorted(k for k in extra if k.startswith(mine + "rng.cuda."))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     if adalora:

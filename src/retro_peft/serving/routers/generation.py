@@ -7,13 +7,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from retro_peft.domains.registry import AUTO
+from retro_peft.errors import InputError
 from retro_peft.generation import SamplingConfig
+from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.generation.prompt import Turn, with_choices
 from retro_peft.serving import jobs, options, payloads
 from retro_peft.serving.auth import Principal
-from retro_peft.serving.cache import cache_key
+from retro_peft.serving.cache import cache_key, semantic_text
 from retro_peft.serving.dependencies import State, authorized
 from retro_peft.serving.errors import ApiError, RateLimited
 from retro_peft.serving.openapi import errors, streamed
@@ -74,13 +77,16 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     sampling = options.sampling(state.settings, body, chat)
     search = options.search(state.settings, body.retrieval)
     choices = options.choices(state.settings, body)
+    constraint = await _compiled(state, options.constraint(body))
 
     # Greedy answers are a function of (domain, question, earlier turns, settings): serve them from the cache.
-    key = None
+    key = semantic = None
     if state.response_cache is not None and sampling.greedy and not body.stream:
-        key = cache_key(payloads.kind(chat), [model, state.bank.version(model), questions, sampling.max_new_tokens,
-                                              sampling.stop, search, choices, [[t.role, t.content] for t in history],
-                                              sampling.logprobs])
+        # what the answer depends on besides the questions (the semantic tier's bucket)
+        shared = [model, state.bank.version(model), sampling.max_new_tokens, sampling.stop, search, choices,
+                  [[t.role, t.content] for t in history], sampling.logprobs,
+                  None if constraint is None else constraint.describe()]
+        key = cache_key(payloads.kind(chat), [questions, shared])
         identity = getattr(request.state, "request_identity", None)  # set by RequestContext
         if identity is not None:
             state.known_requests.put(identity, (key, chat, body.model))
@@ -89,6 +95,14 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
         if cached is not None:
             request.state.extra_headers["x-cache"] = "hit"
             return payloads.json_response(payloads.restamped(cached, chat))
+        semantic = await _semantic_query(state, model, questions, history, cache_key(payloads.kind(chat), shared))
+        if semantic is not None:
+            near = state.semantic.nearest(semantic[0], questions[0], semantic[1])
+            cached = None if near is None else await state.response_cache.aget(near)
+            state.metrics.cache.labels("semantic", "hit" if cached is not None else "miss").inc()
+            if cached is not None:
+                request.state.extra_headers["x-cache"] = "semantic"
+                return payloads.json_response(payloads.restamped(cached, chat))
 
     shown = questions if choices is None else [with_choices(q, choices) for q in questions]  # the prompt lists them
     await _admit_tokens(state, request, caller, shown, sampling, history)
@@ -97,9 +111,9 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     if body.stream:
         usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
         return stream(state, questions[0], domains[0], reported, sampling, search, chat, usage_chunk, choices,
-                      history)
+                      history, constraint)
     answers = await jobs.wait_all(state, request, jobs.submit_all(state, questions, domains, sampling, search,
-                                                                 choices, history))
+                                                                 choices, history, constraint))
     if answers is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     response = payloads.completion(answers, reported, chat, state.bank.tokenizer)
@@ -108,7 +122,35 @@ async def _generate(state: ServerState, request: Request, caller: Principal, bod
     if key is not None:
         await state.response_cache.aset(key, cacheable)
         request.state.extra_headers["x-cache"] = "miss"
+        if semantic is not None:
+            state.semantic.add(semantic[0], questions[0], semantic[1], key)
     return payloads.json_response(payloads.stamped(cacheable, response.id, response.created))
+
+
+async def _semantic_query(state: ServerState, model: str, questions: list[str], history: tuple[Turn, ...],
+                          bucket: str):
+    """(bucket, the question's embedding by its domain's index encoder) for the semantic tier, or None: the tier
+    is off, or the request is not one it answers (`auto`, a domain without an index, several prompts, a chat
+    follow-up: an earlier turn changes what a question means)."""
+    if state.semantic is None or model == AUTO or len(questions) != 1 or history:
+        return None
+    index = state.bank.domains[model].index
+    if index is None:
+        return None
+    vectors = await run_in_threadpool(index.encoder.encode, [semantic_text(questions[0])])
+    return bucket, vectors[0]
+
+
+async def _compiled(state: ServerState, constraint: JsonConstraint | None) -> JsonConstraint | None:
+    """The constraint, once the grammar library has compiled it (a 400 naming the schema if it cannot); compiled
+    grammars are cached, so decoding reuses this one."""
+    if constraint is not None:
+        try:
+            await run_in_threadpool(state.bank.grammars.compile, constraint)
+        except InputError as e:
+            raise ApiError(400, f"response_format.json_schema.schema: {e}", param="response_format.json_schema.schema",
+                           code="invalid_value") from None
+    return constraint
 
 
 def _check_questions(state: ServerState, questions: list[str], streamed: bool, chat: bool) -> None:

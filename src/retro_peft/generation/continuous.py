@@ -1,0 +1,245 @@
+"""Iteration-level batching (Orca, vLLM): one running decode batch that rows join and leave at every step.
+
+`BatchRunner` decodes a pass to completion: a row that arrives one token after the pass
+started waits for all of it, and a short answer holds its slot until the longest row ends.
+`ContinuousBatch` keeps one running batch instead:
+- `admit(requests)` prefills the new rows as their own left-padded batch (a frozen KV
+  cache's rows prefill their tail over the assembled context, as `BatchRunner.inputs`
+  gives it), chooses their first token, and merges their KV cache into the running one:
+  the narrower of the two is padded on the left with masked zeros, then the rows are
+  concatenated along the batch;
+- `step()` runs one forward for every running row (each at its own position), chooses
+  each row's token with its own sampling settings and generator, streams its text, and
+  retires the rows that finished, stopped or were cancelled at once (`index_select` on
+  the batch dimension; columns that are padding in every remaining row are trimmed).
+
+Rows of different adapters decode in one forward through `adapters(tags)`, a context the
+owner supplies (the bank's MixedLoRA pass), entered around every forward, since the row
+set changes between steps. Greedy answers are those of the row decoded alone: padding is
+masked and each row's positions count its real tokens only.
+
+What it does not do, the pass path (`BatchRunner.run`) does: answer choices, JSON grammar
+constraints, answerability heads, log-probabilities and the static (compiled) decode;
+`decodes(row, sampling)` says whether a row is one of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from retro_peft import tracing
+from retro_peft.generation.answers import Answer
+from retro_peft.generation.decode import Generated, left_pad
+from retro_peft.generation.prompt import check_fits, model_context
+from retro_peft.generation.runner import BatchRunner, Row, make_answer
+from retro_peft.generation.sampling import SamplingConfig, choose_tokens
+from retro_peft.hf_compat import as_cache, cache_kwarg, dynamic_cache, layer_states, cache_layers
+
+
+@dataclass(eq=False)
+class Request:
+    """One row to decode. on_text(delta) streams its text; cancelled() -> bool is polled before every step."""
+
+    row: Row
+    sampling: SamplingConfig
+    on_text: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+    tag: object = None  # what `adapters` is told about the row (its adapter)
+
+
+@dataclass(eq=False)
+class _Running:
+    """A running row's decoding state."""
+
+    request: Request
+    rng: torch.Generator | None
+    position: int  # the position of the next token fed to the model
+    next_token: int = -1  # chosen, not yet fed to the model
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    reason: str | None = None
+
+    @property
+    def hold(self) -> int:  # text that could still turn into a stop string is held back
+        return max((len(x) for x in self.request.sampling.stop), default=1) - 1
+
+
+@dataclass
+class Finished:
+    request: Request
+    answer: Answer
+
+
+class ContinuousBatch:
+    """One running decode batch over `runner`'s model (read at every forward: its owner may wrap it, e.g. when a
+    first adapter is loaded). adapters(tags) -> context manager: the adapter context of a forward over rows with
+    these tags (None: the model as it is)."""
+
+    def __init__(self, runner: BatchRunner, adapters: Callable[[list], contextlib.AbstractContextManager] | None = None):
+        self.runner = runner
+        self.adapters = adapters or (lambda tags: contextlib.nullcontext())
+        self.rows: list[_Running] = []
+        self._cache = None  # DynamicCache over self.rows, [rows, kv_heads, width, head_dim] per layer
+        self._mask: torch.Tensor | None = None  # [rows, width]: 1 where a row has a real token
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tags(self) -> set:
+        return {r.request.tag for r in self.rows}
+
+    @staticmethod
+    def decodes(row: Row, sampling: SamplingConfig) -> bool:
+        """Whether this engine decodes the row (else the pass path must: see the module's docstring)."""
+        return not row.choices and row.constraint is None and row.answerability is None and sampling.logprobs is None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, requests: list[Request]) -> list[Finished]:
+        """Prefill `requests` and add them to the running batch; returns those already finished (a first token
+        that stops, or max_tokens 1). Raises InputError (nothing admitted) if a prompt does not fit the model."""
+        if not requests:
+            return []
+        for request in requests:
+            if not self.decodes(request.row, request.sampling):
+                raise ValueError("ContinuousBatch cannot decode this row (choices, a constraint, an answerability "
+                                 "head or logprobs): use BatchRunner")
+            check_fits([request.row.prompt], request.sampling.max_new_tokens, model_context(self.runner.model))
+        model = self.runner.model
+        device = next(model.parameters()).device
+        with self.adapters([r.tag for r in requests]):
+            sequences, context = self.runner.inputs([r.row for r in requests])
+            input_ids, mask = left_pad(sequences, self.runner.pad_id, device)
+            past = None
+            if context is not None:
+                past, context_mask = context
+                mask = torch.cat([context_mask.to(device), mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = as_cache(past) if past is not None else dynamic_cache([], [])
+            with tracing.span("prefill", rows=len(requests), tokens=int(input_ids.numel())):
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
+                               use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :]
+        fresh = [_Running(r, None if r.sampling.greedy else
+                          torch.Generator(device=device).manual_seed(r.sampling.seed), int(positions[i, -1]) + 1)
+                 for i, r in enumerate(requests)]
+        self._merge(fresh, cache, mask)
+        return self._take(fresh, logits)
+
+    def _merge(self, fresh: list[_Running], cache, mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self._cache, self._mask = fresh, cache, mask
+            return
+        width = max(mask.shape[1], self._mask.shape[1])
+        keys, values = [], []
+        for layer in range(cache_layers(self._cache)):
+            old_k, old_v = layer_states(self._cache, layer)
+            new_k, new_v = layer_states(cache, layer)
+            keys.append(torch.cat([_pad_left(old_k, width, 2), _pad_left(new_k, width, 2)], dim=0))
+            values.append(torch.cat([_pad_left(old_v, width, 2), _pad_left(new_v, width, 2)], dim=0))
+        self._cache = dynamic_cache(keys, values)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        self.rows = self.rows + fresh
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """Cancelled rows leave; one forward for the others; returns the rows that finished."""
+        done = [r for r in self.rows if r.request.cancelled is not None and r.request.cancelled()]
+        for r in done:
+            r.reason = "cancelled"
+        finished = [self._finish(r) for r in done]
+        self._retire()
+        if not self.rows:
+            return finished
+        model = self.runner.model
+        device = self._mask.device
+        tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
+        positions = torch.tensor([[r.position] for r in self.rows], device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+        with self.adapters([r.request.tag for r in self.rows]):
+            logits = model(input_ids=tokens, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                           **{cache_kwarg(model): self._cache}).logits[:, -1, :]
+        for r in self.rows:
+            r.position += 1
+        finished += self._take(self.rows, logits)
+        return finished
+
+    def _take(self, rows: list[_Running], logits: torch.Tensor) -> list[Finished]:
+        """Choose each row's next token from its logits (row i of `logits` is rows[i]); retire those that end."""
+        greedy = logits.argmax(dim=-1).tolist()
+        finished = []
+        for i, r in enumerate(rows):
+            sampling = r.request.sampling
+            token = greedy[i] if sampling.greedy else int(choose_tokens(logits[i:i + 1], sampling, [r.rng])[0])
+            if token in self.runner.stop_ids:
+                r.reason = "stop"
+            else:
+                r.tokens.append(token)
+                r.next_token = token
+                if r.request.on_text is not None or sampling.stop:
+                    r.text = self.runner.tokenizer.decode(r.tokens, skip_special_tokens=True)
+                    cut = min((i for i in (r.text.find(x) for x in sampling.stop) if i >= 0), default=-1)
+                    if cut >= 0:
+                        r.text, r.reason = r.text[:cut], "stop"
+                if r.reason is None and len(r.tokens) >= sampling.max_new_tokens:
+                    r.reason = "length"
+                if r.reason is None:
+                    self._emit(r, final=False)
+            if r.reason is not None:
+                finished.append(self._finish(r))
+        self._retire()
+        return finished
+
+    def _emit(self, r: _Running, final: bool) -> None:
+        if r.request.on_text is None:
+            return
+        upto = len(r.text) if final else len(r.text) - r.hold
+        while upto > r.emitted and not final and r.text[upto - 1] == "\ufffd":  # half a UTF-8 character
+            upto -= 1
+        if upto > r.emitted:
+            r.request.on_text(r.text[r.emitted:upto])
+            r.emitted = upto
+
+    def _finish(self, r: _Running) -> Finished:
+        if r.request.on_text is None and not r.request.sampling.stop:
+            r.text = self.runner.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        self._emit(r, final=True)
+        return Finished(r.request, make_answer(r.request.row, Generated(r.tokens, r.text, r.reason)))
+
+    def _retire(self) -> None:
+        """Drop the rows that ended from the batch, and the columns that are padding in every row left."""
+        keep = [i for i, r in enumerate(self.rows) if r.reason is None]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # the first column some row uses
+        keys, values = [], []
+        for layer in range(cache_layers(self._cache)):
+            k, v = layer_states(self._cache, layer)
+            keys.append(k.index_select(0, index)[:, :, start:])
+            values.append(v.index_select(0, index)[:, :, start:])
+        self._cache, self._mask = dynamic_cache(keys, values), mask[:, start:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros before its entries along `dim`, up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

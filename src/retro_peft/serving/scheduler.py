@@ -1,0 +1,259 @@
+"""Continuous batching (`batching.mode: continuous`): requests join and leave one running decode batch.
+
+The same interface as `MicroBatcher` (submit / wait / cancel / stop / depth / in_flight, the
+same `Job`, `QueueFull` and `RequestTimeout`), a different worker. Its one thread repeats:
+1. take queued jobs while the batch has room (`max_batch_size` rows running or prepared)
+   and prepare their rows (retrieval, prompt);
+2. rows the engine does not decode (answer choices, JSON constraints, answerability heads,
+   logprobs, non-LoRA adapters: see `ContinuousBatch.decodes`) run at once through the
+   bank's pass path, as `MicroBatcher` would run them; the running rows wait for that pass;
+3. admit prepared rows into the running batch (`ContinuousBatch.admit`): all of them into
+   an idle batch; beside running rows at most `PREFILL_TOKENS` prompt tokens per step (a
+   longer prompt is admitted alone), so a long prefill stalls the running rows once, briefly;
+   a row whose adapter would evict one a running row decodes with waits for a slot;
+4. one decode step for every running row; finished, stopped and cancelled rows are answered.
+
+A client that goes away (or whose time runs out) flags its job `cancelled`: its row leaves at
+the next step. Sampling settings and retrieval options are per row, so unlike a pass, any
+requests share the batch. The compiled static decode (`compile_decode`) is not used here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+
+from retro_peft.errors import RetroPeftError
+from retro_peft.generation import Answer
+from retro_peft.generation.continuous import ContinuousBatch, Request
+from retro_peft.generation.prompt import check_fits, model_context
+from retro_peft.serving.batcher import Job, JobQueue
+from retro_peft.serving.settings import BatchingConfig
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps while other rows are running
+
+
+class _BankRows:
+    """What the scheduler needs of an `AdapterBank`, in one place: rows prepared per job, the adapter context of
+    a forward, adapters brought into memory without evicting one in use, and the pass path."""
+
+    def __init__(self, bank):
+        self.bank = bank
+
+    def row(self, job: Job):
+        bank = self.bank
+        generator = bank._base_generator if job.domain is None else bank._get(job.domain).generator
+        return generator.rows([job.question], search=job.search, choices=[job.choices], history=[job.history],
+                              constraints=[job.constraint])[0]
+
+    def adapter(self, domain: str | None) -> str | None:
+        return self.bank._adapter_of(domain)
+
+    def resident(self, adapter: str, in_use: set) -> bool:
+        """Bring `adapter` into memory unless that would evict one in `in_use` (False: wait). The adapters in use
+        are touched first, so the least recently used one evicted is never one of them."""
+        if adapter in self.bank._resident:
+            return True
+        if len(in_use | {adapter}) > self.bank.max_adapters:
+            return False
+        for name in in_use:
+            self.bank._ensure_resident(name)
+        self.bank._ensure_resident(adapter)
+        return True
+
+    def mixes(self, adapter: str | None) -> bool:
+        """Whether rows of this adapter can decode beside others in one forward (plain LoRA, or none)."""
+        return adapter is None or self.bank._mixed_lora().supports(adapter)
+
+    def adapters_for(self, tags: list):
+        return self.bank._adapters_for(tags)
+
+    def run_pass(self, jobs: list[Job], rows: list, on_text, cancelled) -> list[Answer]:
+        """Rows the engine does not decode, through `BatchRunner.run` with the bank's adapter groups."""
+        domains = [j.domain for j in jobs]
+        scored = [bool(r.choices) for r in rows]
+        return self.bank._runner.run(rows, jobs[0].sampling, on_text=on_text, cancelled=cancelled,
+                                     groups=lambda batch: self.bank._groups(batch, domains, scored))
+
+
+class ContinuousScheduler(JobQueue):
+    """Requests join and leave one running decode batch (`batching.mode: continuous`; the module docstring)."""
+
+    thread_name = "retro-peft-scheduler"
+
+    def __init__(self, bank, config: BatchingConfig, metrics=None):
+        super().__init__(bank, config, metrics)
+        self._rows = _BankRows(bank)
+        self._engine = ContinuousBatch(bank._runner, self._rows.adapters_for)
+        self._ready: list[tuple[Job, Request]] = []  # prepared, waiting to be admitted
+        self._jobs: dict[int, tuple[Job, float]] = {}  # id(request) -> (its job, when admitted), the rows running
+        self.finished = Counter()  # answers by finish reason ("stop", "length", "cancelled": the client went away)
+        self._request_seconds = 1.0  # running mean of a request's time from admission to answer: Retry-After
+
+    def retry_after(self) -> int:
+        waves = math.ceil((len(self._queue) + 1) / self.config.max_batch_size)
+        return max(1, math.ceil(waves * self._request_seconds))
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def _take(self) -> list[Job] | None:
+        """Queued jobs that fit beside the rows running and prepared (None: stopped and drained)."""
+        with self._cond:
+            while not self._queue and not self._ready and not self._engine.running:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            room = self.config.max_batch_size - self._engine.running - len(self._ready)
+            taken = [self._queue.popleft() for _ in range(min(max(room, 0), len(self._queue)))]
+            self._busy += len(taken)
+            self._set_depth()
+            return taken
+
+    def _work(self) -> None:
+        while (taken := self._take()) is not None:
+            try:
+                self._prepare(taken)
+                self._admit()
+                self._answer(self._engine.step())
+                if self.metrics is not None and self._engine.running:
+                    self.metrics.batch_size.observe(self._engine.running)
+            except Exception as e:  # noqa: BLE001 - a failed forward fails the rows in it, never the worker
+                log.exception("continuous decoding failed")
+                for job, _ in self._jobs.values():
+                    self._resolve(job, exception=e)
+                self._jobs.clear()
+                self._engine = ContinuousBatch(self.bank._runner, self._rows.adapters_for)
+
+    def _prepare(self, jobs: list[Job]) -> None:
+        """Rows for the jobs taken: the engine's wait in `_ready`, the others run a pass now."""
+        passes: list[tuple[Job, object]] = []
+        for job in jobs:
+            if job.cancelled:
+                self._resolve(job)
+                continue
+            try:
+                row = self._rows.row(job)
+                check_fits([row.prompt], job.sampling.max_new_tokens, model_context(self.bank._runner.model))
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._resolve(job, exception=e)
+                continue
+            adapter = self._rows.adapter(job.domain)
+            method = None if adapter is None else self.bank.domains[job.domain].method
+            if ContinuousBatch.decodes(row, job.sampling) and method in (None, "lora"):
+                self._ready.append((job, self._request(job, row, adapter)))
+            else:
+                passes.append((job, row))
+        for group in _groups(passes):
+            self._run_pass(group)
+
+    def _request(self, job: Job, row, adapter) -> Request:
+        def on_text(delta: str) -> None:
+            if job.on_text is not None and not job.cancelled:
+                job.loop.call_soon_threadsafe(job.on_text, delta, None)
+
+        return Request(row, job.sampling, on_text if job.on_text is not None else None, lambda: job.cancelled, adapter)
+
+    def _run_pass(self, group: list[tuple[Job, object]]) -> None:
+        jobs = [j for j, _ in group]
+
+        def on_text(i: int, delta: str, logprobs: list | None = None) -> None:
+            if jobs[i].on_text is not None and not jobs[i].cancelled:
+                jobs[i].loop.call_soon_threadsafe(jobs[i].on_text, delta, logprobs)
+
+        in_use = self._engine.tags - {None}
+        needed = {self._rows.adapter(j.domain) for j in jobs} - {None}
+        if len(in_use | needed) > self.bank.max_adapters:  # it would evict a running row's adapter: after them
+            while self._engine.running:
+                self._answer(self._engine.step())
+        try:
+            for name in in_use:  # most recently used: the pass's adapters evict others first
+                self.bank._ensure_resident(name)
+            answers = self._rows.run_pass(jobs, [r for _, r in group], on_text, lambda i: jobs[i].cancelled)
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
+            if len(group) > 1:
+                for one in group:
+                    self._run_pass([one])
+                return
+            if not isinstance(e, RetroPeftError):
+                log.exception("generation failed")
+            self._resolve(jobs[0], exception=e)
+            return
+        for job, answer in zip(jobs, answers):
+            self._resolve(job, result=answer)
+
+    def _admit(self) -> None:
+        """Move prepared rows into the running batch (see the module's docstring for how many)."""
+        idle = not self._engine.running
+        in_use = self._engine.tags - {None}
+        budget, chosen, passes = PREFILL_TOKENS, [], []
+        for job, request in list(self._ready):
+            if job.cancelled:
+                self._ready.remove((job, request))
+                self._resolve(job)
+                continue
+            tokens = len(request.row.tail_ids if request.row.stored else request.row.prompt.input_ids)
+            if not idle and chosen and tokens > budget:
+                break
+            if request.tag is not None:
+                try:
+                    if not self._rows.resident(request.tag, in_use):
+                        continue  # its adapter would evict one a running row uses: it waits for a slot
+                except Exception as e:  # noqa: BLE001 - a broken adapter fails its own request
+                    self._ready.remove((job, request))
+                    self._resolve(job, exception=e)
+                    continue
+                if not self._rows.mixes(request.tag):
+                    self._ready.remove((job, request))
+                    passes.append((job, request.row))
+                    continue
+                in_use.add(request.tag)
+            self._ready.remove((job, request))
+            chosen.append((job, request))
+            budget -= tokens
+            if not idle and budget <= 0:
+                break
+        for group in _groups(passes):
+            self._run_pass(group)
+        if chosen:
+            now = time.monotonic()
+            for job, request in chosen:
+                self._jobs[id(request)] = (job, now)
+            self._answer(self._engine.admit([r for _, r in chosen]))
+
+    def _answer(self, finished) -> None:
+        for done in finished:
+            job, admitted = self._jobs.pop(id(done.request))
+            self.finished[done.answer.finish_reason] += 1
+            self._request_seconds = 0.9 * self._request_seconds + 0.1 * (time.monotonic() - admitted)
+            self._resolve(job, result=done.answer)
+
+    def _resolve(self, job: Job, result=None, exception: BaseException | None = None) -> None:
+        with self._cond:
+            self._busy = max(self._busy - 1, 0)
+
+        def settle():
+            if job.future.done():
+                return
+            if job.cancelled:  # nobody waits for it any more
+                job.future.cancel()
+            elif exception is not None:
+                job.future.set_exception(exception)
+            else:
+                job.future.set_result(result)
+
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is waiting
+            pass
+
+
+def _groups(pairs: list[tuple[Job, object]]) -> list[list[tuple[Job, object]]]:
+    """Pass-path jobs by (sampling, search): the bank's runner takes one of each per pass."""
+    groups: dict = {}
+    for job, row in pairs:
+        groups.setdefault((job.sampling, job.search), []).append((job, row))
+    return list(groups.values())

@@ -1,0 +1,171 @@
+"""QLoRA and quantized answering (--quantize 4bit|8bit): real bitsandbytes (its CPU path) on a tiny random Llama.
+
+The adapter trained on a quantized base is a plain PEFT folder that loads on the full-precision base and on the
+quantized one; a killed quantized run resumes to the same adapter; the refusals come before any loading.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from helpers_adapters import single_thread, smollm2_tokenizer, train_killed_at_first_checkpoint
+from safetensors.torch import load_file
+
+from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
+from retro_peft.base_model import load_base_model, quantized
+from retro_peft.cli import main
+from retro_peft.errors import InputError
+from retro_peft.qa import load_qa
+from retro_peft.training import TrainConfig, build_examples, train
+
+pytest.importorskip("bitsandbytes", reason="the quantize extra: pip install 'retro-peft[quantize]'")
+single_thread()
+
+RETRIEVAL = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=220)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    """A 2-layer random Llama 64 wide: bitsandbytes' CPU kernels take 4-bit blocks of 64 inputs (32 is too narrow
+    for its inference path). initializer_range 0.2: outputs far enough from uniform that an adapter moves them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=1)
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _inputs(tokenizer):
+    return tokenizer(["Who invented the piano?", "Into which sea does the Rhine flow? It flows"], return_tensors="pt",
+                     padding=True)
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_qlora_adapter_is_a_plain_peft_folder_that_loads_on_either_base(mode, tiny, index, qa_file, tokenizer,
+                                                                        tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=RETRIEVAL), quantize=mode, device="cpu")
+    assert quantized(model.model) == mode
+    assert all(not p.requires_grad for n, p in model.model.named_parameters() if "lora_" not in n)
+    examples = build_examples(load_qa(qa_file), index, model.tokenizer, RETRIEVAL, seed=0)
+    result = train(model, examples, TrainConfig(steps=6, batch_size=2, lr=1e-2, log_every=1, quantize=mode),
+                   out_dir=tmp_path / "adapter", index=index, progress=False)
+    assert result.losses[-1][1] < result.losses[0][1]
+    out = tmp_path / "adapter"
+    assert json.loads((out / "retro_config.json").read_text())["training"]["config"]["quantize"] == mode
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())  # the adapter is in full precision
+    batch = _inputs(tokenizer)
+    trained = _logits(model.model, batch)
+
+    # plain PEFT, on the full-precision base: loads, and the adapter moves the outputs
+    full = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    before = _logits(full, batch)
+    on_full = PeftModel.from_pretrained(full, out)
+    assert (_logits(on_full, batch) - before).abs().max() > 1e-2
+    # plain PEFT, on a quantized base loaded by transformers itself: the trained model's outputs
+    from retro_peft.base_model import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, device_map={"": "cpu"},
+                                                quantization_config=quantization_config(mode))
+    on_quantized = PeftModel.from_pretrained(base, out)
+    torch.testing.assert_close(_logits(on_quantized, batch), trained, rtol=1e-3, atol=1e-3)
+    # and retro-peft's own loading, quantized, for answering
+    assert main(["eval", "--model", str(tiny), "--adapter", str(out), "--index", str(index.path), "--qa",
+                 str(qa_file), "--limit", "2", "--quantize", mode, "--max-new-tokens", "4", "--json"]) == 0
+
+
+def test_answering_from_a_quantized_bank_matches_the_quantized_adapter(tiny, index, tmp_path):
+    from retro_peft.domains.bank import AdapterBank
+
+    adapter = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=RETRIEVAL)).save(tmp_path / "a",
+                                                                                            index=index)
+    bank = AdapterBank(str(tiny), quantize="4bit", device="cpu", max_new_tokens=6)
+    assert quantized(bank.model) == "4bit"
+    bank.load("d", index, adapter)
+    direct = RetroPeftModel.load(adapter, base_model=str(tiny), quantize="4bit", device="cpu")
+    question = "Who invented the piano?"
+    assert bank.answer(question, "d").text == direct.generator(index, max_new_tokens=6).answer(question).text
+    # the answers cache keys tell a quantized bank's answers from a full-precision one's
+    assert bank.domains["d"].version != AdapterBank(str(tiny), device="cpu").load("d", index, adapter).version
+
+
+def test_quantize_is_refused_before_loading_without_bitsandbytes(tiny, index, qa_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: importing it fails
+    common = ["--index", str(index.path), "--qa", str(qa_file), "--quantize", "4bit"]
+    missing_model = str(tmp_path / "no-such-model")  # loading it would fail with another message
+    for argv in (["train", "--model", missing_model, "--out", str(tmp_path / "o"), *common],
+                 ["eval", "--model", missing_model, *common]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "needs the bitsandbytes package" in err and "pip install 'retro-peft[quantize]'" in err, err
+    assert main(["ask", "what?", "--index", str(index.path), "--quantize", "8bit"]) == 2
+    assert "pip install" in capsys.readouterr().err
+    from retro_peft.serving.settings import load_settings
+
+    with pytest.raises(InputError, match="needs the bitsandbytes package"):
+        load_settings(quantize="4bit")
+    with pytest.raises(InputError, match="needs the bitsandbytes package"):
+        TrainConfig(quantize="4bit").validate()
+
+
+def test_models_bitsandbytes_cannot_quantize_and_mismatched_configs_are_refused(tiny, index, qa_file, tmp_path):
+    already = tmp_path / "already-4bit"
+    model, tok, _ = load_base_model(str(tiny), quantize="4bit", device="cpu")
+    model.save_pretrained(already)  # a bitsandbytes-quantized folder: its config carries the quantization
+    tok.save_pretrained(already)
+    with pytest.raises(InputError, match=r"already quantized \(bitsandbytes\)"):
+        load_base_model(str(already), quantize="8bit")
+    with pytest.raises(InputError, match="unknown quantization"):
+        load_base_model(str(tiny), quantize="3bit")
+    # a loaded full-precision model cannot be quantized afterwards; the trainer checks the config against the model
+    full, tokenizer, _ = load_base_model(str(tiny))
+    with pytest.raises(InputError, match="applies when the base model is loaded"):
+        RetroPeftModel.create(full, config_for_method("lora"), tokenizer=tokenizer, quantize="4bit")
+    plain = RetroPeftModel.create(full, config_for_method("lora", retrieval=RETRIEVAL), tokenizer=tokenizer)
+    examples = build_examples(load_qa(qa_file), index, tokenizer, RETRIEVAL, seed=0)
+    with pytest.raises(InputError, match="not quantized"):
+        train(plain, examples, TrainConfig(steps=1, quantize="4bit"), progress=False)
+    four = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=RETRIEVAL), quantize="4bit", device="cpu")
+    with pytest.raises(InputError, match="quantized to 4bit"):
+        train(four, examples, TrainConfig(steps=1), progress=False)
+
+
+def test_killed_quantized_training_process_resumes_to_the_same_adapter(tiny, index, qa_file, tmp_path, capsys):
+    common = ["--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file), "--k", "2",
+              "--context-tokens", "220", "--steps", "40", "--batch-size", "1", "--lr", "1e-2",
+              "--checkpoint-every", "5", "--quantize", "4bit", "--gradient-checkpointing", "--device", "cpu",
+              "--no-progress"]
+    killed = tmp_path / "killed"
+    train_killed_at_first_checkpoint(common, killed)
+
+    # the checkpoint records the quantization: resuming on a full-precision base is refused
+    full = [a for a in common if a not in ("--quantize", "4bit")]
+    assert main(["train", *full, "--out", str(killed), "--resume"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", *common, "--out", str(killed), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] >= 5
+    assert main(["train", *common, "--out", str(tmp_path / "straight")]) == 0
+    a = load_file(killed / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
