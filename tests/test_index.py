@@ -212,12 +212,12 @@ def test_a_build_racing_another_build_does_not_overwrite_it(corpus, tmp_path, mo
     path = tmp_path / "idx"
     real_embed = index_module._embed
 
-    def embed_while_another_build_commits(encoder, chunks, *args):
+    def embed_while_another_build_commits(encoder, chunks, *args, **kwargs):
         # Another process builds the same index while this one is embedding (after its existence check).
         if not (path / "manifest.json").exists():
             monkeypatch.setattr(index_module, "_embed", real_embed)
             build_index(path, [corpus / "more.jsonl"])
-        return real_embed(encoder, chunks, *args)
+        return real_embed(encoder, chunks, *args, **kwargs)
 
     monkeypatch.setattr(index_module, "_embed", embed_while_another_build_commits)
     with pytest.raises(IndexFormatError, match="changed since it was opened"):
