@@ -212,12 +212,12 @@ class MicroBatcher(JobQueue):
                 self._cond.wait()
             first = self._queue[0]
             while not self._stopping:
-                same = sum(1 for j in self._queue if _key(j) == _key(first))
+                same = sum(1 for j in self._queue if pass_key(j) == pass_key(first))
                 remaining = max(first.enqueued, self._free_since) + max_wait - time.monotonic()
                 if same >= min(max_size, self._expected) or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch = [j for j in self._queue if _key(j) == _key(first)][:max_size]
+            batch = [j for j in self._queue if pass_key(j) == pass_key(first)][:max_size]
             taken = set(map(id, batch))
             self._queue = deque(j for j in self._queue if id(j) not in taken)
             self._busy = len(batch)
@@ -230,7 +230,7 @@ class MicroBatcher(JobQueue):
             live = []
             for job in batch:
                 if job.cancelled:  # gone while it waited: nothing to generate
-                    _resolve(job)
+                    resolve(job)
                 else:
                     live.append(job)
             if live:
@@ -263,13 +263,13 @@ class MicroBatcher(JobQueue):
                 return
             if not isinstance(e, _EXPECTED):
                 log.exception("generation failed")
-            _resolve(jobs[0], exception=e)
+            resolve(jobs[0], exception=e)
             return
         for job, answer in zip(jobs, answers):
-            _resolve(job, result=answer)
+            resolve(job, result=answer)
 
 
-def _key(job: Job):
+def pass_key(job: Job):
     """Rows decoded together share these (the bank takes one sampling config and one search per call; choices
     and history are per row)."""
     return job.sampling, job.search
@@ -284,7 +284,8 @@ def _expected():
 _EXPECTED = _expected()
 
 
-def _resolve(job: Job, result=None, exception: BaseException | None = None) -> None:
+def resolve(job: Job, result=None, exception: BaseException | None = None) -> None:
+    """Settle a job's future on its event loop (from the worker thread); a cancelled job's is cancelled."""
     def settle():
         if job.future.done():
             return

@@ -29,7 +29,7 @@ from retro_peft.errors import RetroPeftError
 from retro_peft.generation import Answer
 from retro_peft.generation.continuous import ContinuousBatch, Request
 from retro_peft.generation.prompt import check_fits, model_context
-from retro_peft.serving.batcher import Job, JobQueue
+from retro_peft.serving.batcher import Job, JobQueue, pass_key, resolve
 from retro_peft.serving.settings import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -235,25 +235,12 @@ class ContinuousScheduler(JobQueue):
         with self._cond:
             self._busy = max(self._busy - 1, 0)
 
-        def settle():
-            if job.future.done():
-                return
-            if job.cancelled:  # nobody waits for it any more
-                job.future.cancel()
-            elif exception is not None:
-                job.future.set_exception(exception)
-            else:
-                job.future.set_result(result)
-
-        try:
-            job.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed (shutdown): nobody is waiting
-            pass
+        resolve(job, result, exception)
 
 
 def _groups(pairs: list[tuple[Job, object]]) -> list[list[tuple[Job, object]]]:
     """Pass-path jobs by (sampling, search): the bank's runner takes one of each per pass."""
     groups: dict = {}
     for job, row in pairs:
-        groups.setdefault((job.sampling, job.search), []).append((job, row))
+        groups.setdefault(pass_key(job), []).append((job, row))
     return list(groups.values())
