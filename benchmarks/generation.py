@@ -161,9 +161,10 @@ def time_to_first_token(model, cache, rows, device: str) -> float:
         sync(device)
         start = time.perf_counter()
         past = None
+        if cache is not None:  # as the batch runner assembles a pass (a recomputing layout's pass included)
+            past, context_mask, (tail,) = cache.assemble_rows([(cache, keys)], model, tails=[tail])
         ids, mask = left_pad([tail], 0, device)
-        if cache is not None:  # as the batch runner assembles a pass (the blend layout's recompute included)
-            past, context_mask = cache.assemble_rows([(cache, keys)], model)
+        if cache is not None:
             mask = torch.cat([context_mask, mask], dim=1)
         next(decode_steps(model, ids, mask, max_new_tokens=1, stop_ids=set(), pad_id=0, past=past))
         sync(device)
@@ -172,14 +173,19 @@ def time_to_first_token(model, cache, rows, device: str) -> float:
 
 
 BLEND_TOKENS = (4, 16, 64)  # the blend layout's recompute_tokens measured (time to first token)
+DEVIATION_RATIOS = (0.05, 0.15, 0.3)  # the deviation layout's recompute_ratio measured
 
 
 def blend_ttft(model, cache, rows, full, device: str) -> dict:
-    """Time to first token: full prefill, the block layout and the blend layout at each of BLEND_TOKENS."""
+    """Time to first token: full prefill, the block layout, the blend layout at each of BLEND_TOKENS and the
+    deviation layout at each of DEVIATION_RATIOS."""
     out = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], device),
            "kv": time_to_first_token(model, cache, rows, device)}
     for m in BLEND_TOKENS:
         out[f"blend_{m}"] = time_to_first_token(model, cache.with_layout("blend", m), rows, device)
+    for r in DEVIATION_RATIOS:
+        out[f"deviation_{r}"] = time_to_first_token(model, cache.with_layout("deviation", recompute_ratio=r), rows,
+                                                    device)
     return out
 
 

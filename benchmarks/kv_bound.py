@@ -106,7 +106,7 @@ class Request:
         if full:
             ids, mask = left_pad([[t for k in keys for t in self.cache.token_ids[k]] + question], 0, self.device)
             return decode_steps(self.model, ids, mask, max_new_tokens=tokens, stop_ids=set(), pad_id=0, static=static)
-        past, context_mask = self.cache.assemble_rows([(self.cache, keys)], self.model)
+        past, context_mask, _ = self.cache.assemble_rows([(self.cache, keys)], self.model)
         ids, mask = left_pad([question], 0, self.device)
         return decode_steps(self.model, ids, torch.cat([context_mask, mask], dim=1), max_new_tokens=tokens,
                             stop_ids=set(), pad_id=0, past=past, static=static)

@@ -216,14 +216,14 @@ def generation(data: dict, png: Path) -> Path:
 
 def _serve_rows(data: dict) -> list[dict]:
     rows = data.get("uncached")
-    if not isinstance(rows, list):
-        rows = (data.get("kv_cache") or {}).get("rows")
+    if not isinstance(rows, list):  # the --kv-cache or --compiled section
+        rows = (data.get("kv_cache") or data.get("compiled") or {}).get("rows")
     return [r for r in rows or [] if isinstance(r, dict) and _number(r.get("concurrency"))]
 
 
 def serving(data: dict, png: Path) -> Path:
     """Uncached requests: tokens/s and latency (p50 solid, p99 dashed) against the number of concurrent
-    clients, one curve per setting (batching on/off, full prefill/frozen KV cache)."""
+    clients, one curve per setting (batching on/off, full prefill/frozen KV cache, eager/compiled decoding)."""
     rows = _serve_rows(data)
     runs: dict[str, dict[int, dict]] = {}
     for row in rows:
@@ -231,7 +231,7 @@ def serving(data: dict, png: Path) -> Path:
             if isinstance(run, dict) and _number(run.get("tokens_per_s")):
                 runs.setdefault(name, {})[int(row["concurrency"])] = run
     if not runs:
-        raise ChartError("no uncached (or kv_cache.rows) list of {concurrency, <setting>: {tokens_per_s, p50_ms}}")
+        raise ChartError("no uncached (or kv_cache.rows, compiled.rows) list of {concurrency, <setting>: {tokens_per_s, p50_ms}}")
     plt, fig, (left, right) = _figure(2)
     for i, (name, by_c) in enumerate(runs.items()):
         cs = sorted(by_c)

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
     p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g)")
+    p.add_argument("--kv-deviation", help="comma-separated recompute_ratio values for the deviation layout rows of "
+                                           "(d), (g) (CacheBlend's selection)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
@@ -106,7 +108,8 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     return model, stats, examples
 
 
-def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None):
+def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None,
+                     deviation=None):
     from retro_peft.generation import Generator
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
@@ -115,6 +118,8 @@ def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_b
     cache = FrozenKVCache.build(model, tokenizer, index, retrieval) if kv_cache else None
     if blend is not None:  # the same stored states, later passages' first `blend` tokens recomputed
         cache = cache.with_layout("blend", blend)
+    if deviation is not None:  # the same stored states, the `deviation` share of later passages' tokens recomputed
+        cache = cache.with_layout("deviation", recompute_ratio=deviation)
     generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
                           max_new_tokens=24, batch_size=16, kv_cache=cache)
     result = evaluate(generator, eval_items, retrieval=not closed_book)
@@ -168,6 +173,10 @@ def main(argv=None) -> int:
             for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
                 report["variants"][f"{label}_kv_blend_{m}"] = evaluate_variant(
                     model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, blend=m)
+            for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
+                report["variants"][f"{label}_kv_deviation_{r}"] = evaluate_variant(
+                    model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True,
+                    deviation=r)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -19,6 +19,9 @@ server's event loop. Reports JSON:
              concurrency 1 and 32: a domain answering through its frozen KV cache against the same index
              and model with full prefill (answers differ: BENCHMARKS.md, Frozen KV cache)
 
+  compiled:  (--compiled, only this section, CUDA) the server decoding eagerly against `compile_decode`, batching
+             on, distinct questions at concurrency 1, 8, 32: tokens/s, p50, p99, statuses (issue 20)
+
   mixed:     (--mixed, only this section) issue 20's mixed workload through both batching modes in one run:
              prompts of 100-700 tokens, max tokens 8-128 (seeded), streamed, arriving open-loop (Poisson) at
              each --rates: generated tokens/s, TTFT and end-to-end latency p50/p99, statuses
@@ -224,16 +227,46 @@ def bank_model(root: Path, args) -> str:
     return model
 
 
-def build_bank(root: Path, args):
+def build_bank(root: Path, args, model: str | None = None, compile_decode: bool = False):
     from retro_peft.domains.bank import AdapterBank
     from retro_peft.index import IndexConfig, build_index
 
     corpus = root / "docs.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    index = build_index(root / "index", [corpus], IndexConfig(chunk_tokens=64, overlap=8))
-    bank = AdapterBank(bank_model(root, args), device=args.device)
+    index = build_index(root / "index", [corpus], IndexConfig(encoder=args.encoder, chunk_tokens=64, overlap=8))
+    bank = AdapterBank(model or bank_model(root, args), device=args.device, compile_decode=compile_decode)
     bank.load("docs", index.path)
     return bank
+
+
+def compiled_section(root: Path, args) -> dict:
+    """The same server decoding eagerly and with `compile_decode` (CUDA graphs), batching on, distinct questions
+    at concurrency 1, 8 and 32; two warm-up rounds first at each concurrency (they hold the compiles)."""
+    from retro_peft.serving.app import create_app
+    from retro_peft.serving.testing import serve_in_thread
+
+    model = bank_model(root, args)
+    body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
+    out = {"rows": [{"concurrency": c} for c in (1, 8, 32)]}
+    for label, compiled in (("eager", False), ("compiled", True)):
+        (root / label).mkdir()
+        bank = build_bank(root / label, args, model=model, compile_decode=compiled)
+        app = create_app(server_settings(32, cache=False, max_wait_ms=args.max_wait_ms), bank)
+        with serve_in_thread(app) as url:
+            for row in out["rows"]:
+                c = row["concurrency"]
+                start = time.perf_counter()
+                for round_ in range(2):
+                    run_load(url, c, 2 * c, body, unique=True, tag=f"warm-up {round_} {label} ")
+                warm_up_s = round(time.perf_counter() - start, 1)
+                row[label] = dict(run_load(url, c, max(4 * c, 16), body, unique=True, tag=f"{label} "),
+                                  warm_up_s=warm_up_s)
+                print(json.dumps({label: row[label]}), file=sys.stderr)
+        del bank, app
+    for row in out["rows"]:
+        row["compiled_vs_eager_tokens_per_s"] = round(row["compiled"]["tokens_per_s"] /
+                                                      max(row["eager"]["tokens_per_s"], 1e-9), 2)
+    return out
 
 
 def kv_cache_section(root: Path, args) -> dict:
@@ -344,6 +377,10 @@ def main() -> None:
                         help="run only the frozen KV cache section (RAG-sized prompts from the SQuAD data)")
     parser.add_argument("--batching-mode", choices=("passes", "continuous"), default="passes",
                         help="the server's batching for the cached, uncached and kv-cache sections")
+    parser.add_argument("--compiled", action="store_true",
+                        help="run only the compiled-decoding section: eager against compile_decode (CUDA, issue 20)")
+    parser.add_argument("--encoder", default="minilm",
+                        help="the index's encoder (a folder: e.g. a small random one where no weights exist)")
     parser.add_argument("--mixed", action="store_true",
                         help="run only the mixed-workload section, both batching modes (issue 20)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0],
@@ -375,6 +412,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.mixed:
             report["mixed"] = mixed_section(Path(tmp), args)
+            return print_json(report, args.out)
+        if args.compiled:
+            report["compiled"] = compiled_section(Path(tmp), args)
             return print_json(report, args.out)
         if args.kv_cache:
             report["kv_cache"] = kv_cache_section(Path(tmp), args)

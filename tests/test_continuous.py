@@ -49,8 +49,7 @@ def bank(tmp_path_factory):
 
 
 def _rows(bank, question, domain):
-    generator = bank._base_generator if domain is None else bank.domains[domain].generator
-    return generator.rows([question])[0]
+    return bank.rows([question], [domain])[0]
 
 
 def _alone(bank, question, domain, sampling, on_text=None):
@@ -77,9 +76,9 @@ def test_rows_joining_at_different_steps_answer_as_alone(bank):
     assert alone[-1].finish_reason == "stop" and len(alone[-1].text) < len(alone[0].text)
 
     streamed = {i: [] for i in range(len(plan))}
-    requests = [Request(_rows(bank, q, d), s, on_text=streamed[i].append, tag=bank._adapter_of(d))
+    requests = [Request(_rows(bank, q, d), s, on_text=streamed[i].append, tag=bank.adapter_of(d))
                 for i, (q, d, s, _) in enumerate(plan)]
-    engine = ContinuousBatch(bank._runner, bank._adapters_for)
+    engine = ContinuousBatch(bank.runner, bank.adapters_for)
     answers, step, widths = {}, 0, set()
     while len(answers) < len(plan):
         joining = [r for r, (*_, at) in zip(requests, plan) if at == step]
@@ -95,10 +94,43 @@ def test_rows_joining_at_different_steps_answer_as_alone(bank):
     assert engine.running == 0 and engine._cache is None
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(bank):
+    # Chunked prefill: a prompt longer than chunk_tokens is read a chunk per call between steps; the running
+    # row gains a token at every step meanwhile, and both answers are their alone answers.
+    long_question = " ".join(["Tell me what the documents say about rivers, seas, tea and pianos."] * 6)
+    running = Request(_rows(bank, QUESTIONS[0], "a"), SamplingConfig(max_new_tokens=40), tag="a")
+    long_row = _rows(bank, long_question, "b")
+    chunk = 16
+    chunks = -(-len(long_row.prompt.input_ids) // chunk)
+    assert chunks >= 4
+    long = Request(long_row, SamplingConfig(max_new_tokens=6), tag="b")
+    engine = ContinuousBatch(bank.runner, bank.adapters_for)
+    finished = engine.admit([running]) + engine.step()
+    finished += engine.admit([long], chunk_tokens=chunk)
+    grown, calls = [], 1
+    while engine.prefilling:
+        assert [r.request for r in engine.rows] == [running]
+        before = len(engine.rows[0].tokens)
+        finished += engine.step()
+        grown.append(len(engine.rows[0].tokens) - before)
+        finished += engine.prefill_chunk(chunk)
+        calls += 1
+    assert calls == chunks and set(grown) == {1} and engine.running == 2
+    with pytest.raises(ValueError, match="prefill"):
+        engine._prefill = object()
+        engine.admit([running])
+    engine._prefill = None
+    while engine.running:
+        finished += engine.step()
+    got = {id(f.request): f.answer.text for f in finished}
+    assert got[id(running)] == _alone(bank, QUESTIONS[0], "a", running.sampling).text
+    assert got[id(long)] == _alone(bank, long_question, "b", long.sampling).text
+
+
 def test_sampled_rows_keep_their_own_seed_beside_others(bank):
     sampled = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     alone = _alone(bank, QUESTIONS[0], "a", sampled).text
-    engine = ContinuousBatch(bank._runner, bank._adapters_for)
+    engine = ContinuousBatch(bank.runner, bank.adapters_for)
     others = [Request(_rows(bank, q, "b"), SamplingConfig(max_new_tokens=8, temperature=1.0, seed=s), tag="b")
               for s, q in enumerate(QUESTIONS[1:])]
     mine = Request(_rows(bank, QUESTIONS[0], "a"), sampled, tag="a")
@@ -111,7 +143,7 @@ def test_sampled_rows_keep_their_own_seed_beside_others(bank):
 
 def test_a_cancelled_row_leaves_at_the_next_step(bank):
     flag = {"cancelled": False}
-    engine = ContinuousBatch(bank._runner, bank._adapters_for)
+    engine = ContinuousBatch(bank.runner, bank.adapters_for)
     gone = Request(_rows(bank, QUESTIONS[0], "a"), SamplingConfig(max_new_tokens=50), cancelled=lambda: flag["cancelled"],
                    tag="a")
     stays = Request(_rows(bank, QUESTIONS[1], "b"), SamplingConfig(max_new_tokens=50), tag="b")
@@ -127,7 +159,7 @@ def test_rows_the_engine_does_not_decode_are_refused(bank):
     row = bank.domains["a"].generator.rows([QUESTIONS[0]], choices=[("yes", "no")])[0]
     assert not ContinuousBatch.decodes(row, SamplingConfig())
     with pytest.raises(ValueError, match="BatchRunner"):
-        ContinuousBatch(bank._runner).admit([Request(row, SamplingConfig())])
+        ContinuousBatch(bank.runner).admit([Request(row, SamplingConfig())])
 
 
 def _settings(**batching) -> ServeSettings:
@@ -205,6 +237,31 @@ def test_a_continuous_server_streams_concurrent_requests_as_alone_and_frees_a_go
         assert scheduler.finished["cancelled"] == 1  # its row left at a step, not after its 400 tokens
 
 
+def test_a_continuous_server_prefills_a_long_prompt_in_chunks_beside_running_rows(bank, monkeypatch):
+    import retro_peft.serving.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 16)  # every prompt here is longer than a chunk
+    long_question = " ".join(["Tell me what the documents say about rivers, seas, tea and pianos."] * 6)
+    plan = [(QUESTIONS[0], "a", 24), (long_question, "b", 6), (QUESTIONS[1], "plain", 12), (long_question, "a", 4)]
+    app = create_app(_settings(max_batch_size=4), bank)
+    with serve_in_thread(app) as url:
+        chunks = []
+        engine_chunk = ContinuousBatch.prefill_chunk
+        monkeypatch.setattr(ContinuousBatch, "prefill_chunk",
+                            lambda self, n: chunks.append(n) or engine_chunk(self, n))
+
+        async def ask(together: bool):
+            async with httpx.AsyncClient(timeout=120) as client:
+                calls = [_stream(client, url, {"model": m, "prompt": q, "max_tokens": t}) for q, m, t in plan]
+                return await asyncio.gather(*calls) if together else [await call for call in calls]
+
+        alone = asyncio.run(ask(together=False))
+        assert chunks == []  # one request at a time: an idle batch prefills a prompt at once
+        together = asyncio.run(ask(together=True))
+        assert together == alone and [status for status, _ in together] == [200] * len(plan)
+        assert len(chunks) > 4 and set(chunks) == {16}
+
+
 def test_a_continuous_server_overloaded_answers_503_with_retry_after(bank):
     app = create_app(_settings(max_batch_size=1, max_queue=1), bank)
     with serve_in_thread(app) as url:
@@ -222,18 +279,14 @@ def test_a_continuous_server_overloaded_answers_503_with_retry_after(bank):
 
 
 def test_admission_never_evicts_an_adapter_a_running_row_uses(bank):
-    from retro_peft.serving.scheduler import _BankRows
-
-    rows = _BankRows(bank)
     bank._drop_adapter("a-kv")
     bank.max_adapters = 2  # a and b resident: a third needs an eviction
     try:
-        assert not rows.resident("a-kv", in_use={"a", "b"})  # both in use: it waits
+        assert not bank.bring_in("a-kv", in_use={"a", "b"})  # both in use: it waits
         assert set(bank._resident) == {"a", "b"}
-        bank._ensure_resident("a")  # a is now the most recent: b would go first by LRU, a is in use
-        assert rows.resident("a-kv", in_use={"b"})
+        bank.keep_resident(["a"])  # a is now the most recent: b would go first by LRU, a is in use
+        assert bank.bring_in("a-kv", in_use={"b"})
         assert set(bank._resident) == {"b", "a-kv"}  # the adapter in use stayed, the idle one went
     finally:
         bank.max_adapters = 8
-        for name in ("a", "b", "a-kv"):
-            bank._ensure_resident(name)
+        bank.keep_resident(["a", "b", "a-kv"])

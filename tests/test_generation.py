@@ -1,5 +1,6 @@
 """Prompt builder and generator: budget, templates, batched == single greedy decoding, stops, citations."""
 
+import dataclasses
 import pytest
 from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
 
@@ -177,6 +178,30 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
         Generator(tiny_model, tokenizer, compile_decode=True)
     with pytest.raises(InputError, match="sync_every"):
         StaticDecode(tiny_model, compile=False, sync_every=0)
+
+
+def test_static_decoding_pads_a_batch_to_its_bucket_and_drops_the_padding_rows(tiny_model, tokenizer):
+    # Three rows decode as a batch of 8 (StaticDecode.BATCH_BUCKETS: a server's batch sizes share a few graphs);
+    # the copies added start finished, and each real row's answer, sampled draws and stop string are its own.
+    from retro_peft.generation.decode import generate_batch
+
+    prompts = [build_prompt(tokenizer, q, [], RetrievalConfig()).input_ids for q in ("Why?", "Where?", "Who made tea?")]
+    fixed, shapes = StaticDecode(tiny_model, compile=False), []
+    forward = fixed.forward
+    fixed.forward = lambda kind, **kw: shapes.append(kw["input_ids"].shape[0]) or forward(kind, **kw)
+    for sampling in (SamplingConfig(max_new_tokens=8), SamplingConfig(max_new_tokens=8, temperature=0.9, seed=3)):
+        free = generate_batch(tiny_model, tokenizer, prompts[1:2], stop_ids=set(), pad_id=0, sampling=sampling)[0]
+        assert len(free.text) > 4
+        sampling = dataclasses.replace(sampling, stop=(free.text[2:4],))
+        alone = [generate_batch(tiny_model, tokenizer, [p], stop_ids=set(), pad_id=0, sampling=sampling)[0]
+                 for p in prompts]
+        shapes.clear()
+        padded = generate_batch(tiny_model, tokenizer, prompts, stop_ids=set(), pad_id=0, sampling=sampling,
+                                static=fixed)
+        assert [(r.tokens, r.text, r.finish_reason) for r in padded] == \
+            [(r.tokens, r.text, r.finish_reason) for r in alone]
+        assert len(padded) == 3 and set(shapes) == {8} and alone[1].finish_reason == "stop"
+    assert [fixed.batch_bucket(n) for n in (1, 2, 8, 9, 32, 33, 70)] == [1, 8, 8, 32, 32, 64, 96]
 
 
 @pytest.mark.parametrize("fails_at", [0, 4])

@@ -103,17 +103,23 @@ def test_the_prefix_layout_is_the_full_prefill_with_several_passages(model, toke
 
 
 def blend_logits(model, tokenizer, cache, retrieval, question, passages):
-    """First-answer-token logits through `cache` as the batch runner assembles a pass (blend recompute included)."""
+    """First-answer-token logits through `cache` as the batch runner assembles a pass (a recomputing layout's
+    pass included, the question's tokens but the last in it), after checking them against the question
+    prefilled in a pass of its own."""
     row = cache.prompts(tokenizer, [question], [passages], retrieval)[0]
+    logits = []
     with torch.inference_mode():
-        past, mask = cache.assemble_rows([(cache, row.keys)], model)
-        past = as_cache(past)
-        tail = torch.tensor([row.tail_ids])
-        mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
-        positions = mask.sum(1, keepdim=True) - tail.shape[1] + torch.arange(tail.shape[1])[None]
-        out = model(input_ids=tail, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): past})
+        for tails in (None, [row.tail_ids]):
+            past, mask, rest = cache.assemble_rows([(cache, row.keys)], model, tails=tails)
+            past = as_cache(past)
+            tail = torch.tensor([row.tail_ids if rest is None else rest[0]])
+            mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
+            positions = mask.sum(1, keepdim=True) - tail.shape[1] + torch.arange(tail.shape[1])[None]
+            out = model(input_ids=tail, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): past})
+            logits.append(out.logits[0, -1])
         full = model(input_ids=torch.tensor([row.prompt.input_ids])).logits[0, -1]
-    return out.logits[0, -1], full, row
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    return logits[1], full, row
 
 
 def test_the_blend_layout_recomputes_later_passages_up_to_a_full_prefill(model, tokenizer, index):
@@ -138,6 +144,54 @@ def test_the_blend_layout_recomputes_later_passages_up_to_a_full_prefill(model, 
         blend.recompute_tokens = 4
         some, _, _ = blend_logits(model, tokenizer, blend, retrieval, question, passages)
         assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
+    batched = [a.text for a in generator.answer_many(QUESTIONS)]
+    assert batched == [generator.answer_many([q])[0].text for q in QUESTIONS]
+
+
+def test_the_deviation_layout_recomputes_the_tokens_that_deviate_most(model, tokenizer, index):
+    """deviation (CacheBlend's selection): all later tokens recomputed is a full prefill, none the block layout;
+    the tokens chosen are those whose layer-1 states differ most from a full prefill's (a slot whose stored
+    states are corrupted is chosen first), and the model runs all its layers again afterwards."""
+    from retro_peft.kvcache.blend import DEVIATION_LAYER, context_ids, deviating, recompute_slots
+    from retro_peft.hf_compat import layer_states
+
+    retrieval = RetrievalConfig(k=3, context_tokens=1000)
+    built = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    block = built.attach(model)
+    deviation = built.with_layout("deviation")
+    generator = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
+                          kv_cache=deviation)
+    question = QUESTIONS[0]
+    passages = generator.retrieve([question])[0]
+    deviation.recompute_ratio = 1.0
+    everything, full, row = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
+    torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
+    deviation.recompute_ratio = 0.0
+    none, _, _ = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
+    blocked, _, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
+    torch.testing.assert_close(none, blocked, atol=1e-5, rtol=1e-5)
+    deviation.recompute_ratio = 0.3
+    some, _, _ = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
+    assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
+    assert model(input_ids=torch.tensor([row.prompt.input_ids])).logits[0, -1].allclose(full)  # all layers back
+
+    from retro_peft.kvcache.assembly import assemble_rows
+
+    past, mask = assemble_rows([(deviation, row.keys)], "cpu")
+    width = mask.shape[1]
+    candidates = recompute_slots(deviation, row.keys, width - int(mask.sum()), None)
+    ids = context_ids([(deviation, row.keys)], width, "cpu")
+    assert ids[0, -len(candidates):].tolist() == [t for _, t in candidates]  # later passages end the context
+    target = candidates[len(candidates) // 2][0]
+    keys, _ = layer_states(past, DEVIATION_LAYER)
+    keys[0, :, target] += 100.0  # stored states that are far off
+    picked = deviating(model, past, mask, ids, [candidates], [1 / len(candidates)])[0]
+    assert [s for s, _ in picked] == [target]
+    picked = deviating(model, past, mask, ids, [candidates], [0.25])[0]
+    assert len(picked) == -(-len(candidates) // 4) and target in [s for s, _ in picked]
+    assert picked == sorted(picked)  # in slot order
+    with pytest.raises(InputError, match="recompute_ratio"):
+        built.with_layout("deviation", recompute_ratio=1.5)
     batched = [a.text for a in generator.answer_many(QUESTIONS)]
     assert batched == [generator.answer_many([q])[0].text for q in QUESTIONS]
 

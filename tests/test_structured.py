@@ -90,6 +90,18 @@ def test_a_batch_mixing_a_json_row_and_a_free_row_decodes_the_free_row_as_alone(
     assert all(lp <= 0 for _, lp, _ in json_row.logprobs)
 
 
+def test_plain_answers_do_not_need_the_grammar_library(generator, monkeypatch):
+    # xgrammar comes with the `serve` extra: `ask`/`eval` (and a server without JSON requests) decode without it
+    import sys
+
+    expected = generator.answer(QUESTIONS[0]).text
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now raises ImportError
+    assert generator.answer(QUESTIONS[0]).text == expected
+    with pytest.raises(ImportError):
+        generator.answer_many(QUESTIONS[:1], sampling=SamplingConfig(max_new_tokens=4),
+                              constraints=[JsonConstraint.of({"type": "object", "properties": {"x": {"type": "integer"}}})])
+
+
 def test_the_library_refuses_bad_constraints(generator):
     with pytest.raises(InputError, match="cannot be compiled"):
         generator.runner.grammars.compile(JsonConstraint.of({"type": "strnig"}))

@@ -20,8 +20,10 @@ SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 #   prefix: the ordinary prompt, its head, "[1]" and first passage from the store, the rest prefilled
 #           attending to all of it: a full prefill's computation, so the same answers
 #   blend:  the block layout, then the first tokens of every later passage recomputed attending to all
-#           before them (kvcache/blend.py: EPIC / CacheBlend-style selective recompute)
-KVLayout = Literal["block", "prefix", "blend"]
+#           before them (kvcache/blend.py: EPIC-style selective recompute)
+#   deviation: the block layout, then the share of later passages' tokens whose states deviate most from a
+#           full prefill's at an early layer recomputed (kvcache/blend.py: CacheBlend's selection)
+KVLayout = Literal["block", "prefix", "blend", "deviation"]
 KV_LAYOUTS: tuple[str, ...] = get_args(KVLayout)
 DEFAULT_KV_LAYOUT: KVLayout = "block"
 

@@ -91,7 +91,9 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-layout", choices=KV_LAYOUTS,
                    help="with --kv-cache: block (default; every passage stored, only the question prefilled, answers "
                         "change), prefix (head and first passage stored, the rest prefilled: a full prefill's "
-                        "answers) or blend (block, then the first 16 tokens of each later passage recomputed)")
+                        "answers), blend (block, then the first 16 tokens of each later passage recomputed) or "
+                        "deviation (block, then the 15%% of later passages' tokens whose states deviate most "
+                        "recomputed, as CacheBlend)")
 
 
 def add_quantize_argument(p: argparse.ArgumentParser, what: str) -> None:

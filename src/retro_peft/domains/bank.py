@@ -179,7 +179,7 @@ class AdapterBank:
     def _frozen_cache(self, name: str, path: str | Path, layout: str):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
         domain = self.domains[name]
-        with self._adapters_for([name]):
+        with self.adapters_for([name]):
             cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval,
                                   layout=layout)
         return cache.attach(self.model, check=False)  # load_or_build checked it against these weights
@@ -288,12 +288,27 @@ class AdapterBank:
         constraints: per row, the `JsonConstraint` its answer is decoded under (None: none).
         on_text(row, delta) streams each row's text; cancelled(row) -> bool stops a row (client gone).
         """
+        sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
+        rows = self.rows(questions, domains, search=search, choices=choices, history=history, constraints=constraints)
+        return self.run_rows(rows, domains, sampling, on_text=on_text, cancelled=cancelled)
+
+    # -- rows: `answer_many` in two steps, and what a scheduler that decodes rows itself needs ------------------
+    # (serving.scheduler's continuous batching keeps its own running batch over `runner`)
+
+    @property
+    def runner(self) -> BatchRunner:
+        """The one runner that decodes every domain's rows (its model is the bank's, adapters included)."""
+        return self._runner
+
+    def rows(self, questions: list[str], domains: list[str | None], *, search: SearchOptions | None = None,
+             choices: list | None = None, history: list | None = None, constraints: list | None = None) -> list:
+        """Each question's `Row`, prompted by its own domain (index, template, head, choices, KV cache)."""
         if len(questions) != len(domains) or any(x is not None and len(x) != len(questions)
                                                  for x in (choices, history, constraints)):
             raise InputError("answer_many needs one domain (and, if given, one choice list and one history) per "
                              "question")
         rows: list = [None] * len(questions)
-        for name in set(domains):  # each row prompted by its own domain (index, template, head, choices, KV cache)
+        for name in set(domains):
             generator = self._base_generator if name is None else self._get(name).generator
             at = [r for r, d in enumerate(domains) if d == name]
             mine = None if choices is None else [choices[r] for r in at]
@@ -302,20 +317,57 @@ class AdapterBank:
             for r, row in zip(at, generator.rows([questions[r] for r in at], search=search, choices=mine,
                                                  history=turns, constraints=grammar)):
                 rows[r] = row
-        sampling = sampling or SamplingConfig(max_new_tokens=self.max_new_tokens)
+        return rows
+
+    def run_rows(self, rows: list, domains: list[str | None], sampling: SamplingConfig, *, on_text=None,
+                 cancelled=None) -> list[Answer]:
+        """Decode prepared rows (`rows`), row r with domain r's adapter, in as few passes as the adapters allow."""
         scored = [bool(row.choices) for row in rows]
         return self._runner.run(rows, sampling, on_text=on_text, cancelled=cancelled,
                                 groups=lambda batch: self._groups(batch, domains, scored))
+
+    def adapter_of(self, domain: str | None) -> str | None:
+        """The adapter a domain's rows decode with (its name; None: the base model)."""
+        return None if domain is None or self.domains[domain].adapter_dir is None else domain
+
+    def mixes(self, adapter: str | None) -> bool:
+        """Whether rows of this adapter can decode beside other adapters' in one forward (plain LoRA, or none)."""
+        return adapter is None or self._mixed_lora().supports(adapter)
+
+    def keep_resident(self, adapters) -> None:
+        """Bring these adapters into memory (or mark them most recently used), in order."""
+        for name in adapters:
+            self._ensure_resident(name)
+
+    def bring_in(self, adapter: str, in_use: set) -> bool:
+        """Bring `adapter` into memory unless that would evict one in `in_use` (False: wait). The adapters in use
+        are touched first, so the least recently used one evicted is never one of them."""
+        if adapter in self._resident:
+            return True
+        if len(in_use | {adapter}) > self.max_adapters:
+            return False
+        self.keep_resident([*in_use, adapter])
+        return True
+
+    def adapters_for(self, domains: list[str | None]):
+        """The adapter context for one forward over rows of these domains (or adapter names)."""
+        adapters = [self.adapter_of(d) for d in domains]
+        distinct = set(adapters)
+        if distinct == {None}:
+            return _base_only(self.model)
+        if len(distinct) == 1:
+            self.model.set_adapter(adapters[0])
+            return contextlib.nullcontext()
+        return self._mixed_lora().batch(adapters)
 
     def _groups(self, batch: list[int], domains: list[str | None], scored: list[bool]):
         """The runner's decode groups of one batch: its adapters brought into memory (at most max_adapters at
         a time), then one pass per group that can share it, inside that group's adapter context.
         scored[r]: row r is answered by scoring its choices."""
         for part in self._resident_parts(batch, domains):
-            for name in dict.fromkeys(domains[r] for r in part if domains[r] is not None):
-                self._ensure_resident(name)
+            self.keep_resident(dict.fromkeys(domains[r] for r in part if domains[r] is not None))
             for group in self._decode_groups(part, domains, scored):
-                yield group, self._adapters_for([domains[r] for r in group])
+                yield group, self.adapters_for([domains[r] for r in group])
 
     def _resident_parts(self, rows: list[int], domains: list[str | None]) -> list[list[int]]:
         """Split rows so that each part needs at most max_adapters adapters in memory at once
@@ -345,17 +397,14 @@ class AdapterBank:
             self._router_key = key
         return self._router
 
-    def _adapter_of(self, name: str | None) -> str | None:
-        return None if name is None or self.domains[name].adapter_dir is None else name
-
     def _decode_groups(self, rows: list[int], domains: list[str | None], scored: list[bool]) -> list[list[int]]:
         """Rows decoded freely: one group if every adapter involved can share a mixed pass, else one group per
         adapter. Rows answered by scoring choices: one group per adapter, always, since their scoring pass runs
         each row once per choice, which a mixed pass's row -> adapter map does not follow."""
         free = [r for r in rows if not scored[r]]
         groups = list(self._by_adapter([r for r in rows if scored[r]], domains).values())
-        adapters = {self._adapter_of(domains[r]) for r in free}
-        if len(adapters) <= 1 or all(a is None or self._mixed_lora().supports(a) for a in adapters):
+        adapters = {self.adapter_of(domains[r]) for r in free}
+        if len(adapters) <= 1 or all(a is None or self.mixes(a) for a in adapters):
             return [free, *groups] if free else groups
         return [*self._by_adapter(free, domains).values(), *groups]
 
@@ -363,24 +412,13 @@ class AdapterBank:
         """{adapter name or None: its rows}, in first-seen order."""
         by: dict = {}
         for r in rows:
-            by.setdefault(self._adapter_of(domains[r]), []).append(r)
+            by.setdefault(self.adapter_of(domains[r]), []).append(r)
         return by
 
     def _mixed_lora(self) -> MixedLoRA:
         if self._mixed is None:
             self._mixed = MixedLoRA(self.model)
         return self._mixed
-
-    def _adapters_for(self, domains: list[str | None]):
-        """The adapter context for one decode pass over rows of these domains."""
-        adapters = [self._adapter_of(d) for d in domains]
-        distinct = set(adapters)
-        if distinct == {None}:
-            return _base_only(self.model)
-        if len(distinct) == 1:
-            self.model.set_adapter(adapters[0])
-            return contextlib.nullcontext()
-        return self._mixed_lora().batch(adapters)
 
 
 def _digest(parts) -> str:

@@ -87,6 +87,8 @@ def _forward(self, x, *args, **kwargs):
     if state is None or kwargs.get("adapter_names") is not None:
         return self._retro_forward(x, *args, **kwargs)
     rows, a, b = state
+    if x.shape[0] > rows.shape[0]:  # static decoding pads a batch with copies of its first row (StaticDecode.BATCH_BUCKETS)
+        rows = torch.cat([rows, rows[:1].expand(x.shape[0] - rows.shape[0])])
     result = self.base_layer(x, *args, **kwargs)
     xa = torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2))  # [batch, seq, r]
     return result + torch.bmm(xa, b[rows].transpose(1, 2)).to(result.dtype)

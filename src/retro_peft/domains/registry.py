@@ -54,7 +54,7 @@ class DomainSpec:
     description: str | None = None
     kv_cache: str | None = None  # absolute path of the domain's frozen KV cache file; None = full prefill
     created_at: str | None = None
-    kv_layout: str | None = None  # how it uses the cache: block (None means block), prefix or blend
+    kv_layout: str | None = None  # how it uses the cache: block (None means block), prefix, blend or deviation
     choices: tuple[str, ...] | None = None  # every answer is one of these (None: free answers)
     abstain_at: float | None = None  # the head's answer rate (None: as calibrated; 0: never abstains by score)
     history: str | None = None  # a follow-up's search query: none, concat or rewrite (None: the adapter's setting)

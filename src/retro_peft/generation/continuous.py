@@ -8,6 +8,9 @@ started waits for all of it, and a short answer holds its slot until the longest
   gives it), chooses their first token, and merges their KV cache into the running one:
   the narrower of the two is padded on the left with masked zeros, then the rows are
   concatenated along the batch;
+- `admit([request], chunk_tokens=N)` with a prompt longer than N prefills it N tokens at a time instead:
+  `prefill_chunk()` runs its next chunk (the owner calls it between steps, so the running rows go on
+  decoding while a long prompt is read), and the last chunk merges the row into the running batch;
 - `step()` runs one forward for every running row (each at its own position), chooses
   each row's token with its own sampling settings and generator, streams its text, and
   retires the rows that finished, stopped or were cancelled at once (`index_select` on
@@ -75,6 +78,17 @@ class Finished:
     answer: Answer
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A prompt being prefilled a chunk at a time (one row, its own cache)."""
+
+    request: Request
+    input_ids: torch.Tensor  # [1, tokens]: what follows the context
+    mask: torch.Tensor  # [1, context + tokens]
+    cache: object
+    done: int = 0  # tokens of input_ids prefilled so far
+
+
 class ContinuousBatch:
     """One running decode batch over `runner`'s model (read at every forward: its owner may wrap it, e.g. when a
     first adapter is loaded). adapters(tags) -> context manager: the adapter context of a forward over rows with
@@ -86,6 +100,7 @@ class ContinuousBatch:
         self.rows: list[_Running] = []
         self._cache = None  # DynamicCache over self.rows, [rows, kv_heads, width, head_dim] per layer
         self._mask: torch.Tensor | None = None  # [rows, width]: 1 where a row has a real token
+        self._prefill: _Prefill | None = None  # a long prompt being prefilled a chunk at a time
 
     @property
     def running(self) -> int:
@@ -93,7 +108,13 @@ class ContinuousBatch:
 
     @property
     def tags(self) -> set:
-        return {r.request.tag for r in self.rows}
+        """The running rows' tags, and the tag of the row being prefilled."""
+        return {r.request.tag for r in self.rows} | ({self._prefill.request.tag} if self._prefill else set())
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether a long prompt is being prefilled a chunk at a time (`prefill_chunk` goes on with it)."""
+        return self._prefill is not None
 
     @staticmethod
     def decodes(row: Row, sampling: SamplingConfig) -> bool:
@@ -103,11 +124,15 @@ class ContinuousBatch:
     # -- admission ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def admit(self, requests: list[Request]) -> list[Finished]:
+    def admit(self, requests: list[Request], chunk_tokens: int | None = None) -> list[Finished]:
         """Prefill `requests` and add them to the running batch; returns those already finished (a first token
-        that stops, or max_tokens 1). Raises InputError (nothing admitted) if a prompt does not fit the model."""
+        that stops, or max_tokens 1). Raises InputError (nothing admitted) if a prompt does not fit the model.
+        chunk_tokens: one request whose prompt is longer is prefilled that many tokens at a time, its first chunk
+        now and the others by `prefill_chunk`."""
         if not requests:
             return []
+        if self._prefill is not None:
+            raise ValueError("a prompt is still being prefilled in chunks: prefill_chunk() until it is done")
         for request in requests:
             if not self.decodes(request.row, request.sampling):
                 raise ValueError("ContinuousBatch cannot decode this row (choices, a constraint, an answerability "
@@ -124,6 +149,9 @@ class ContinuousBatch:
                 mask = torch.cat([context_mask.to(device), mask], dim=1)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = as_cache(past) if past is not None else dynamic_cache([], [])
+            if chunk_tokens is not None and len(requests) == 1 and input_ids.shape[1] > chunk_tokens:
+                self._prefill = _Prefill(requests[0], input_ids, mask, cache)
+                return self.prefill_chunk(chunk_tokens)
             with tracing.span("prefill", rows=len(requests), tokens=int(input_ids.numel())):
                 logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
                                use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :]
@@ -131,6 +159,38 @@ class ContinuousBatch:
                           torch.Generator(device=device).manual_seed(r.sampling.seed), int(positions[i, -1]) + 1)
                  for i, r in enumerate(requests)]
         self._merge(fresh, cache, mask)
+        return self._take(fresh, logits)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, chunk_tokens: int) -> list[Finished]:
+        """The next `chunk_tokens` of the prompt being prefilled; after its last chunk the row joins the running
+        batch (returned if its first token already ends it). A cancelled one is dropped."""
+        pending = self._prefill
+        if pending is None:
+            return []
+        request = pending.request
+        if request.cancelled is not None and request.cancelled():
+            self._prefill = None
+            r = _Running(request, None, 0, reason="cancelled")
+            return [self._finish(r)]
+        model = self.runner.model
+        tokens = pending.input_ids.shape[1]
+        end = min(pending.done + chunk_tokens, tokens)
+        width = pending.mask.shape[1] - tokens + end  # the context and the prompt up to this chunk's end
+        mask = pending.mask[:, :width]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -(end - pending.done):]
+        with self.adapters([request.tag]), tracing.span("prefill", rows=1, tokens=end - pending.done):
+            logits = model(input_ids=pending.input_ids[:, pending.done:end], attention_mask=mask,
+                           position_ids=positions, use_cache=True, logits_to_keep=1,
+                           **{cache_kwarg(model): pending.cache}).logits[:, -1, :]
+        pending.done = end
+        if end < tokens:
+            return []
+        self._prefill = None
+        device = mask.device
+        fresh = [_Running(request, None if request.sampling.greedy else
+                          torch.Generator(device=device).manual_seed(request.sampling.seed), int(positions[0, -1]) + 1)]
+        self._merge(fresh, pending.cache, pending.mask)
         return self._take(fresh, logits)
 
     def _merge(self, fresh: list[_Running], cache, mask: torch.Tensor) -> None:

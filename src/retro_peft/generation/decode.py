@@ -21,7 +21,8 @@ from transformers import DynamicCache
 from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import TRANSFORMERS_MAJOR, as_cache, cache_kwarg, static_cache, write_context
+from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, static_cache,
+                                  write_context)
 from retro_peft.base_model import model_dtype
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,13 @@ class StaticDecode:
 
     LENGTH_STEP = 64  # cache lengths are rounded up to a multiple of this, so nearby prompt lengths share a graph
     PREFILL_BUCKETS = (16, 32, 64, 128)  # prompt lengths prefilled by a graph (one per bucket and cache length)
-    MAX_CACHES = 4  # static caches kept for reuse (one per batch size and length)
+    # Batch sizes a batch is padded up to (larger ones: a multiple of the last). Each new shape costs a compile
+    # (tens of seconds) while a decode step up to batch 32 is bound by reading the weights, so a few padded rows
+    # cost little: a server's batches of 1-32 rows replay three graphs instead of recording thirty-two.
+    BATCH_BUCKETS = (1, 8, 32)
+    MAX_CACHES = 8  # static caches kept for reuse (one per batch bucket and length)
+    # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
+    RECOMPILE_LIMIT = 64
 
     def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY):
         self.model = model
@@ -99,6 +106,8 @@ class StaticDecode:
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
         self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
                          "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
         self.sync_every = sync_every
         self._caches: OrderedDict = OrderedDict()
 
@@ -135,6 +144,10 @@ class StaticDecode:
 
     def prefill_bucket(self, tokens: int) -> int | None:
         return next((b for b in self.PREFILL_BUCKETS if tokens <= b), None)
+
+    def batch_bucket(self, rows: int) -> int:
+        last = self.BATCH_BUCKETS[-1]
+        return next((b for b in self.BATCH_BUCKETS if rows <= b), -(-rows // last) * last)
 
     def cache(self, batch: int, length: int, device, dtype, context=None):
         """A StaticCache of `length` slots, emptied; `context` (a cache of precomputed states) is written into its
@@ -332,16 +345,18 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     grammar: the constrained rows' token masks (`grammar.RowMasks`; see `decode_steps`).
     """
     device = next(model.parameters()).device
+    n = len(sequences)
+    sequences, context = _padded_rows(static, sequences, context, grammar)
     input_ids, mask = left_pad(sequences, pad_id, device)
     past = None
     if context is not None:
         past, context_mask = context
         mask = torch.cat([context_mask.to(mask.device), mask], dim=1)
-    n = len(sequences)
     # One generator per row, each seeded with the request's seed: a request's sample is the same alone or
     # batched (the batcher groups requests with equal SamplingConfig, so equal seeds are per-request seeds).
-    rng = None if sampling.greedy else [torch.Generator(device=device).manual_seed(sampling.seed) for _ in range(n)]
-    finished = torch.zeros(n, dtype=torch.bool)
+    rng = None if sampling.greedy else [torch.Generator(device=device).manual_seed(sampling.seed)
+                                        for _ in sequences]
+    finished = torch.arange(len(sequences)) >= n  # the padding rows are done from the start
     tokens: list[list[int]] = [[] for _ in range(n)]
     record = [] if sampling.logprobs is not None else None
     steps_of: list[list[int]] = [[] for _ in range(n)]  # the decode step of each kept token (its logprobs)
@@ -388,7 +403,7 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     pending: list[torch.Tensor] = []
 
     def take_pending(upto: int) -> None:
-        for offset, step_tokens in enumerate(torch.stack(pending).tolist()):
+        for offset, step_tokens in enumerate(torch.stack(pending)[:, :n].tolist()):
             take(upto - len(pending) + 1 + offset, step_tokens)
         pending.clear()
 
@@ -410,6 +425,28 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
         results.append(Generated(tokens[row], texts[row], reasons[row] or "length",
                                  None if record is None else _row_logprobs(record, row, steps_of[row])))
     return results
+
+
+def _padded_rows(static: StaticDecode | None, sequences: list[list[int]], context, grammar):
+    """(sequences, context) with copies of the first row added up to the static path's batch bucket, so that a
+    new batch size replays a graph instead of compiling one (the copies start finished and are dropped). Not
+    for grammar rows (a matcher per row) or a blended context (a DynamicCache, decoded at its own size)."""
+    n = len(sequences)
+    if static is None or grammar is not None or static.batch_bucket(n) == n:
+        return sequences, context
+    if context is not None and not isinstance(context[0], StackedStates):
+        return sequences, context
+    extra = static.batch_bucket(n) - n
+    sequences = sequences + [sequences[0]] * extra
+    if context is not None:
+        states, mask = context
+        context = (StackedStates(_repeat_first(states.keys, 1, extra), _repeat_first(states.values, 1, extra)),
+                   _repeat_first(mask, 0, extra))
+    return sequences, context
+
+
+def _repeat_first(t: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+    return torch.cat([t, t.narrow(dim, 0, 1).repeat_interleave(extra, dim=dim)], dim=dim)
 
 
 def _row_logprobs(record: list, row: int, steps: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:

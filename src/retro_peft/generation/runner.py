@@ -124,11 +124,13 @@ class BatchRunner:
         def cancel(i: int) -> bool:  # a row the score abstains on stops before its first token
             return abstains(i) or (cancelled is not None and cancelled(group[i]))
 
+        constraints = [rows[r].constraint for r in group]
+        # (xgrammar is imported only for a batch that has a JSON row: plain answering does not need it installed)
+        grammar = self.grammars.masks(constraints) if any(c is not None for c in constraints) else None
         with hook:
             done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids, pad_id=self.pad_id,
                                   sampling=sampling, on_text=_for_rows(on_text, group), cancelled=cancel,
-                                  static=self.static, context=context,
-                                  grammar=self.grammars.masks([rows[r].constraint for r in group]))
+                                  static=self.static, context=context, grammar=grammar)
         for i, (r, generated) in enumerate(zip(group, done)):
             if abstains(i):
                 answers[r] = abstained(rows[r], scores[i])
@@ -179,7 +181,9 @@ class BatchRunner:
             return [r.prompt.input_ids for r in rows], None
         sequences = [r.tail_ids if r.stored else r.prompt.input_ids for r in rows]
         assembler = next(r.context for r in rows if r.stored)
-        return sequences, assembler.assemble_rows([(r.context, r.keys if r.stored else []) for r in rows], self.model)
+        past, mask, sequences = assembler.assemble_rows([(r.context, r.keys if r.stored else []) for r in rows],
+                                                        self.model, tails=sequences)
+        return sequences, (past, mask)
 
 
 def _for_rows(callback, group: list[int]):

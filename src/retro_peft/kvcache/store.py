@@ -32,7 +32,8 @@ from retro_peft.progress import bar as progress_bar
 from retro_peft.generation.prompt import Passage, encode, passage_body
 from retro_peft.hf_compat import as_cache, cache_kwarg, dynamic_cache, layer_states
 from retro_peft.kvcache.assembly import assemble, assemble_rows
-from retro_peft.kvcache.blend import DEFAULT_RECOMPUTE_TOKENS, recompute, recompute_slots
+from retro_peft.kvcache.blend import (DEFAULT_RECOMPUTE_RATIO, DEFAULT_RECOMPUTE_TOKENS, check_ratio,
+                                      context_ids, deviating, recompute, recompute_slots)
 from retro_peft.kvcache.layout import (HEAD, CachedPrompt, body_digest, cached_prompts, chunk_key, marker_key,
                                        template_fingerprint, template_segments)
 from retro_peft.kvcache.rotation import rotary_embedding
@@ -124,6 +125,7 @@ class FrozenKVCache:
         self.digests = digests or {}  # chunk segment -> digest of the passage text its states were computed from
         self.layout = check_kv_layout(layout)  # see choices.KVLayout
         self.recompute_tokens = DEFAULT_RECOMPUTE_TOKENS  # the blend layout: tokens recomputed per later passage
+        self.recompute_ratio = DEFAULT_RECOMPUTE_RATIO  # the deviation layout: share of later passages' tokens
         self.inv_freq = None  # the model's rotary frequencies, on its device (`attach`)
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -226,12 +228,16 @@ class FrozenKVCache:
         return cached_prompts(tokenizer, questions, passages, retrieval, layout=self.layout,
                               token_ids=self.token_ids, digests=self.digests)
 
-    def with_layout(self, layout: str, recompute_tokens: int | None = None) -> FrozenKVCache:
-        """The same stored states (shared, not copied) used in another layout; recompute_tokens: blend's."""
+    def with_layout(self, layout: str, recompute_tokens: int | None = None,
+                    recompute_ratio: float | None = None) -> FrozenKVCache:
+        """The same stored states (shared, not copied) used in another layout; recompute_tokens: blend's,
+        recompute_ratio: deviation's."""
         other = FrozenKVCache(self.keys, self.values, self.spans, self.token_ids, self.meta, self.digests, layout)
         other.inv_freq = self.inv_freq
         if recompute_tokens is not None:
             other.recompute_tokens = recompute_tokens
+        if recompute_ratio is not None:
+            other.recompute_ratio = check_ratio(recompute_ratio)
         return other
 
     def assemble(self, rows: list[list[str]], device, dtype: torch.dtype | None = None):
@@ -241,24 +247,30 @@ class FrozenKVCache:
         return as_cache(states), mask
 
     @staticmethod
-    def assemble_rows(rows: list[tuple[object | None, list[str]]], model):
+    def assemble_rows(rows: list[tuple[object | None, list[str]]], model, tails: list[list[int]] | None = None):
         """A decode pass's context, its rows from any caches (`assembly.assemble_rows`), on `model`'s device;
         rows of a cache in the `blend` layout then have their later passages' first tokens recomputed by
-        `model` (`blend.recompute`). The batch runner calls it on any of the pass's caches. Returns (StackedStates,
-        or with recomputed rows a DynamicCache, and the mask): what `decode_steps` takes as `past`."""
+        `model` (`blend.recompute`), rows in the `deviation` layout the tokens whose states deviate most
+        (`blend.deviating`). tails: each row's tokens after its context; a recompute runs all but their last
+        token in its pass. The batch runner calls it on any of the pass's caches. Returns (StackedStates, or
+        with recomputed rows a DynamicCache, the mask: what `decode_steps` takes as `past`; and the tails'
+        tokens the decode loop still prefills)."""
         device = next(model.parameters()).device
         past, mask = assemble_rows(rows, device)
         width = mask.shape[1]
-        selected = []
+        selected, ratios = [], []
         for cache, keys in rows:
-            if cache is None or not keys or cache.layout != "blend":
-                selected.append([])
-                continue
-            length = sum(cache.spans[k][1] for k in keys)
-            selected.append(recompute_slots(cache, keys, width - length, cache.recompute_tokens))
+            recomputes = cache is not None and keys and cache.layout in ("blend", "deviation")
+            deviation = recomputes and cache.layout == "deviation"
+            first = width - sum(cache.spans[k][1] for k in keys) if recomputes else 0
+            selected.append(recompute_slots(cache, keys, first, None if deviation else cache.recompute_tokens)
+                            if recomputes else [])
+            ratios.append(cache.recompute_ratio if deviation else None)
         if not any(selected):
-            return past, mask
-        return recompute(model, as_cache(past), mask, selected)
+            return past, mask, tails
+        if any(r is not None for r in ratios):
+            selected = deviating(model, past, mask, context_ids(rows, width, device), selected, ratios)
+        return recompute(model, as_cache(past), mask, selected, tails)
 
     def attach(self, model, *, check: bool = True) -> FrozenKVCache:
         """Check the states are this model's, and put them on its device (assembly then runs there).

@@ -8,8 +8,9 @@ same `Job`, `QueueFull` and `RequestTimeout`), a different worker. Its one threa
    logprobs, non-LoRA adapters: see `ContinuousBatch.decodes`) run at once through the
    bank's pass path, as `MicroBatcher` would run them; the running rows wait for that pass;
 3. admit prepared rows into the running batch (`ContinuousBatch.admit`): all of them into
-   an idle batch; beside running rows at most `PREFILL_TOKENS` prompt tokens per step (a
-   longer prompt is admitted alone), so a long prefill stalls the running rows once, briefly;
+   an idle batch; beside running rows at most `PREFILL_TOKENS` prompt tokens per step, and a
+   longer prompt alone, prefilled `PREFILL_TOKENS` at a time between steps (chunked prefill),
+   so no prefill stalls the running rows for more than one chunk;
    a row whose adapter would evict one a running row decodes with waits for a slot;
 4. one decode step for every running row; finished, stopped and cancelled rows are answered.
 
@@ -26,7 +27,6 @@ import time
 from collections import Counter
 
 from retro_peft.errors import RetroPeftError
-from retro_peft.generation import Answer
 from retro_peft.generation.continuous import ContinuousBatch, Request
 from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.serving.batcher import Job, JobQueue, pass_key, resolve
@@ -37,49 +37,6 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps while other rows are running
 
 
-class _BankRows:
-    """What the scheduler needs of an `AdapterBank`, in one place: rows prepared per job, the adapter context of
-    a forward, adapters brought into memory without evicting one in use, and the pass path."""
-
-    def __init__(self, bank):
-        self.bank = bank
-
-    def row(self, job: Job):
-        bank = self.bank
-        generator = bank._base_generator if job.domain is None else bank._get(job.domain).generator
-        return generator.rows([job.question], search=job.search, choices=[job.choices], history=[job.history],
-                              constraints=[job.constraint])[0]
-
-    def adapter(self, domain: str | None) -> str | None:
-        return self.bank._adapter_of(domain)
-
-    def resident(self, adapter: str, in_use: set) -> bool:
-        """Bring `adapter` into memory unless that would evict one in `in_use` (False: wait). The adapters in use
-        are touched first, so the least recently used one evicted is never one of them."""
-        if adapter in self.bank._resident:
-            return True
-        if len(in_use | {adapter}) > self.bank.max_adapters:
-            return False
-        for name in in_use:
-            self.bank._ensure_resident(name)
-        self.bank._ensure_resident(adapter)
-        return True
-
-    def mixes(self, adapter: str | None) -> bool:
-        """Whether rows of this adapter can decode beside others in one forward (plain LoRA, or none)."""
-        return adapter is None or self.bank._mixed_lora().supports(adapter)
-
-    def adapters_for(self, tags: list):
-        return self.bank._adapters_for(tags)
-
-    def run_pass(self, jobs: list[Job], rows: list, on_text, cancelled) -> list[Answer]:
-        """Rows the engine does not decode, through `BatchRunner.run` with the bank's adapter groups."""
-        domains = [j.domain for j in jobs]
-        scored = [bool(r.choices) for r in rows]
-        return self.bank._runner.run(rows, jobs[0].sampling, on_text=on_text, cancelled=cancelled,
-                                     groups=lambda batch: self.bank._groups(batch, domains, scored))
-
-
 class ContinuousScheduler(JobQueue):
     """Requests join and leave one running decode batch (`batching.mode: continuous`; the module docstring)."""
 
@@ -87,8 +44,7 @@ class ContinuousScheduler(JobQueue):
 
     def __init__(self, bank, config: BatchingConfig, metrics=None):
         super().__init__(bank, config, metrics)
-        self._rows = _BankRows(bank)
-        self._engine = ContinuousBatch(bank._runner, self._rows.adapters_for)
+        self._engine = ContinuousBatch(bank.runner, bank.adapters_for)
         self._ready: list[tuple[Job, Request]] = []  # prepared, waiting to be admitted
         self._jobs: dict[int, tuple[Job, float]] = {}  # id(request) -> (its job, when admitted), the rows running
         self.finished = Counter()  # answers by finish reason ("stop", "length", "cancelled": the client went away)
@@ -103,7 +59,7 @@ class ContinuousScheduler(JobQueue):
     def _take(self) -> list[Job] | None:
         """Queued jobs that fit beside the rows running and prepared (None: stopped and drained)."""
         with self._cond:
-            while not self._queue and not self._ready and not self._engine.running:
+            while not self._queue and not self._ready and not self._engine.running and not self._engine.prefilling:
                 if self._stopping:
                     return None
                 self._cond.wait()
@@ -126,7 +82,7 @@ class ContinuousScheduler(JobQueue):
                 for job, _ in self._jobs.values():
                     self._resolve(job, exception=e)
                 self._jobs.clear()
-                self._engine = ContinuousBatch(self.bank._runner, self._rows.adapters_for)
+                self._engine = ContinuousBatch(self.bank.runner, self.bank.adapters_for)
 
     def _prepare(self, jobs: list[Job]) -> None:
         """Rows for the jobs taken: the engine's wait in `_ready`, the others run a pass now."""
@@ -136,12 +92,13 @@ class ContinuousScheduler(JobQueue):
                 self._resolve(job)
                 continue
             try:
-                row = self._rows.row(job)
-                check_fits([row.prompt], job.sampling.max_new_tokens, model_context(self.bank._runner.model))
+                row = self.bank.rows([job.question], [job.domain], search=job.search, choices=[job.choices],
+                                     history=[job.history], constraints=[job.constraint])[0]
+                check_fits([row.prompt], job.sampling.max_new_tokens, model_context(self.bank.runner.model))
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 self._resolve(job, exception=e)
                 continue
-            adapter = self._rows.adapter(job.domain)
+            adapter = self.bank.adapter_of(job.domain)
             method = None if adapter is None else self.bank.domains[job.domain].method
             if ContinuousBatch.decodes(row, job.sampling) and method in (None, "lora"):
                 self._ready.append((job, self._request(job, row, adapter)))
@@ -165,14 +122,14 @@ class ContinuousScheduler(JobQueue):
                 jobs[i].loop.call_soon_threadsafe(jobs[i].on_text, delta, logprobs)
 
         in_use = self._engine.tags - {None}
-        needed = {self._rows.adapter(j.domain) for j in jobs} - {None}
+        needed = {self.bank.adapter_of(j.domain) for j in jobs} - {None}
         if len(in_use | needed) > self.bank.max_adapters:  # it would evict a running row's adapter: after them
             while self._engine.running:
                 self._answer(self._engine.step())
         try:
-            for name in in_use:  # most recently used: the pass's adapters evict others first
-                self.bank._ensure_resident(name)
-            answers = self._rows.run_pass(jobs, [r for _, r in group], on_text, lambda i: jobs[i].cancelled)
+            self.bank.keep_resident(in_use)  # most recently used: the pass's adapters evict others first
+            answers = self.bank.run_rows([r for _, r in group], [j.domain for j in jobs], jobs[0].sampling,
+                                         on_text=on_text, cancelled=lambda i: jobs[i].cancelled)
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
             if len(group) > 1:
                 for one in group:
@@ -187,6 +144,9 @@ class ContinuousScheduler(JobQueue):
 
     def _admit(self) -> None:
         """Move prepared rows into the running batch (see the module's docstring for how many)."""
+        if self._engine.prefilling:  # a long prompt's next chunk; the others wait until it has joined
+            self._answer(self._engine.prefill_chunk(PREFILL_TOKENS))
+            return
         idle = not self._engine.running
         in_use = self._engine.tags - {None}
         budget, chosen, passes = PREFILL_TOKENS, [], []
@@ -200,13 +160,13 @@ class ContinuousScheduler(JobQueue):
                 break
             if request.tag is not None:
                 try:
-                    if not self._rows.resident(request.tag, in_use):
+                    if not self.bank.bring_in(request.tag, in_use):
                         continue  # its adapter would evict one a running row uses: it waits for a slot
                 except Exception as e:  # noqa: BLE001 - a broken adapter fails its own request
                     self._ready.remove((job, request))
                     self._resolve(job, exception=e)
                     continue
-                if not self._rows.mixes(request.tag):
+                if not self.bank.mixes(request.tag):
                     self._ready.remove((job, request))
                     passes.append((job, request.row))
                     continue
@@ -222,7 +182,8 @@ class ContinuousScheduler(JobQueue):
             now = time.monotonic()
             for job, request in chosen:
                 self._jobs[id(request)] = (job, now)
-            self._answer(self._engine.admit([r for _, r in chosen]))
+            # beside running rows a prompt longer than the budget is prefilled a budget at a time
+            self._answer(self._engine.admit([r for _, r in chosen], chunk_tokens=None if idle else PREFILL_TOKENS))
 
     def _answer(self, finished) -> None:
         for done in finished:

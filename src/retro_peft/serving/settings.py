@@ -46,7 +46,7 @@ class DomainConfig(_Section):
     adapter: str | None = None
     description: str | None = None
     kv_cache: str | None = None  # the domain's frozen KV cache file (built on first load); None: full prefill
-    kv_layout: KVLayout | None = None  # with kv_cache: block (default), prefix (same answers) or blend
+    kv_layout: KVLayout | None = None  # with kv_cache: block (default), prefix (same answers), blend or deviation
     choices: list[str] | None = None  # default answer choices (a request's `guided_choice` comes first)
     abstain_at: float | None = Field(None, ge=0.0, le=1.0)  # the head's answer rate; 0: never abstain by score
     history: HistoryStrategy | None = None  # a follow-up's search query (a request's `retrieval.history` first)
