@@ -122,28 +122,40 @@ def blend_logits(model, tokenizer, cache, retrieval, question, passages):
     return logits[1], full, row
 
 
+def recomputing(model, tokenizer, index, layout):
+    """(retrieval of 3 passages, the block-layout cache, the same states in `layout`, a generator over it)."""
+    retrieval = RetrievalConfig(k=3, context_tokens=1000)
+    block = FrozenKVCache.build(model, tokenizer, index, retrieval).attach(model)
+    cache = block.with_layout(layout)
+    return retrieval, block, cache, Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8,
+                                              batch_size=8, kv_cache=cache)
+
+
+def recomputes_from_block_to_full(model, tokenizer, cache, block, retrieval, question, passages, setting, values):
+    """`cache.<setting>` at values (everything, nothing, some): a full prefill's logits, the block layout's,
+    neither. Returns the question's cached prompt."""
+    outcomes = []
+    for value in values:
+        setattr(cache, setting, value)
+        logits, full, row = blend_logits(model, tokenizer, cache, retrieval, question, passages)
+        outcomes.append(logits)
+    everything, none, some = outcomes
+    blocked, _, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
+    torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(none, blocked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
+    return row
+
+
 def test_the_blend_layout_recomputes_later_passages_up_to_a_full_prefill(model, tokenizer, index):
     """blend: with every token after the first passage recomputed, the logits are a full prefill's; with none,
     the block layout's; in between, neither. Batched answers equal one-at-a-time ones."""
-    retrieval = RetrievalConfig(k=3, context_tokens=1000)
-    built = FrozenKVCache.build(model, tokenizer, index, retrieval)
-    block = built.attach(model)
-    blend = built.with_layout("blend")
-    generator = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
-                          kv_cache=blend)
+    retrieval, block, blend, generator = recomputing(model, tokenizer, index, "blend")
     for question in QUESTIONS:
         passages = generator.retrieve([question])[0]
-        blend.recompute_tokens = 10**6
-        everything, full, row = blend_logits(model, tokenizer, blend, retrieval, question, passages)
+        row = recomputes_from_block_to_full(model, tokenizer, blend, block, retrieval, question, passages,
+                                            "recompute_tokens", (10**6, 0, 4))
         assert len(row.keys) == 7  # head + 3 x (marker, passage)
-        torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
-        blend.recompute_tokens = 0
-        none, _, _ = blend_logits(model, tokenizer, blend, retrieval, question, passages)
-        blocked, _, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
-        torch.testing.assert_close(none, blocked, atol=1e-5, rtol=1e-5)
-        blend.recompute_tokens = 4
-        some, _, _ = blend_logits(model, tokenizer, blend, retrieval, question, passages)
-        assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
     batched = [a.text for a in generator.answer_many(QUESTIONS)]
     assert batched == [generator.answer_many([q])[0].text for q in QUESTIONS]
 
@@ -155,24 +167,12 @@ def test_the_deviation_layout_recomputes_the_tokens_that_deviate_most(model, tok
     from retro_peft.kvcache.blend import DEVIATION_LAYER, context_ids, deviating, recompute_slots
     from retro_peft.hf_compat import layer_states
 
-    retrieval = RetrievalConfig(k=3, context_tokens=1000)
-    built = FrozenKVCache.build(model, tokenizer, index, retrieval)
-    block = built.attach(model)
-    deviation = built.with_layout("deviation")
-    generator = Generator(model, tokenizer, index=index, retrieval=retrieval, max_new_tokens=8, batch_size=8,
-                          kv_cache=deviation)
+    retrieval, block, deviation, generator = recomputing(model, tokenizer, index, "deviation")
     question = QUESTIONS[0]
     passages = generator.retrieve([question])[0]
-    deviation.recompute_ratio = 1.0
-    everything, full, row = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
-    torch.testing.assert_close(everything, full, atol=1e-4, rtol=1e-4)
-    deviation.recompute_ratio = 0.0
-    none, _, _ = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
-    blocked, _, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
-    torch.testing.assert_close(none, blocked, atol=1e-5, rtol=1e-5)
-    deviation.recompute_ratio = 0.3
-    some, _, _ = blend_logits(model, tokenizer, deviation, retrieval, question, passages)
-    assert not torch.allclose(some, full, atol=1e-3) and not torch.allclose(some, blocked, atol=1e-3)
+    row = recomputes_from_block_to_full(model, tokenizer, deviation, block, retrieval, question, passages,
+                                        "recompute_ratio", (1.0, 0.0, 0.3))
+    _, full, _ = blend_logits(model, tokenizer, block, retrieval, question, passages)
     assert model(input_ids=torch.tensor([row.prompt.input_ids])).logits[0, -1].allclose(full)  # all layers back
 
     from retro_peft.kvcache.assembly import assemble_rows
@@ -191,7 +191,7 @@ def test_the_deviation_layout_recomputes_the_tokens_that_deviate_most(model, tok
     assert len(picked) == -(-len(candidates) // 4) and target in [s for s, _ in picked]
     assert picked == sorted(picked)  # in slot order
     with pytest.raises(InputError, match="recompute_ratio"):
-        built.with_layout("deviation", recompute_ratio=1.5)
+        block.with_layout("deviation", recompute_ratio=1.5)
     batched = [a.text for a in generator.answer_many(QUESTIONS)]
     assert batched == [generator.answer_many([q])[0].text for q in QUESTIONS]
 
