@@ -73,6 +73,22 @@ def single_thread() -> None:
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the environment of a test's subprocess (see `single_thread`)
 
 
+def resume_equals_straight(main, capsys, args: list[str], killed: Path, straight: Path) -> None:
+    """`retro-peft train ARGS --out KILLED --resume` continues after the killed run's checkpoint and ends with
+    the very adapter of the same run never interrupted (`--out STRAIGHT`)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    assert main(["train", *args, "--out", str(killed), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] >= 5
+    assert main(["train", *args, "--out", str(straight)]) == 0
+    a = load_file(killed / "adapter_model.safetensors")
+    b = load_file(straight / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def train_killed_at_first_checkpoint(args: list[str], out: Path, timeout: float = 240) -> None:
     """Run `retro-peft train ARGS --out OUT` in its own process and SIGKILL it (no cleanup code runs) as soon as
     its first checkpoint is written; check that it died mid-run with a checkpoint and no finished adapter."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 from helpers_adapters import (DOCS, ONE_THREAD, QA, single_thread, tiny_index, tiny_llama_folder,
-                              train_killed_at_first_checkpoint, write_jsonl)
+                              resume_equals_straight, train_killed_at_first_checkpoint, write_jsonl)
 from safetensors.torch import load_file
 
 from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
@@ -499,12 +499,7 @@ def test_killed_training_process_resumes_to_the_same_adapter(tiny, index, qa_fil
     killed = tmp_path / "killed"
     train_killed_at_first_checkpoint(common, killed)
 
-    assert main(["train", *common, "--out", str(killed), "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_from"] >= 5
-    assert main(["train", *common, "--out", str(tmp_path / "straight")]) == 0
-    a = load_file(killed / "adapter_model.safetensors")
-    b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_equals_straight(main, capsys, common, killed, tmp_path / "straight")
 
 
 def test_train_abstain_at_fits_the_head_saved_with_the_adapter(tiny, index, qa_file, tmp_path, capsys):

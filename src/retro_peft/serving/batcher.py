@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from retro_peft import tracing
+from retro_peft.errors import RetroPeftError
 from retro_peft.generation import Answer, SamplingConfig, SearchOptions
 from retro_peft.generation.grammar import JsonConstraint
 from retro_peft.generation.prompt import Turn
@@ -243,30 +244,16 @@ class MicroBatcher(JobQueue):
             self._free_since = time.monotonic()
 
     def _run(self, jobs: list[Job]) -> None:
-        def on_text(row: int, delta: str, logprobs: list | None = None) -> None:
-            job = jobs[row]
-            if job.on_text is not None and not job.cancelled:
-                job.loop.call_soon_threadsafe(job.on_text, delta, logprobs)
-
-        try:  # one trace per pass: its requests share the retrieve, prefill and decode spans
+        def answer(jobs: list[Job]) -> list[Answer]:
+            # one trace per pass: its requests share the retrieve, prefill and decode spans
             with tracing.span("batch", requests=len(jobs), domains=sorted({str(j.domain) for j in jobs})):
-                answers = self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
-                                                sampling=jobs[0].sampling, search=jobs[0].search, on_text=on_text,
-                                                cancelled=lambda row: jobs[row].cancelled,
-                                                choices=[j.choices for j in jobs],
-                                                history=[j.history for j in jobs],
-                                                constraints=[j.constraint for j in jobs])
-        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its batch
-            if len(jobs) > 1:
-                for job in jobs:
-                    self._run([job])
-                return
-            if not isinstance(e, _EXPECTED):
-                log.exception("generation failed")
-            resolve(jobs[0], exception=e)
-            return
-        for job, answer in zip(jobs, answers):
-            resolve(job, result=answer)
+                return self.bank.answer_many([j.question for j in jobs], [j.domain for j in jobs],
+                                             sampling=jobs[0].sampling, search=jobs[0].search,
+                                             on_text=stream_to(jobs), cancelled=lambda row: jobs[row].cancelled,
+                                             choices=[j.choices for j in jobs], history=[j.history for j in jobs],
+                                             constraints=[j.constraint for j in jobs])
+
+        answer_each(jobs, answer, resolve)
 
 
 def pass_key(job: Job):
@@ -275,13 +262,32 @@ def pass_key(job: Job):
     return job.sampling, job.search
 
 
-def _expected():
-    from retro_peft.errors import RetroPeftError
+def stream_to(jobs: list[Job]) -> Callable:
+    """A pass's on_text(row, delta, logprobs): row i's text to jobs[i]'s stream, on its event loop."""
+    def on_text(row: int, delta: str, logprobs: list | None = None) -> None:
+        job = jobs[row]
+        if job.on_text is not None and not job.cancelled:
+            job.loop.call_soon_threadsafe(job.on_text, delta, logprobs)
 
-    return (RetroPeftError,)
+    return on_text
 
 
-_EXPECTED = _expected()
+def answer_each(items: list, answer: Callable[[list], list], settle: Callable) -> None:
+    """settle(item, result=...) with answer(items)'s answers; if that raises, answer each item alone, so that one
+    bad request fails only itself: settle(item, exception=...) (an error that is not a RetroPeftError is logged)."""
+    try:
+        answers = answer(items)
+    except Exception as e:  # noqa: BLE001 - one bad request must not fail the others in its pass
+        if len(items) > 1:
+            for item in items:
+                answer_each([item], answer, settle)
+            return
+        if not isinstance(e, RetroPeftError):
+            log.exception("generation failed")
+        settle(items[0], exception=e)
+        return
+    for item, result in zip(items, answers):
+        settle(item, result=result)
 
 
 def resolve(job: Job, result=None, exception: BaseException | None = None) -> None:

@@ -26,10 +26,9 @@ import math
 import time
 from collections import Counter
 
-from retro_peft.errors import RetroPeftError
 from retro_peft.generation.continuous import ContinuousBatch, Request
 from retro_peft.generation.prompt import check_fits, model_context
-from retro_peft.serving.batcher import Job, JobQueue, pass_key, resolve
+from retro_peft.serving.batcher import Job, JobQueue, answer_each, pass_key, resolve, stream_to
 from retro_peft.serving.settings import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -115,32 +114,18 @@ class ContinuousScheduler(JobQueue):
         return Request(row, job.sampling, on_text if job.on_text is not None else None, lambda: job.cancelled, adapter)
 
     def _run_pass(self, group: list[tuple[Job, object]]) -> None:
-        jobs = [j for j, _ in group]
-
-        def on_text(i: int, delta: str, logprobs: list | None = None) -> None:
-            if jobs[i].on_text is not None and not jobs[i].cancelled:
-                jobs[i].loop.call_soon_threadsafe(jobs[i].on_text, delta, logprobs)
-
-        in_use = self._engine.tags - {None}
-        needed = {self.bank.adapter_of(j.domain) for j in jobs} - {None}
-        if len(in_use | needed) > self.bank.max_adapters:  # it would evict a running row's adapter: after them
-            while self._engine.running:
+        needed = {self.bank.adapter_of(j.domain) for j, _ in group} - {None}
+        if len((self._engine.tags - {None}) | needed) > self.bank.max_adapters:
+            while self._engine.running:  # it would evict a running row's adapter: after them
                 self._answer(self._engine.step())
-        try:
-            self.bank.keep_resident(in_use)  # most recently used: the pass's adapters evict others first
-            answers = self.bank.run_rows([r for _, r in group], [j.domain for j in jobs], jobs[0].sampling,
-                                         on_text=on_text, cancelled=lambda i: jobs[i].cancelled)
-        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
-            if len(group) > 1:
-                for one in group:
-                    self._run_pass([one])
-                return
-            if not isinstance(e, RetroPeftError):
-                log.exception("generation failed")
-            self._resolve(jobs[0], exception=e)
-            return
-        for job, answer in zip(jobs, answers):
-            self._resolve(job, result=answer)
+
+        def answer(group: list[tuple[Job, object]]) -> list:
+            jobs = [j for j, _ in group]
+            self.bank.keep_resident(self._engine.tags - {None})  # most recently used: the pass's evict others first
+            return self.bank.run_rows([r for _, r in group], [j.domain for j in jobs], jobs[0].sampling,
+                                      on_text=stream_to(jobs), cancelled=lambda i: jobs[i].cancelled)
+
+        answer_each(group, answer, lambda pair, **outcome: self._resolve(pair[0], **outcome))
 
     def _admit(self) -> None:
         """Move prepared rows into the running batch (see the module's docstring for how many)."""
