@@ -12,9 +12,9 @@ process's maximum resident set on the CPU (`ru_maxrss`, the model's weights incl
 `torch.cuda.max_memory_allocated` on a GPU (weights, adapter, optimizer state and activations). tokens/s: the
 timed steps' tokens over their wall time.
 
-Configurations (`--configs`, comma-separated, or `gpu` for all eight): plain (the weights in bfloat16 on a GPU,
+Configurations (`--configs`, comma-separated, or `gpu` for eight): plain (the weights in bfloat16 on a GPU,
 float32 on the CPU), checkpointing, 4bit (`--quantize 4bit`: NF4 base, bfloat16 compute), 4bit+checkpointing,
-and each of them +compile. A configuration that fails (e.g. a combination the GPU stack cannot compile) becomes
+and each of them +compile; also 8bit, and checkpointing-F (only the fraction F of the layers recomputed). A configuration that fails (e.g. a combination the GPU stack cannot compile) becomes
 a row with its error; the others still run.
 
 `random:NAME` (a shape of common.RANDOM_CONFIGS) needs no packaged weights: the random model is built once, saved
@@ -33,10 +33,30 @@ from pathlib import Path
 
 from common import RANDOM_CONFIGS, SCRATCH, machine_info, print_json
 
-BASE_CONFIGS = {"plain": {}, "checkpointing": {"gradient_checkpointing": True}, "4bit": {"quantize": "4bit"},
-                "4bit+checkpointing": {"quantize": "4bit", "gradient_checkpointing": True}}
-CONFIGS = {**BASE_CONFIGS, **{f"{name}+compile": {**cfg, "compile": True} for name, cfg in BASE_CONFIGS.items()}}
-GPU_CONFIGS = ",".join(CONFIGS)  # `--configs gpu`: the issue's eight rows
+BASE_CONFIGS = ("plain", "checkpointing", "4bit", "4bit+checkpointing")
+GPU_CONFIGS = ",".join([*BASE_CONFIGS, *(f"{name}+compile" for name in BASE_CONFIGS)])  # `--configs gpu`: 8 rows
+PARTS = "plain, checkpointing or checkpointing-F (F: the fraction of layers recomputed), 4bit, 8bit, compile"
+
+
+def options_of(name: str) -> dict:
+    """A configuration's TrainConfig options from its name: parts joined by "+", e.g. 4bit+checkpointing-0.75."""
+    options: dict = {}
+    for part in name.split("+"):
+        if part == "plain":
+            continue
+        if part in ("4bit", "8bit"):
+            options["quantize"] = part
+        elif part == "compile":
+            options["compile"] = True
+        elif part == "checkpointing" or part.startswith("checkpointing-"):
+            fraction = part.removeprefix("checkpointing").removeprefix("-") or "1"
+            try:
+                options["gradient_checkpointing"] = float(fraction)
+            except ValueError:
+                raise SystemExit(f"configuration {name!r}: {part!r} is not checkpointing-<fraction>") from None
+        else:
+            raise SystemExit(f"configuration {name!r}: unknown part {part!r} (parts: {PARTS})")
+    return options
 
 
 def parse_args(argv=None):
@@ -47,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tokens", type=int, default=700)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--configs", default="plain,checkpointing", help=f"comma-separated of {', '.join(CONFIGS)}; "
+    p.add_argument("--configs", default="plain,checkpointing", help=f"comma-separated names, parts joined by + ({PARTS}); "
                                                                     "or gpu (all of them)")
     p.add_argument("--scratch", type=Path, default=SCRATCH / "memory-models", help="where random:NAME is saved")
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process (the child)
@@ -99,7 +119,7 @@ def run_one(args) -> dict:
     from retro_peft.training import TrainConfig, train
     from retro_peft.training.data import IGNORE, TrainingExample
 
-    options = CONFIGS[args.one]
+    options = options_of(args.one)
     # a quantized base is placed on the device while loading; a full-precision one is moved there by train()
     model = RetroPeftModel.create(args.model, config_for_method("lora", steps=args.steps + 1), seed=0,
                                   dtype=weights_dtype(args.device), quantize=options.get("quantize"),
@@ -132,9 +152,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)))
         return 0
     names = (GPU_CONFIGS if args.configs == "gpu" else args.configs).split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}: use {', '.join(CONFIGS)} or gpu")
+    for name in names:
+        options_of(name)  # a bad name fails before any model is built
     model = args.model
     if model.startswith("random:"):
         if model.split(":", 1)[1] not in RANDOM_CONFIGS:

@@ -16,7 +16,7 @@ import pytest
 from retro_peft.domains.bank import AdapterBank
 from retro_peft.errors import InputError
 from retro_peft.generation import Generator, SamplingConfig
-from retro_peft.generation.grammar import JsonConstraint
+from retro_peft.generation.grammar import CLOSING_HORIZON, CLOSING_SLACK, JsonConstraint
 from retro_peft.serving.app import create_app
 from retro_peft.serving.settings import ServeSettings
 from retro_peft.serving.testing import serve_in_thread
@@ -76,6 +76,39 @@ def test_every_json_answer_parses_and_validates_over_prompts_and_seeds(generator
     for answer in generator.answer_many(QUESTIONS[:2], sampling=SamplingConfig(max_new_tokens=80),
                                         constraints=[JsonConstraint()] * 2):  # json_object: any object
         assert isinstance(json.loads(answer.text), dict)
+
+
+# unbounded strings and arrays, nested: noise under it runs to any budget unless the budget closes it
+OPEN_SCHEMA = {"type": "object",
+               "properties": {"answer": {"type": "string"},
+                              "detail": {"type": "object", "properties": {"why": {"type": "string"},
+                                                                          "score": {"type": "number"}},
+                                         "required": ["why", "score"]},
+                              "tags": {"type": "array", "items": {"type": "string"}}},
+               "required": ["answer", "detail", "tags"]}
+
+
+def test_an_answer_cut_by_max_tokens_is_still_a_whole_document(generator):
+    constraint = JsonConstraint.of(OPEN_SCHEMA)
+    cut = 0
+    for budget in (32, 40, 56):  # the shortest document of this schema is about 26 tokens
+        for seed in range(3):
+            sampling = SamplingConfig(max_new_tokens=budget, temperature=0.0 if seed == 0 else 1.0, seed=seed)
+            for answer in generator.answer_many(QUESTIONS, sampling=sampling, constraints=[constraint] * 4):
+                document = json.loads(answer.text)  # parses, whatever the budget
+                assert list(document) == ["answer", "detail", "tags"] and list(document["detail"]) == ["why", "score"]
+                assert isinstance(document["answer"], str) and isinstance(document["tags"], list)
+                assert answer.completion_tokens <= budget
+                cut += answer.completion_tokens >= budget - CLOSING_SLACK - 1
+    assert cut >= 18  # most of these reached the budget: closed by it, not by the noise
+    # the budget only steers the end: greedy, the first tokens are the model's own as with a large budget
+    sampling = SamplingConfig(max_new_tokens=80, logprobs=0)
+    short = generator.answer_many(QUESTIONS[:1], sampling=sampling, constraints=[constraint])[0]
+    long = generator.answer_many(QUESTIONS[:1], sampling=SamplingConfig(max_new_tokens=160, logprobs=0),
+                                 constraints=[constraint])[0]
+    free = 80 - CLOSING_HORIZON
+    assert [t for t, _, _ in short.logprobs][:free] == [t for t, _, _ in long.logprobs][:free]
+    assert len(short.logprobs) <= 80 and short.logprobs != long.logprobs[:len(short.logprobs)]
 
 
 def test_a_batch_mixing_a_json_row_and_a_free_row_decodes_the_free_row_as_alone(generator):

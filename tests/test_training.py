@@ -219,6 +219,12 @@ def test_compiled_layers_train_like_eager_ones_and_are_eager_again_afterwards(ti
     assert all(layer._compiled_call_impl is None for layer in layers)  # generation runs the plain modules
 
 
+def layers_of(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.model.get_base_model().modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @pytest.mark.parametrize("block", [False, True])
 def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny, items, index, tokenizer, block):
     retrieval = dataclasses.replace(RETRIEVAL, block_attention=block)
@@ -244,6 +250,15 @@ def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny
     b = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     assert not model.model.get_base_model().is_gradient_checkpointing  # undone after training
+    # a fraction: only the first layers recompute (the others keep their activations), the same math again
+    half = fresh()
+    flags = []
+    partial = train(half, examples, dataclasses.replace(config, gradient_checkpointing=0.5), progress=False,
+                    on_step=lambda *_: flags.append([m.gradient_checkpointing for m in layers_of(half)]))
+    assert flags[0] == [True] * (len(flags[0]) // 2) + [False] * (len(flags[0]) - len(flags[0]) // 2)
+    assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(plain.losses, partial.losses))
+    with pytest.raises(InputError, match="fraction"):
+        dataclasses.replace(config, gradient_checkpointing=1.5).validate()
 
     def no_dropout():  # compiled kernels draw their own random numbers
         adapter = config_for_method("lora", retrieval=retrieval, steps=3)

@@ -79,9 +79,10 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers: ~2x tokens/s on a GPU after a 1-2 minute compile; "
                         "worth it for runs of several hundred steps or more")
-    p.add_argument("--gradient-checkpointing", action="store_true",
+    p.add_argument("--gradient-checkpointing", nargs="?", type=float, const=1.0, default=0.0, metavar="FRACTION",
                    help="recompute each layer's activations in the backward pass: far less activation memory for "
-                        "about a third more compute (with --compile too)")
+                        "about a third more compute (with --compile too); a FRACTION below 1 recomputes only that "
+                        "share of the layers, keeping the others' activations (less memory saved, less compute)")
     add_quantize_argument(p, "QLoRA: the adapter trains in full precision on it and loads on either base")
     add_progress_argument(p)
     p.set_defaults(func=run)

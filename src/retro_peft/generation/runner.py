@@ -126,7 +126,8 @@ class BatchRunner:
 
         constraints = [rows[r].constraint for r in group]
         # (xgrammar is imported only for a batch that has a JSON row: plain answering does not need it installed)
-        grammar = self.grammars.masks(constraints) if any(c is not None for c in constraints) else None
+        grammar = (self.grammars.masks(constraints, budget=sampling.max_new_tokens)
+                   if any(c is not None for c in constraints) else None)
         with hook:
             done = generate_batch(self.model, self.tokenizer, sequences, stop_ids=self.stop_ids, pad_id=self.pad_id,
                                   sampling=sampling, on_text=_for_rows(on_text, group), cancelled=cancel,

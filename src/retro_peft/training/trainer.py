@@ -72,7 +72,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer (see compile_layers); pays off on long CUDA runs
     # Recompute each decoder layer's activations in the backward pass instead of keeping them (non-reentrant
     # torch.utils.checkpoint): activation memory of one layer instead of all, for about one more forward.
-    gradient_checkpointing: bool = False
+    # True (1.0): every layer; a fraction in (0, 1): that share of the layers (the first ones), the others keep
+    # their activations: memory traded back for speed where the card has room (BENCHMARKS.md, issue 18).
+    gradient_checkpointing: bool | float = False
     # "4bit" / "8bit": the model's base was loaded quantized (RetroPeftModel.create(..., quantize=)): QLoRA.
     # Checked against the model and recorded with the checkpoints, so a resume runs on the same base.
     quantize: str | None = None
@@ -93,6 +95,10 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0")
+        if not (isinstance(self.gradient_checkpointing, (bool, int, float))
+                and 0 <= float(self.gradient_checkpointing) <= 1):
+            raise InputError(f"gradient_checkpointing is True/False or the fraction of decoder layers to recompute "
+                             f"(0 to 1), got {self.gradient_checkpointing!r}")
         check_device(self.device)
         check_quantize(self.quantize)
 
@@ -320,7 +326,8 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     retriever_sum = torch.zeros((), device=device)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress or not distributed.is_main(),
                desc=f"train {model.config.method}")
-    uncheckpoint = checkpoint_layers(peft_model) if config.gradient_checkpointing else (lambda: None)
+    uncheckpoint = (checkpoint_layers(peft_model, float(config.gradient_checkpointing)) if config.gradient_checkpointing
+                    else (lambda: None))
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     peft_model.train()
     ddp = distributed.wrap(peft_model, device)  # the model itself in one process
@@ -443,15 +450,22 @@ def _placed(peft_model, config: TrainConfig, device: torch.device):
     return peft_model
 
 
-def checkpoint_layers(peft_model) -> Callable[[], None]:
+def checkpoint_layers(peft_model, fraction: float = 1.0) -> Callable[[], None]:
     """Gradient checkpointing on the base model's decoder layers (transformers' own, non-reentrant, so it works
-    with frozen base weights and PEFT adapters, and under torch.compile); returns the undo."""
+    with frozen base weights and PEFT adapters, and under torch.compile); returns the undo. fraction < 1: only
+    the first round(fraction * layers) layers recompute (at least one); the rest keep their activations."""
     base = peft_model.get_base_model()
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise InputError(f"gradient checkpointing: {type(base).__name__} does not support it")
     # Non-reentrant: gradients reach the adapters inside a layer even though its input (from the frozen
     # embedding) does not require grad, and the RNG state is replayed, so dropout draws the same masks.
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fraction < 1:  # transformers checks each layer's own flag (`every_n_layers` is not in every version)
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers[max(1, round(fraction * len(layers))):]:
+            layer.gradient_checkpointing = False
     use_cache = getattr(base.config, "use_cache", None)
 
     def undo() -> None:
