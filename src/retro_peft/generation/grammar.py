@@ -175,7 +175,8 @@ class RowMasks:
         left = None if self.budget is None else self.budget - self.steps  # tokens this row may still add
         if left is not None and self.closing is not None and left <= CLOSING_HORIZON:
             for i in live:
-                way_out = self.closing.path(self.matchers[i], left)
+                # searched past `left` too: a document the model opened too far is still closed as far as it goes
+                way_out = self.closing.path(self.matchers[i], CLOSING_HORIZON)
                 if way_out and len(way_out) + CLOSING_SLACK >= left:  # no token to spare: close the document now
                     keep = masked[i, way_out[0]].clone()
                     masked[i] = -torch.inf
