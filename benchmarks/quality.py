@@ -6,8 +6,10 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
   (a) base model, closed book          (b) base model + retrieval
   (c) LoRA trained without retrieval   (d) RetroLoRA   (e) RetroAdaLoRA   (f) RetroIA3
   (g) RetroLoRA trained with block attention (the frozen KV cache's layout)
+  (h) (d) continued with block attention on full and block copies of each example, distilled toward
+      its full prefill (TrainConfig.distill; the Block-Attention recipe with KVLink-style distillation)
 
-(d) and (g) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
+(d), (g) and (h) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
 passage's states computed apart and stored, only the question prefilled; with --kv-blend M,...
 also in the blend layout with M tokens of each later passage recomputed (`_kv_blend_M` rows).
 
@@ -54,11 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="evaluate the first N questions of articles 3-4 (default: all 457)")
     p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-g")
-    p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g)")
+    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-h (h trains d first)")
+    p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g), (h)")
     p.add_argument("--kv-deviation", help="comma-separated recompute_ratio values for the deviation layout rows of "
-                                           "(d), (g) (CacheBlend's selection)")
+                                           "(d), (g), (h) (CacheBlend's selection)")
+    p.add_argument("--cached-rows", default="d,g,h",
+                   help="which of (d), (g), (h) also answer through the frozen KV cache (its block, blend, deviation rows)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps / 2)")
+    p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
                         "with a run without it, same steps")
@@ -108,6 +114,39 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     return model, stats, examples
 
 
+def continue_in_block_layout(args, model, block, train_items, index) -> dict:
+    """(h): `model` trained on, in place, on block examples with their full copies and the distillation loss."""
+    from retro_peft.training import TrainConfig, build_examples, train
+
+    examples = build_examples(train_items, index, model.tokenizer, block, seed=args.seed)
+    model.config = dataclasses.replace(model.config, retrieval=block)
+    steps = args.block_steps or max(1, args.steps // 2)
+    result = train(model, examples, TrainConfig(steps=steps, batch_size=args.batch_size,
+                                                lr=args.lr or model.config.default_lr, seed=args.seed,
+                                                device=args.device, log_every=10, quantize=args.quantize,
+                                                distill=args.distill))
+    return {"continued_steps": steps, "distill": args.distill, "train_seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+            "examples": len(examples)}
+
+
+def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
+    """`label`'s adapter answering through the frozen KV cache: block layout, then each blend and deviation."""
+    record(args, report, label + "_kv_cache", evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items,
+                                                               closed_book=False, kv_cache=True))
+    for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
+        record(args, report, f"{label}_kv_blend_{m}", evaluate_variant(
+            model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, blend=m))
+    for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
+        record(args, report, f"{label}_kv_deviation_{r}", evaluate_variant(
+            model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, deviation=r))
+
+
+def record(args, report, label, row) -> None:
+    report["variants"][label] = row
+    write_json(Path(args.out) / "quality.json", report)  # after each row: a run cut short keeps what it measured
+
+
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None,
                      deviation=None):
     from retro_peft.generation import Generator
@@ -137,6 +176,7 @@ def main(argv=None) -> int:
     from retro_peft.qa import load_qa
 
     variants = set(args.variants.split(","))
+    cached_rows = set(args.cached_rows.split(",")) & {"d", "g", "h"}
     index = open_or_build_index(args)
     train_items = load_qa(args.squad, articles=TRAIN_ARTICLES)[: args.train_limit]
     eval_items = load_qa(args.squad, articles=EVAL_ARTICLES)[: args.limit]
@@ -149,40 +189,41 @@ def main(argv=None) -> int:
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
               "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if variants & {"a", "b"}:
         base, tokenizer, _ = base_factory()
         if "a" in variants:
-            report["variants"]["a_base_closed_book"] = evaluate_variant(base, tokenizer, index, closed, eval_items,
-                                                                        closed_book=True)
+            record(args, report, "a_base_closed_book", evaluate_variant(base, tokenizer, index, closed, eval_items,
+                                                                        closed_book=True))
         if "b" in variants:
-            report["variants"]["b_base_retrieval"] = evaluate_variant(base, tokenizer, index, retrieval, eval_items,
-                                                                      closed_book=False)
+            record(args, report, "b_base_retrieval", evaluate_variant(base, tokenizer, index, retrieval, eval_items,
+                                                                      closed_book=False))
         del base
     plan = [("c", "c_lora_closed_book", "lora", closed), ("d", "d_retro_lora", "lora", retrieval),
             ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval),
             ("g", "g_retro_lora_block", "lora", dataclasses.replace(retrieval, block_attention=True))]
     for key, label, method, cfg in plan:
-        if key not in variants:
+        if key not in variants and not (key == "d" and "h" in variants):
             continue
         model, stats, _ = train_variant(args, method, cfg, train_items, index, base_factory)
         stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
-        report["variants"][label] = stats
-        if key in ("d", "g"):  # the same adapter answering through the frozen KV cache
-            report["variants"][label + "_kv_cache"] = evaluate_variant(model.model, model.tokenizer, index, cfg,
-                                                                       eval_items, closed_book=False, kv_cache=True)
-            for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
-                report["variants"][f"{label}_kv_blend_{m}"] = evaluate_variant(
-                    model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, blend=m)
-            for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
-                report["variants"][f"{label}_kv_deviation_{r}"] = evaluate_variant(
-                    model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True,
-                    deviation=r)
+        if key in variants:
+            record(args, report, label, stats)
+            if key in cached_rows:  # the same adapter answering through the frozen KV cache
+                evaluate_cached(args, report, label, model, index, cfg, eval_items)
+        if key == "d" and "h" in variants:  # then the same adapter, trained on in the cache's layout
+            block = dataclasses.replace(cfg, block_attention=True)
+            label = "h_retro_lora_block_distilled"
+            stats = continue_in_block_layout(args, model, block, train_items, index)
+            stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items, closed_book=False))
+            record(args, report, label, stats)
+            if "h" in cached_rows:
+                evaluate_cached(args, report, label, model, index, block, eval_items)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", report)
     plots.chart_beside(out / "quality.json", report, plots.quality)
     (out / "quality.md").write_text(markdown(report))

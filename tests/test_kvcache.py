@@ -280,7 +280,7 @@ def test_block_attention_training_runs_prompts_exactly_as_the_frozen_cache_serve
     serving = Generator(model, tokenizer, index=index, retrieval=retrieval, kv_cache=cache)
     chunks = {c.id: c for c in index.chunks()}
     with torch.inference_mode():
-        trained = block_attention_forward(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+        trained, _ = block_attention_forward(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     # the batch's logits are kept at the tail positions that predict an answer token in some row
     tails = [ex.labels[sum(n for _, n in ex.segments):] for ex in examples]
     kept = sorted({i - 1 for labels in tails for i, t in enumerate(labels) if t != IGNORE})

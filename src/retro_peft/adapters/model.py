@@ -157,6 +157,7 @@ class RetroPeftModel:
                 "retriever": trained_retriever or self.info.get("retriever"),
                 "template": self.config.retrieval.template,
                 "training_data_sha256": training_data_sha256 or self.info.get("training_data_sha256"),
+                "trained_from": self.info.get("trained_from"),  # the adapter this one continued, if any
                 **{key: sha256_file(tmp / name) for name, key in CHECKSUM_KEYS.items()},
                 "answerability_sha256": sha256_file(tmp / ANSWERABILITY_FILE) if self.answerability else None,
                 "final_ranks": self.final_ranks(),

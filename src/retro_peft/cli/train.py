@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -28,11 +29,14 @@ def parse_articles(text: str | None) -> slice | None:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a retrieval-augmented PEFT adapter")
-    p.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model: {DEFAULT_GENERATOR}, a local folder or a HF id")
+    p.add_argument("--model", help=f"base model: {DEFAULT_GENERATOR} (the default), a local folder or a HF id")
     p.add_argument("--index", required=True, help="index name or path (see `retro-peft index build`)")
     p.add_argument("--qa", required=True, help="training questions: JSONL or SQuAD JSON")
     p.add_argument("--articles", help="SQuAD articles to train on, e.g. 0:3")
-    p.add_argument("--method", choices=PEFT_METHODS, default=PEFT_METHODS[0])
+    p.add_argument("--method", choices=PEFT_METHODS, help=f"default: {PEFT_METHODS[0]}, or --from-adapter's")
+    p.add_argument("--from-adapter", metavar="DIR",
+                   help="start from this trained adapter's weights (on its base model) instead of a fresh one, "
+                        "e.g. a full-attention adapter continued with --block-attention --distill")
     p.add_argument("--out", required=True, help="output folder: the adapter, and checkpoints/ while training")
     # Options without a default here take RetrievalConfig's and TrainConfig's (`retro_peft.cli.given`).
     p.add_argument("--steps", type=int, help="optimizer steps (default: TrainConfig.steps)")
@@ -44,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--block-attention", action="store_true",
                    help="train in the frozen KV cache's layout (each passage computed apart, whole passages), "
                         "for an adapter that answers through `eval --kv-cache`")
+    p.add_argument("--distill", type=float, metavar="WEIGHT",
+                   help="with --block-attention: also train each example's full-prefill copy and pull the cached "
+                        "layout's answer distribution to it (KL, this weight); best with --from-adapter")
     p.add_argument("--grounding", choices=GROUNDINGS,
                    help="which passages are a question's gold ones: doc (its gold documents' chunks), span (chunks "
                         "holding the answer's words), auto (doc where the question names gold documents; default)")
@@ -90,7 +97,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     # Imported here so `retro-peft --help` stays fast.
-    from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
+    from retro_peft.adapters import RetrievalConfig, RetroAdapterConfig, RetroPeftModel, config_for_method
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
@@ -100,25 +107,39 @@ def run(args) -> int:
     from retro_peft.training.calibrate import DEFAULT_HELD_OUT, calibrate, split_held_out
     from retro_peft.training.joint import JointRetrieverConfig, RetrieverObjective
     from retro_peft.training.trainer import check_output_dir
-    from retro_peft.adapters.model import RETRIEVER_FOLDER
+    from retro_peft.adapters.model import RETRIEVER_FOLDER, read_retro_config
 
     out = Path(args.out)
     # Every check that can fail runs before the model is loaded or a step is taken.
     if (out / "retro_config.json").exists() and not args.resume:
         raise InputError(f"{out} already holds a trained adapter; choose another --out (or --resume a run there)")
     check_output_dir(out, resume=args.resume)
-    retrieval = RetrievalConfig(**given(args, "k", "distractors", "oracle_fraction", "context_tokens", "mode",
-                                        "grounding"),
-                                block_attention=args.block_attention, citations=not args.no_citations)
+    start = read_retro_config(args.from_adapter) if args.from_adapter else None  # refuses a folder that is none
+    start_config = RetroAdapterConfig.from_dict(start["adapter"]) if start is not None else None
+    # a continued adapter keeps its retrieval settings except those given here
+    retrieval = dataclasses.replace(start_config.retrieval if start_config else RetrievalConfig(),
+                                    **given(args, "k", "distractors", "oracle_fraction", "context_tokens", "mode",
+                                            "grounding"),
+                                    block_attention=args.block_attention,
+                                    **({"citations": False} if args.no_citations else {}))
+    if args.distill is not None and not args.block_attention:
+        raise InputError("--distill pulls the frozen KV cache's layout toward the full prefill: add --block-attention")
     if args.gradient_checkpointing and args.block_attention:
         raise InputError("--gradient-checkpointing cannot train with --block-attention (that layout is built from "
                          "the passages' KV caches, which checkpointing turns off): drop one of the two")
     answer_rate = abstain_at(args)
     train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device",
-                                       "quantize", "log_every"),
+                                       "quantize", "log_every", "distill"),
                                checkpoint_every=args.checkpoint_every, compile=args.compile,
                                gradient_checkpointing=args.gradient_checkpointing)
-    config = config_for_method(args.method, retrieval=retrieval, steps=train_config.steps)
+    if start is not None and args.method not in (None, start["method"]):
+        raise InputError(f"--method {args.method} differs from --from-adapter's method ({start['method']})")
+    method = start["method"] if start is not None else args.method or PEFT_METHODS[0]
+    if start is not None and method == "adalora":
+        raise InputError("--from-adapter cannot continue an AdaLoRA adapter (its rank budget schedule is spent): "
+                         "start from a lora or ia3 adapter")
+    config = (dataclasses.replace(start_config, retrieval=retrieval) if start_config else
+              config_for_method(method, retrieval=retrieval, steps=train_config.steps))
     # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
     train_config.lr = args.lr if args.lr is not None else config.default_lr
     train_config.validate()
@@ -144,9 +165,15 @@ def run(args) -> int:
     retriever = RetrieverObjective(index, items, joint) if joint and joint.supervision == "contrastive" else None
     # a quantized base is placed on its device when loaded (the trainer moves a full-precision one itself)
     # (under torchrun, on this rank's own GPU)
-    model = RetroPeftModel.create(args.model, config, seed=seed, quantize=train_config.quantize,
-                                  device=str(distributed.local_device(check_device(train_config.device)))
-                                  if train_config.quantize else None)
+    device = str(distributed.local_device(check_device(train_config.device))) if train_config.quantize else None
+    if start is None:
+        model = RetroPeftModel.create(args.model or DEFAULT_GENERATOR, config, seed=seed,
+                                      quantize=train_config.quantize, device=device)
+    else:  # its weights, the new run's settings (saved with it); its answerability head fitted the old answers
+        model = RetroPeftModel.load(args.from_adapter, base_model=args.model, is_trainable=True,
+                                    quantize=train_config.quantize, device=device)
+        model.config, model.answerability = config, None
+        model.info["trained_from"] = str(Path(args.from_adapter).absolute())
     if joint is not None and retriever is None:
         retriever = RetrieverObjective(index, items, joint, tokenizer=model.tokenizer, retrieval=retrieval)
     examples = build_examples(items, index, model.tokenizer, retrieval, seed=seed)
@@ -162,7 +189,7 @@ def run(args) -> int:
                    index=index, data_sha256=data_sha, progress=show_progress(args), before_save=fit_answerability,
                    retriever=retriever)
     trainable, total = model.trainable_parameters()
-    summary = {"out": str(out), "method": args.method, "steps": result.steps, "final_loss": result.final_loss,
+    summary = {"out": str(out), "method": method, "steps": result.steps, "final_loss": result.final_loss,
                "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 1),
                "trainable_params": trainable, "total_params": total, "examples": len(examples),
                "resumed_from": result.resumed_from, "eval_losses": result.eval_losses}

@@ -78,6 +78,12 @@ class TrainConfig:
     # "4bit" / "8bit": the model's base was loaded quantized (RetroPeftModel.create(..., quantize=)): QLoRA.
     # Checked against the model and recorded with the checkpoints, so a resume runs on the same base.
     quantize: str | None = None
+    # Block-attention examples only: each also trains as its full-prefill copy (the same tokens, every passage in
+    # view), and `distill` x KL(full || cached) over the answer tokens pulls the cached layout's answer
+    # distribution to the full copy's (detached: the teacher is the same adapter in the same step). The
+    # Block-Attention recipe (full and block copies, best started from a full-attention adapter) with
+    # KVLink-style distillation. 0: the cached copy alone.
+    distill: float = 0.0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "length_window"):
@@ -85,7 +91,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise InputError(f"learning rate must be positive, got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm", "distill"):
             if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         # numpy's default_rng refuses negative seeds and torch.manual_seed overflows past 64 bits,
@@ -179,11 +185,23 @@ def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, t
 
 
 def forward_loss(model, examples: list[TrainingExample], pad_id: int, device,
-                 num_items: int | None = None) -> torch.Tensor:
+                 num_items: int | None = None, distill: float = 0.0) -> torch.Tensor:
     """Mean answer-token loss of a batch: one forward pass, or two in the frozen KV cache's layout.
-    num_items: divide the summed loss by this many answer tokens instead (a rank's share of a global batch)."""
+    num_items: divide the summed loss by this many answer tokens instead (a rank's share of a global batch).
+    distill: see TrainConfig.distill (block-attention examples only)."""
     if any(ex.segments for ex in examples):
-        return block_attention_forward(model, examples, pad_id, device).loss
+        cached, cached_labels = block_attention_forward(model, examples, pad_id, device)
+        loss = cached.loss
+        if distill:
+            full_inputs = collate([replace(ex, segments=()) for ex in examples], pad_id, device)
+            full = model(**full_inputs, use_cache=False)
+            # the same answer tokens in the same order in both layouts: row by row, position by position
+            student = cached.logits[cached_labels != IGNORE].float()
+            teacher = full.logits[full_inputs["shift_labels"] != IGNORE].detach().float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                            log_target=True, reduction="batchmean")
+            loss = (cached.loss + full.loss) / 2 + distill * kl
+        return loss  # (data-parallel training refuses this layout, so there is no share to scale)
     extra = {"num_items_in_batch": num_items} if num_items is not None else {}
     # use_cache=False: training has no use for a KV cache, and building one per layer
     # costs kernels (and a recompile per layer when compiled).
@@ -195,7 +213,8 @@ def answer_tokens(examples: list[TrainingExample]) -> int:
     return sum(label != IGNORE for ex in examples for label in ex.labels[1:])
 
 
-def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad_id: int, device):
+def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad_id: int, device,
+               distill: float = 0.0):
     """(loss, this rank's examples) of one micro-batch `batch_ids` (the global one).
 
     One process: the batch's mean loss. Data-parallel: this rank's share, its summed loss divided by the
@@ -206,7 +225,7 @@ def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad
     """
     if distributed.world_size() == 1:
         batch = [examples[i] for i in batch_ids]
-        return forward_loss(model, batch, pad_id, device), batch
+        return forward_loss(model, batch, pad_id, device, distill=distill), batch
     batch = [examples[i] for i in distributed.shard(batch_ids)]
     total = answer_tokens([examples[i] for i in batch_ids])
     loss = forward_loss(model, batch or [examples[batch_ids[0]]], pad_id, device, num_items=max(total, 1))
@@ -221,6 +240,7 @@ def block_attention_forward(model, examples: list[TrainingExample], pad_id: int,
     2. Each row's context assembled from them (keys rotated to their positions), as at query time.
     3. The tails (question, instruction, answer) through the model on top, loss on the answer.
     A row without segments (no passage fitted) has an empty context: its tail is the whole prompt.
+    Returns (the model's output, the targets of its kept logits: `collate`'s shift_labels).
     """
 
     head, segments, rows, tails = None, {}, [], []
@@ -243,7 +263,7 @@ def block_attention_forward(model, examples: list[TrainingExample], pad_id: int,
     inputs["attention_mask"] = torch.cat([context_mask, inputs["attention_mask"]], dim=1)
     # each row's tail continues after its own context (left padding holds no positions)
     inputs["position_ids"] = context_mask.sum(1, keepdim=True) + torch.arange(inputs["input_ids"].shape[1], device=device)
-    return model(**inputs, use_cache=True, **{cache_kwarg(model): context})
+    return model(**inputs, use_cache=True, **{cache_kwarg(model): context}), inputs["shift_labels"]
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -289,6 +309,9 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             # transformers turns the KV cache off under checkpointing, and this layout is built from KV caches
             raise InputError("gradient checkpointing cannot train in the block-attention layout (it needs the "
                              "passages' KV caches, which checkpointing turns off): drop one of the two")
+    elif config.distill:
+        raise InputError("distill pulls the frozen KV cache's layout toward the full prefill: it needs "
+                         "block-attention examples (RetrievalConfig.block_attention / --block-attention)")
     if adalora:
         _fit_adalora_schedule(peft_model, config.steps)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -305,6 +328,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     identity = {"data_sha256": examples_sha256(examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed, "steps": config.steps,
                 "method": model.config.method, "base_model": model.info.get("base_model"),
+                "trained_from": model.info.get("trained_from"),  # a resume continues from the same start
                 "quantize": config.quantize,  # (older checkpoints lack the key: None, full precision, as they were)
                 "world_size": world,  # a resume must split each global batch the same way
                 "retriever": retriever.identity() if retriever is not None else None}
@@ -337,7 +361,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 position, batch_ids = next(stream)
                 with distributed.no_sync(ddp, last_micro_batch=micro == config.grad_accum - 1):
                     with autocast:
-                        loss, batch = shard_loss(ddp, examples, batch_ids, pad_id, device)
+                        loss, batch = shard_loss(ddp, examples, batch_ids, pad_id, device, config.distill)
                         loss = loss / config.grad_accum
                         if retriever is not None:
                             extra = retriever.loss([ex.item_id for ex in batch], peft_model, pad_id)
