@@ -15,6 +15,8 @@ disabled so every row generates exactly `--new-tokens` tokens.
   one adapter (PEFT's ordinary path), and against PEFT's own mixed-batch path
   (`adapter_names=`).
 - switch: time to make another resident adapter active (`set_adapter`).
+- `--hf-cache`: the batches again, decoded into transformers' own DynamicCache (it concatenates every layer's
+  states at every step) against retro-peft's growing cache (`hf_compat.GrowingLayer`: writes into spare room).
 - compiled (`--compile-decode`, CUDA): the batches of 1, 8 and 32 again with
   `StaticDecode` (static KV cache, each decode step one CUDA-graph replay), after
   an untimed run that compiles and records the graphs (its time is reported).
@@ -96,13 +98,16 @@ def median_rate(run, tokens: int, device: str, repeats: int) -> float:
 
 
 def tokens_per_second(model, batch_prompts, batch_size: int, new_tokens: int, device: str, repeats: int,
-                      mixed: tuple[MixedLoRA, list[str]] | None = None, static: StaticDecode | None = None) -> float:
-    """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs."""
+                      mixed: tuple[MixedLoRA, list[str]] | None = None, static: StaticDecode | None = None,
+                      empty_cache=None) -> float:
+    """Decode every prompt in batches of `batch_size`; median tokens/s over `repeats` runs.
+    empty_cache: makes the KV cache each batch decodes into (default: retro-peft's own, `hf_compat.dynamic_cache`)."""
     def run():
         for i in range(0, len(batch_prompts), batch_size):
             ids, mask = left_pad(batch_prompts[i:i + batch_size], 0, device)
             if mixed is None:
-                decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0, static=static)
+                decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0, static=static,
+                       past=empty_cache() if empty_cache else None)
             else:
                 with mixed[0].batch(mixed[1][i:i + batch_size]):
                     decode(model, ids, mask, max_new_tokens=new_tokens, stop_ids=set(), pad_id=0)
@@ -288,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-only", action="store_true", help="run only the frozen KV cache section")
     p.add_argument("--kv-ttft-only", action="store_true",
                    help="with --kv-only: only time to first token (full prefill, block, blend layouts)")
+    p.add_argument("--hf-cache", action="store_true",
+                   help="also decode the batches into transformers' own DynamicCache (the growing cache's baseline)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
@@ -320,6 +327,13 @@ def main(argv=None) -> int:
     results["one_at_a_time_tok_s"] = one
     results["batched_tok_s"] = batched
     results["batched_speedup"] = {b: r / one for b, r in batched.items()}
+    if args.hf_cache:  # the baseline of the growing cache: transformers' DynamicCache, concatenated every step
+        from transformers import DynamicCache
+
+        concatenating = {b: tokens_per_second(model, reqs, b, args.new_tokens, args.device, args.repeats,
+                                              empty_cache=DynamicCache) for b in batched}
+        results["hf_dynamic_cache"] = {"tok_s": concatenating,
+                                       "growing_vs_hf": {b: batched[b] / concatenating[b] for b in batched}}
     if args.compile_decode:
         static, compiled, compile_s = StaticDecode(model), {}, {}
         for bsz in batched:
@@ -363,6 +377,8 @@ def main(argv=None) -> int:
     print(f"| one request at a time | {one:.1f} | 1.00x |")
     for bsz, rate in batched.items():
         print(f"| batch {bsz} | {rate:.1f} | {rate / one:.2f}x |")
+    for bsz, rate in results.get("hf_dynamic_cache", {}).get("tok_s", {}).items():
+        print(f"| batch {bsz}, transformers' DynamicCache (concatenating) | {rate:.1f} | {rate / one:.2f}x |")
     for bsz, rate in results.get("compiled_decode", {}).get("tok_s", {}).items():
         print(f"| batch {bsz}, compiled static decode | {rate:.1f} | {rate / one:.2f}x |")
     m = results["mixed"]

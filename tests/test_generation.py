@@ -267,3 +267,42 @@ def test_citations_match_the_answer_as_whole_words_only():
     assert mentions("Chunks overlap by a 32-token window.", "32") and mentions("retro-peft's index", "Retro-PEFT")
     assert mentions("It stores the hash of the chunk text.", "hash of chunk text")  # articles aside
     assert not mentions("In 1945 and 1776.", "1") and not mentions("top-p 0.8", "8") and not mentions("x", "")
+
+
+def test_the_growing_cache_decodes_as_transformers_cache_and_never_writes_into_the_states_it_adopts(tiny_model):
+    """dynamic_cache's layers write each step into spare room (reallocating as it runs out) instead of
+    concatenating: every step's logits equal transformers' own DynamicCache's, the states it started from are left
+    as they were, and a cache whose states were replaced from outside (a batch selection) goes on correctly."""
+    import torch
+    from transformers import DynamicCache
+
+    from retro_peft.hf_compat import TRANSFORMERS_MAJOR, cache_kwarg, dynamic_cache, layer_states
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        prefilled = DynamicCache()
+        kw = cache_kwarg(tiny_model)
+        tiny_model(input_ids=prompt, use_cache=True, **{kw: prefilled})
+        layers = range(tiny_model.config.num_hidden_layers)
+        states = [tuple(t.clone() for t in layer_states(prefilled, i)) for i in layers]
+        originals = [tuple(t.clone() for t in pair) for pair in states]
+        growing = dynamic_cache([k for k, _ in states], [v for _, v in states])
+        plain = DynamicCache()
+        for i, (k, v) in enumerate(states):
+            plain.update(k.clone(), v.clone(), i)
+        if TRANSFORMERS_MAJOR >= 5:
+            assert type(growing.layers[0]).__name__ == "GrowingLayer"
+        token = prompt[:, -1:]
+        for step in range(150):  # past the first room (64 tokens) and a reallocation after it
+            if step == 100:  # transformers' batch selection sets the layers' states itself
+                growing.batch_select_indices(torch.tensor([1]))
+                plain.batch_select_indices(torch.tensor([1]))
+                token = token[1:]
+            ours = tiny_model(input_ids=token, use_cache=True, **{kw: growing}).logits[:, -1]
+            theirs = tiny_model(input_ids=token, use_cache=True, **{kw: plain}).logits[:, -1]
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+            token = theirs.argmax(-1, keepdim=True)
+        assert growing.get_seq_length() == plain.get_seq_length() == 9 + 150
+    for (k, v), (k0, v0) in zip(states, originals):
+        assert torch.equal(k, k0) and torch.equal(v, v0)

@@ -53,9 +53,60 @@ def cache_layers(cache) -> int:
     return len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
 
 
+if TRANSFORMERS_MAJOR >= 5:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose decode steps write into spare room instead of concatenating.
+
+        transformers' layer concatenates at every update: each decoded token copies the whole cache, layer by
+        layer (on the CPU, a quarter of a SmolLM2 decode step at batch 8 x 700 tokens). This one keeps a buffer
+        with room for a quarter more tokens (at least 64), writes each update into it, and exposes the filled
+        part as `keys` / `values` (views); it reallocates only when the room runs out. The first update adopts
+        its tensors as they are (no copy), so a cache rebuilt from states costs what it did. Anything that sets
+        `keys` / `values` itself (crop, reorder, batch selection) is adopted at the next update.
+        """
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._buffers = self._views = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if self._views is None or self.keys is not self._views[0]:  # first update, or states set from outside
+                if self.keys.numel() == 0:  # adopted as they are: full, so the next update reallocates first
+                    self.keys, self.values = key_states, value_states
+                    self._buffers = self._views = (self.keys, self.values)
+                    return self.keys, self.values
+                self._buffers = (self.keys, self.values)
+            filled, new = self.keys.shape[-2], key_states.shape[-2]
+            if filled + new > self._buffers[0].shape[-2]:
+                room = filled + new + max(64, (filled + new) // 4)
+                grown = []
+                for old, fresh in zip((self.keys, self.values), (key_states, value_states)):
+                    buffer = fresh.new_empty((*fresh.shape[:-2], room, fresh.shape[-1]))
+                    buffer[..., :filled, :] = old
+                    grown.append(buffer)
+                self._buffers = tuple(grown)
+            keys, values = self._buffers
+            keys[..., filled:filled + new, :] = key_states
+            values[..., filled:filled + new, :] = value_states
+            self.keys, self.values = keys[..., :filled + new, :], values[..., :filled + new, :]
+            self._views = (self.keys, self.values)
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            super().reset()
+            self._buffers = self._views = None
+
+
 def dynamic_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
-    """A DynamicCache holding these states, one (keys, values) pair per layer."""
+    """A decoding cache holding these states, one (keys, values) pair per layer (none: empty). On transformers 5
+    its layers grow in place (`GrowingLayer`) instead of concatenating at every step."""
     cache = DynamicCache()
+    if TRANSFORMERS_MAJOR >= 5:
+        cache.layer_class_to_replicate = GrowingLayer
     for layer, (k, v) in enumerate(zip(keys, values)):
         cache.update(k, v, layer)
     return cache

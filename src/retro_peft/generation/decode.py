@@ -16,12 +16,11 @@ from functools import partial
 
 import torch
 import transformers
-from transformers import DynamicCache
 
 from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, static_cache,
+from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache, static_cache,
                                   write_context)
 from retro_peft.base_model import model_dtype
 
@@ -237,7 +236,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     batch = input_ids.shape[0]
     # Left padding shifts every row; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-    past = DynamicCache() if past is None else as_cache(past)
+    past = dynamic_cache([], []) if past is None else as_cache(past)
     cache_kw = cache_kwarg(model)
     # logits_to_keep=1: the prompt's other positions would cost a full vocabulary projection each.
     with tracing.span("prefill", rows=batch, tokens=int(input_ids.numel())):
