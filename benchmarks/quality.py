@@ -11,7 +11,10 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
 
 (d), (g) and (h) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
 passage's states computed apart and stored, only the question prefilled; with --kv-blend M,...
-also in the blend layout with M tokens of each later passage recomputed (`_kv_blend_M` rows).
+also in the blend layout with M tokens of each later passage recomputed (`_kv_blend_M` rows), and with
+--kv-deviation R,... in the deviation layout (`--cached-rows` picks which variants get these rows).
+With --abstain-at R, 15% of the training questions are held out (by document) and every row answers with
+an answerability head calibrated on them in that row's own layout (full prefill, or the cache's).
 
 For every trained variant: trainable parameters, training time, tokens/s. The
 trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput.py`.
@@ -19,6 +22,7 @@ trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput
     python benchmarks/quality.py --steps 2 --limit 4                    # smoke run (CPU)
     python benchmarks/quality.py --device cuda --steps 300              # the real run
     python benchmarks/quality.py --variants d --quantize 4bit --out .bench/quality-4bit   # QLoRA: the 4-bit base
+    python benchmarks/quality.py --device cuda --variants d,h --oracle-fraction 1.0 --distill 1 --abstain-at 0.9
 
 Writes <out>/quality.json and <out>/quality.md (default out: .bench/quality).
 """
@@ -62,6 +66,9 @@ def parse_args(argv=None):
                                            "(d), (g), (h) (CacheBlend's selection)")
     p.add_argument("--cached-rows", default="d,g,h",
                    help="which of (d), (g), (h) also answer through the frozen KV cache (its block, blend, deviation rows)")
+    p.add_argument("--abstain-at", type=float, metavar="R",
+                   help="hold out 15%% of the training questions and answer every row with an answerability head "
+                        "fitted on them in that row's own layout, at answer rate R (train --abstain-at)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps / 2)")
     p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
@@ -132,14 +139,15 @@ def continue_in_block_layout(args, model, block, train_items, index) -> dict:
 
 def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
     """`label`'s adapter answering through the frozen KV cache: block layout, then each blend and deviation."""
-    record(args, report, label + "_kv_cache", evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items,
-                                                               closed_book=False, kv_cache=True))
+    def row(**layout):
+        return evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=False,
+                                kv_cache=True, calibration=args.calibration, **layout)
+
+    record(args, report, label + "_kv_cache", row())
     for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
-        record(args, report, f"{label}_kv_blend_{m}", evaluate_variant(
-            model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, blend=m))
+        record(args, report, f"{label}_kv_blend_{m}", row(blend=m))
     for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
-        record(args, report, f"{label}_kv_deviation_{r}", evaluate_variant(
-            model.model, model.tokenizer, index, cfg, eval_items, closed_book=False, kv_cache=True, deviation=r))
+        record(args, report, f"{label}_kv_deviation_{r}", row(deviation=r))
 
 
 def record(args, report, label, row) -> None:
@@ -148,7 +156,8 @@ def record(args, report, label, row) -> None:
 
 
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None,
-                     deviation=None):
+                     deviation=None, calibration=None):
+    """calibration: (held-out questions, answer rate): an answerability head fitted in this row's own layout."""
     from retro_peft.generation import Generator
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
@@ -161,9 +170,15 @@ def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_b
         cache = cache.with_layout("deviation", recompute_ratio=deviation)
     generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
                           max_new_tokens=24, batch_size=16, kv_cache=cache)
+    if calibration is not None:
+        from retro_peft.training.calibrate import calibrate
+
+        generator.answerability = calibrate(generator, calibration[0], answer_rate=calibration[1], seed=0)
     result = evaluate(generator, eval_items, retrieval=not closed_book)
     scores = result.summary()
     scores["eval_seconds"] = round(time.perf_counter() - start, 2)
+    if generator.answerability is not None:  # the layout its head was calibrated in: this row's own
+        scores["head_layout"] = generator.answerability.layout
     return scores
 
 
@@ -179,6 +194,12 @@ def main(argv=None) -> int:
     cached_rows = set(args.cached_rows.split(",")) & {"d", "g", "h"}
     index = open_or_build_index(args)
     train_items = load_qa(args.squad, articles=TRAIN_ARTICLES)[: args.train_limit]
+    args.calibration = None
+    if args.abstain_at is not None:  # every variant trains on the rest; each row's head is fitted in its layout
+        from retro_peft.training.calibrate import split_held_out
+
+        train_items, held_out = split_held_out(train_items, seed=args.seed)
+        args.calibration = (held_out, args.abstain_at)
     eval_items = load_qa(args.squad, articles=EVAL_ARTICLES)[: args.limit]
     retrieval = RetrievalConfig(k=args.k, distractors=args.distractors, oracle_fraction=args.oracle_fraction,
                                 context_tokens=args.context_tokens)
@@ -187,7 +208,9 @@ def main(argv=None) -> int:
     report = {"model": args.model, "device": args.device, "quantize": args.quantize,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per-method default",
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
-              "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__, "variants": {}}
+              "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__,
+              "abstain_at": args.abstain_at, "n_held_out": len(args.calibration[0]) if args.calibration else 0,
+              "variants": {}}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,10 +218,10 @@ def main(argv=None) -> int:
         base, tokenizer, _ = base_factory()
         if "a" in variants:
             record(args, report, "a_base_closed_book", evaluate_variant(base, tokenizer, index, closed, eval_items,
-                                                                        closed_book=True))
+                                                                        calibration=args.calibration, closed_book=True))
         if "b" in variants:
             record(args, report, "b_base_retrieval", evaluate_variant(base, tokenizer, index, retrieval, eval_items,
-                                                                      closed_book=False))
+                                                                      calibration=args.calibration, closed_book=False))
         del base
     plan = [("c", "c_lora_closed_book", "lora", closed), ("d", "d_retro_lora", "lora", retrieval),
             ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval),
@@ -207,7 +230,8 @@ def main(argv=None) -> int:
         if key not in variants and not (key == "d" and "h" in variants):
             continue
         model, stats, _ = train_variant(args, method, cfg, train_items, index, base_factory)
-        stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0))
+        stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0,
+                                      calibration=args.calibration))
         if key in variants:
             record(args, report, label, stats)
             if key in cached_rows:  # the same adapter answering through the frozen KV cache
@@ -216,7 +240,8 @@ def main(argv=None) -> int:
             block = dataclasses.replace(cfg, block_attention=True)
             label = "h_retro_lora_block_distilled"
             stats = continue_in_block_layout(args, model, block, train_items, index)
-            stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items, closed_book=False))
+            stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items, closed_book=False,
+                                          calibration=args.calibration))
             record(args, report, label, stats)
             if "h" in cached_rows:
                 evaluate_cached(args, report, label, model, index, block, eval_items)

@@ -290,3 +290,15 @@ def test_admission_never_evicts_an_adapter_a_running_row_uses(bank):
     finally:
         bank.max_adapters = 8
         bank.keep_resident(["a", "b", "a-kv"])
+
+
+def test_admitted_prompts_prefill_in_groups_of_similar_length():
+    from retro_peft.generation.continuous import PADDING_SLACK, length_groups
+
+    lengths = [100, 700, 120, 650, 400, 400]
+    groups = length_groups(lengths)
+    assert groups == [[0, 2], [4, 5], [3, 1]]  # by length: 400 beside 100 and 120 would pad 3 x 400 for 620 tokens
+    for group in groups:  # each group's padding within the slack
+        assert len(group) * max(lengths[i] for i in group) <= (1 + PADDING_SLACK) * sum(lengths[i] for i in group)
+    assert length_groups([300] * 5) == [[0, 1, 2, 3, 4]] and length_groups([]) == []
+    assert length_groups([100, 700], slack=10.0) == [[0, 1]]

@@ -244,6 +244,45 @@ def test_distillation_pulls_the_cached_layout_toward_the_full_prefill(items, ind
         train(start, full_prompts, TrainConfig(steps=1, distill=1.0), progress=False)
 
 
+def test_the_answerability_head_is_calibrated_in_the_layout_it_answers_in(items, index, tokenizer, tmp_path, caplog):
+    """Calibration reads each held-out prompt's features where answering reads them: through the frozen KV cache
+    (its layout), or a full prefill. The score an answer reports is the one calibration saw, and a head used in
+    the other layout is warned about (there the same prompts score differently)."""
+    import logging
+
+    from retro_peft.generation import Generator
+    from retro_peft.generation.answerability import AnswerabilityHead
+    from retro_peft.kvcache import FrozenKVCache
+    from retro_peft.training.calibrate import answerability_features, calibrate
+
+    tiny = tiny_llama_folder(tmp_path / "llama", tokenizer, initializer_range=0.5)
+    block = dataclasses.replace(RETRIEVAL, k=3, context_tokens=300, block_attention=True)
+    model = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=block), seed=0)
+    tokenizer = model.tokenizer  # (the cache's template fingerprint names the tokenizer)
+    full = model.generator(index)
+    chunks = {p.chunk_id for ps in full.retrieve([it.question for it in items]) for p in ps}
+    cache = FrozenKVCache.build(model.model, tokenizer, index, block, chunk_ids=chunks)
+    assert len(cache.digests) == len(chunks)
+    one = sorted(chunks)[0]  # only the chunks asked for
+    assert list(FrozenKVCache.build(model.model, tokenizer, index, block, chunk_ids={one}).digests) == [f"chunk:{one}"]
+    cached = model.generator(index, kv_cache=cache)
+    features = {g.layout: answerability_features(g, items) for g in (full, cached)}
+    assert not torch.allclose(features["full"], features["block"], atol=1e-3)  # the layouts' states differ
+
+    head = calibrate(cached, items, answer_rate=0.5)
+    assert head.layout == "block"
+    head.save(tmp_path)
+    assert AnswerabilityHead.load(tmp_path).layout == "block"
+    answers = Generator(model.model, tokenizer, index=index, retrieval=block, kv_cache=cache,
+                        answerability=head).answer_many([it.question for it in items])
+    want = head.scores(features["block"]).tolist()
+    assert [a.answerability for a in answers] == pytest.approx(want, abs=1e-4)
+    assert {a.abstained for a in answers} == {True, False}  # the threshold splits these questions
+    with caplog.at_level(logging.WARNING, logger="retro_peft.generation.generator"):
+        Generator(model.model, tokenizer, index=index, retrieval=block, answerability=head)
+    assert "calibrated on prompts in the block layout and answers in the full layout" in caplog.text
+
+
 def test_compiled_layers_train_like_eager_ones_and_are_eager_again_afterwards(tiny, items, index, tokenizer):
     examples = build_examples(items, index, tokenizer, RETRIEVAL)
     config = TrainConfig(steps=3, batch_size=3, lr=1e-2, log_every=1)
@@ -596,6 +635,13 @@ def test_train_abstain_at_fits_the_head_saved_with_the_adapter(tiny, index, qa_f
     info = json.loads((out / "retro_config.json").read_text())
     assert info["answerability_sha256"] and (out / "answerability.json").is_file()
     assert info["adapter"]["retrieval"]["grounding"] == "auto" and info["adapter"]["retrieval"]["citations"] is True
+    assert json.loads((out / "answerability.json").read_text())["layout"] == "full"
+    # an adapter trained for the frozen KV cache is calibrated through it (a cache of the held-out prompts' chunks)
+    assert main(["train", *common, "--out", str(tmp_path / "cached"), "--steps", "1", "--batch-size", "2", "--k", "2",
+                 "--context-tokens", "220", "--checkpoint-every", "0", "--no-progress", "--block-attention",
+                 "--abstain-at", "answer_rate=0.5", "--held-out", "0.5"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "cached" / "answerability.json").read_text())["layout"] == "block"
 
     # eval abstains by the head; "off" never does by the score; a broken head file is refused
     assert main(["eval", *common, "--adapter", str(out), "--abstain-at", "answer_rate=1.0", "--json",

@@ -99,6 +99,7 @@ def run(args) -> int:
     # Imported here so `retro-peft --help` stays fast.
     from retro_peft.adapters import RetrievalConfig, RetroAdapterConfig, RetroPeftModel, config_for_method
     from retro_peft.index import open_index
+    from retro_peft.kvcache import FrozenKVCache
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
@@ -182,8 +183,14 @@ def run(args) -> int:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
 
     def fit_answerability() -> None:
-        if held_out:
-            model.answerability = calibrate(model.generator(index), held_out, answer_rate=answer_rate, seed=seed)
+        if not held_out:
+            return
+        generator = model.generator(index)
+        if retrieval.block_attention:  # it answers through the frozen KV cache: its head reads that layout's states
+            chunks = {p.chunk_id for ps in generator.retrieve([it.question for it in held_out]) for p in ps}
+            cache = FrozenKVCache.build(model.model, model.tokenizer, index, retrieval, chunk_ids=chunks)
+            generator = model.generator(index, kv_cache=cache)
+        model.answerability = calibrate(generator, held_out, answer_rate=answer_rate, seed=seed)
 
     result = train(model, examples, train_config, out_dir=out, eval_examples=eval_examples, resume=args.resume,
                    index=index, data_sha256=data_sha, progress=show_progress(args), before_save=fit_answerability,

@@ -72,6 +72,9 @@ class AnswerabilityHead:
     threshold: float
     calibration: list[float] = field(default_factory=list, repr=False)  # held-out answerable scores, sorted
     stats: dict = field(default_factory=dict)
+    # the prompt layout its features were read in: "full" (a full prefill) or a frozen KV cache's layout. A
+    # cached layout's states differ, so the same prompt scores differently there (heads saved before: "full")
+    layout: str = "full"
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         mean, std, weight = (torch.tensor(x, dtype=torch.float32, device=features.device)
@@ -134,7 +137,8 @@ def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 200) -> 
 
 
 def fit_head(features: torch.Tensor, answerable: list[bool], *, abstain_token: int, answer_rate: float,
-             folds: int = 5, l2: float = 10.0, seed: int = 0, hidden: bool = True) -> AnswerabilityHead:
+             folds: int = 5, l2: float = 10.0, seed: int = 0, hidden: bool = True,
+             layout: str = "full") -> AnswerabilityHead:
     """Fit the head on held-out questions' prompt features; the threshold comes from out-of-fold scores.
 
     With no unanswerable question to learn from, the score is the margin alone (its weight 1) and only
@@ -174,7 +178,7 @@ def fit_head(features: torch.Tensor, answerable: list[bool], *, abstain_token: i
              if unanswerable else None}
     return AnswerabilityHead(mean=mean.tolist(), std=std.tolist(), weight=weight.tolist(), bias=float(bias),
                              abstain_token=int(abstain_token), answer_rate=answer_rate, threshold=threshold,
-                             calibration=calibration, stats=stats)
+                             calibration=calibration, stats=stats, layout=layout)
 
 
 @contextlib.contextmanager

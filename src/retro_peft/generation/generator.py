@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 
@@ -17,6 +18,8 @@ from retro_peft.generation.prompt import (Passage, Prompt, RetrievalConfig, Sear
                                           check_history, with_choices)
 from retro_peft.generation.runner import BatchRunner, Row
 from retro_peft.generation.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 class Generator:
@@ -42,6 +45,15 @@ class Generator:
         self.kv_cache = None if kv_cache is None else kv_cache.attach(model)
         if self.kv_cache is not None:
             self.kv_cache.check(index=index, tokenizer=tokenizer, retrieval=self.retrieval)
+        if answerability is not None and answerability.layout != self.layout:
+            log.warning("the answerability head was calibrated on prompts in the %s layout and answers in the %s "
+                           "layout, where its scores shift: its answer rate is not the one it was fitted for",
+                           answerability.layout, self.layout)
+
+    @property
+    def layout(self) -> str:
+        """How prompts run: "full" (a full prefill) or the frozen KV cache's layout."""
+        return self.kv_cache.layout if self.kv_cache is not None else "full"
 
     @property
     def model(self):

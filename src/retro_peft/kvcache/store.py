@@ -148,12 +148,16 @@ class FrozenKVCache:
         return cls(keys.cpu(), values.cpu(), spans, token_ids, meta)
 
     @classmethod
-    def build(cls, model, tokenizer, index, retrieval, *, batch_size: int = 8, progress: bool = False) -> FrozenKVCache:
-        """States for every chunk of `index` as `retrieval`'s template shows it to `model` (with its active adapter)."""
+    def build(cls, model, tokenizer, index, retrieval, *, batch_size: int = 8, progress: bool = False,
+              chunk_ids: set[str] | None = None) -> FrozenKVCache:
+        """States for every chunk of `index` as `retrieval`'s template shows it to `model` (with its active adapter).
+        chunk_ids: only these chunks (an in-memory cache for known prompts, e.g. calibration's; not to be saved)."""
         head, separators = template_segments(tokenizer, retrieval)
         segments = {marker_key(n): encode(tokenizer, sep) for n, sep in enumerate(separators, 1)}
         digests = {}
         for chunk in index.chunks():
+            if chunk_ids is not None and chunk.id not in chunk_ids:
+                continue
             passage = Passage(chunk.id, chunk.doc_id, chunk.text, title=str((chunk.metadata or {}).get("title") or ""))
             segments[chunk_key(passage)] = encode(tokenizer, passage_body(passage))
             digests[chunk_key(passage)] = body_digest(passage)
