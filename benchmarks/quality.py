@@ -191,7 +191,14 @@ def main(argv=None) -> int:
     from retro_peft.qa import load_qa
 
     variants = set(args.variants.split(","))
-    cached_rows = set(args.cached_rows.split(",")) & {"d", "g", "h"}
+    cached_rows = set(args.cached_rows.split(","))
+    # bad arguments fail here, not after the first variant's training
+    if not cached_rows <= {"d", "g", "h"}:
+        raise SystemExit(f"--cached-rows: only d, g and h answer through the cache, got {args.cached_rows!r}")
+    if args.abstain_at is not None and not 0 < args.abstain_at <= 1:
+        raise SystemExit(f"--abstain-at: an answer rate in (0, 1], got {args.abstain_at}")
+    if not args.distill >= 0:
+        raise SystemExit(f"--distill: a weight >= 0, got {args.distill}")
     index = open_or_build_index(args)
     train_items = load_qa(args.squad, articles=TRAIN_ARTICLES)[: args.train_limit]
     args.calibration = None
