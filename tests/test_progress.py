@@ -78,7 +78,7 @@ def test_index_build_add_and_reembed_draw_a_chunks_bar_only_on_a_terminal(corpus
                                                                           capsys):
     docs, root = corpus
     with stderr_on_a_terminal(monkeypatch) as drawn:
-        assert main(["index", "build", str(root / "a"), str(docs), "--chunk-tokens", "64", "--overlap", "8"]) == 0
+        assert main(["index", "build", str(root / "a"), str(docs), "--chunk-tokens", "96", "--overlap", "8"]) == 0
     assert "embed chunks" in drawn[0] and "chunk/s" in drawn[0], drawn  # the bar, with its rate
     assert f"{len(DOCS)}/{len(DOCS)}" in drawn[0]  # counted in chunks (one per short document), to the end
     out = capsys.readouterr().out
@@ -108,7 +108,7 @@ def test_eval_with_a_kv_cache_build_draws_its_bars_on_stderr_and_json_stays_clea
     nothing on the terminal."""
     docs, root = corpus
     base = tiny_llama_folder(tmp_path / "base", smollm2_tokenizer())
-    assert main(["index", "build", str(tmp_path / "index"), str(docs), "--chunk-tokens", "64", "--overlap", "8"]) == 0
+    assert main(["index", "build", str(tmp_path / "index"), str(docs), "--chunk-tokens", "96", "--overlap", "8"]) == 0
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": f"q{i}", "question": f"Where is the piano {i}?", "answers": ["x"]}
                                              for i in range(3)])
     command = ["eval", "--model", str(base), "--index", str(tmp_path / "index"), "--qa", str(qa),
