@@ -179,13 +179,16 @@ def time_to_first_token(model, cache, rows, device: str) -> float:
 
 BLEND_TOKENS = (4, 16, 64)  # the blend layout's recompute_tokens measured (time to first token)
 DEVIATION_RATIOS = (0.05, 0.15, 0.3)  # the deviation layout's recompute_ratio measured
+SOFT_TOKENS = 8  # soft tokens after each stored passage (`kvcache.soft`; speed does not depend on their values)
 
 
-def blend_ttft(model, cache, rows, full, device: str) -> dict:
-    """Time to first token: full prefill, the block layout, the blend layout at each of BLEND_TOKENS and the
-    deviation layout at each of DEVIATION_RATIOS."""
+def blend_ttft(model, cache, rows, full, device: str, soft_cache=None) -> dict:
+    """Time to first token: full prefill, the block layout (with SOFT_TOKENS soft tokens after each passage too,
+    `soft_cache`), the blend layout at each of BLEND_TOKENS and the deviation layout at each of DEVIATION_RATIOS."""
     out = {"full": time_to_first_token(model, None, [(None, ids) for ids in full], device),
            "kv": time_to_first_token(model, cache, rows, device)}
+    if soft_cache is not None:
+        out[f"kv_soft_{SOFT_TOKENS}"] = time_to_first_token(model, soft_cache, rows, device)
     for m in BLEND_TOKENS:
         out[f"blend_{m}"] = time_to_first_token(model, cache.with_layout("blend", m), rows, device)
     for r in DEVIATION_RATIOS:
@@ -204,8 +207,12 @@ def kv_section(model, args, vocab: int) -> dict:
     build_s = time.perf_counter() - start
     full = [[t for k in keys for t in cache.token_ids[k]] + tail for keys, tail in rows]  # the same prompts, whole
     if args.kv_ttft_only:
+        from retro_peft.kvcache.soft import SoftTokens
+
+        soft = SoftTokens.initial(model, SOFT_TOKENS, head[:1])
+        soft_cache = FrozenKVCache.from_segments(model, head, segments, soft=soft).attach(model)
         time_to_first_token(model, cache, rows[:2], args.device)  # warm-up
-        ttft = blend_ttft(model, cache, rows, full, args.device)
+        ttft = blend_ttft(model, cache, rows, full, args.device, soft_cache)
         print(f"time to first token, one request (median of {len(rows)}): "
               + ", ".join(f"{k} {v:.1f} ms ({ttft['full'] / v:.2f}x full)" for k, v in ttft.items()))
         return {"segments": len(segments), "build_s": build_s, "prompt_tokens_mean": statistics.mean(map(len, full)),

@@ -8,6 +8,9 @@ the questions of articles 0-2, evaluate on articles 3-4 (unseen articles).
   (g) RetroLoRA trained with block attention (the frozen KV cache's layout)
   (h) (d) continued with block attention on full and block copies of each example, distilled toward
       its full prefill (TrainConfig.distill; the Block-Attention recipe with KVLink-style distillation)
+  (i) (d) frozen, with --soft-tokens N trained after each stored passage (TrainConfig.soft_tokens, KV Packet),
+      by distillation toward (d)'s full prefill; answered through the frozen KV cache only (its full
+      prefill is (d)'s); (j) the same on (h)'s adapter
 
 (d), (g) and (h) are also evaluated through the frozen KV cache (`+ kv cache` rows): each
 passage's states computed apart and stored, only the question prefilled; with --kv-blend M,...
@@ -23,6 +26,7 @@ trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput
     python benchmarks/quality.py --device cuda --steps 300              # the real run
     python benchmarks/quality.py --variants d --quantize 4bit --out .bench/quality-4bit   # QLoRA: the 4-bit base
     python benchmarks/quality.py --device cuda --variants d,h --oracle-fraction 1.0 --distill 1 --abstain-at 0.9
+    python benchmarks/quality.py --device cuda --variants d,i --oracle-fraction 1.0 --soft-tokens 8 --cached-rows d
 
 Writes <out>/quality.json and <out>/quality.md (default out: .bench/quality).
 """
@@ -60,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="evaluate the first N questions of articles 3-4 (default: all 457)")
     p.add_argument("--train-limit", type=int, help="train on the first N questions of articles 0-2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", default="a,b,c,d,e,f", help="comma-separated subset of a-h (h trains d first)")
+    p.add_argument("--variants", default="a,b,c,d,e,f",
+                   help="comma-separated subset of a-j (h and i train d first, j trains h)")
     p.add_argument("--kv-blend", help="comma-separated recompute_tokens values for the blend layout rows of (d), (g), (h)")
     p.add_argument("--kv-deviation", help="comma-separated recompute_ratio values for the deviation layout rows of "
                                            "(d), (g), (h) (CacheBlend's selection)")
@@ -72,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps / 2)")
     p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
+    p.add_argument("--soft-tokens", type=int, default=8, help="(i), (j): soft tokens after each stored passage")
+    p.add_argument("--soft-steps", type=int, help="(i), (j): steps of soft-token training (default: --block-steps')")
+    p.add_argument("--soft-lr", type=float, help="(i), (j): their learning rate (default: SOFT_TOKENS_LR)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
                         "with a run without it, same steps")
@@ -137,6 +145,31 @@ def continue_in_block_layout(args, model, block, train_items, index) -> dict:
             "examples": len(examples)}
 
 
+def train_soft_tokens(args, model, block, train_items, index) -> dict:
+    """(i), (j): soft tokens trained on `model`'s adapter, frozen, by distillation toward its full prefill."""
+    from retro_peft.kvcache.soft import SOFT_TOKENS_LR
+    from retro_peft.training import TrainConfig, build_examples, train
+
+    examples = build_examples(train_items, index, model.tokenizer, block, seed=args.seed)
+    model.config, model.soft_tokens = dataclasses.replace(model.config, retrieval=block), None
+    steps = args.soft_steps or args.block_steps or max(1, args.steps // 2)
+    result = train(model, examples, TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.soft_lr or SOFT_TOKENS_LR,
+                                                seed=args.seed, device=args.device, log_every=10,
+                                                quantize=args.quantize, soft_tokens=args.soft_tokens))
+    return {"soft_tokens": args.soft_tokens, "soft_steps": steps, "train_seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+            "trainable_params": result.trainable_params, "examples": len(examples)}
+
+
+def soft_token_row(args, report, label, model, cfg, train_items, index, eval_items) -> None:
+    block = dataclasses.replace(cfg, block_attention=True)
+    stats = train_soft_tokens(args, model, block, train_items, index)
+    stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items, closed_book=False,
+                                  kv_cache=True, calibration=args.calibration, soft=model.soft_tokens))
+    record(args, report, label, stats)
+    model.soft_tokens = None  # the adapter goes on without them
+
+
 def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
     """`label`'s adapter answering through the frozen KV cache: block layout, then each blend and deviation."""
     def row(**layout):
@@ -156,14 +189,15 @@ def record(args, report, label, row) -> None:
 
 
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None,
-                     deviation=None, calibration=None):
-    """calibration: (held-out questions, answer rate): an answerability head fitted in this row's own layout."""
+                     deviation=None, calibration=None, soft=None):
+    """calibration: (held-out questions, answer rate): an answerability head fitted in this row's own layout;
+    soft: the soft tokens stored after each passage of the cache."""
     from retro_peft.generation import Generator
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
 
     start = time.perf_counter()
-    cache = FrozenKVCache.build(model, tokenizer, index, retrieval) if kv_cache else None
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval, soft=soft) if kv_cache else None
     if blend is not None:  # the same stored states, later passages' first `blend` tokens recomputed
         cache = cache.with_layout("blend", blend)
     if deviation is not None:  # the same stored states, the `deviation` share of later passages' tokens recomputed
@@ -234,24 +268,31 @@ def main(argv=None) -> int:
             ("e", "e_retro_adalora", "adalora", retrieval), ("f", "f_retro_ia3", "ia3", retrieval),
             ("g", "g_retro_lora_block", "lora", dataclasses.replace(retrieval, block_attention=True))]
     for key, label, method, cfg in plan:
-        if key not in variants and not (key == "d" and "h" in variants):
+        if key not in variants and not (key == "d" and variants & {"h", "i", "j"}):
             continue
         model, stats, _ = train_variant(args, method, cfg, train_items, index, base_factory)
-        stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items, closed_book=cfg.k == 0,
-                                      calibration=args.calibration))
-        if key in variants:
+        if key in variants:  # (trained only as the start of h, i or j: its rows are not asked for)
+            stats.update(evaluate_variant(model.model, model.tokenizer, index, cfg, eval_items,
+                                          closed_book=cfg.k == 0, calibration=args.calibration))
             record(args, report, label, stats)
             if key in cached_rows:  # the same adapter answering through the frozen KV cache
                 evaluate_cached(args, report, label, model, index, cfg, eval_items)
-        if key == "d" and "h" in variants:  # then the same adapter, trained on in the cache's layout
+        if key == "d" and "i" in variants:  # the adapter frozen, soft tokens trained for the cache's layout
+            soft_token_row(args, report, "i_retro_lora_soft_tokens_kv_cache", model, cfg, train_items, index,
+                           eval_items)
+        if key == "d" and variants & {"h", "j"}:  # then the same adapter, trained on in the cache's layout
             block = dataclasses.replace(cfg, block_attention=True)
             label = "h_retro_lora_block_distilled"
             stats = continue_in_block_layout(args, model, block, train_items, index)
-            stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items, closed_book=False,
-                                          calibration=args.calibration))
-            record(args, report, label, stats)
-            if "h" in cached_rows:
+            if "h" in variants:
+                stats.update(evaluate_variant(model.model, model.tokenizer, index, block, eval_items,
+                                              closed_book=False, calibration=args.calibration))
+            record(args, report, label, stats)  # (with j alone: its training only)
+            if "h" in variants and "h" in cached_rows:
                 evaluate_cached(args, report, label, model, index, block, eval_items)
+            if "j" in variants:
+                soft_token_row(args, report, "j_retro_lora_block_distilled_soft_tokens_kv_cache", model, block,
+                               train_items, index, eval_items)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -73,6 +73,18 @@ def single_thread() -> None:
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the environment of a test's subprocess (see `single_thread`)
 
 
+class Crash(Exception):
+    """Raised by `crash_at`: a training run stopped mid-way, as a crash would stop it."""
+
+
+def crash_at(step: int):
+    """A `train(on_step=...)` callback that raises Crash once `step` is done."""
+    def on_step(done, _loss):
+        if done == step:
+            raise Crash
+    return on_step
+
+
 def resume_equals_straight(main, capsys, args: list[str], killed: Path, straight: Path) -> None:
     """`retro-peft train ARGS --out KILLED --resume` continues after the killed run's checkpoint and ends with
     the very adapter of the same run never interrupted (`--out STRAIGHT`)."""

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers_adapters import QA, single_thread, tiny_index, write_jsonl
+from helpers_adapters import QA, Crash, crash_at, single_thread, tiny_index, write_jsonl
 from safetensors.torch import load_file
 
 from retro_peft.adapters import RetrievalConfig, RetroPeftModel, config_for_method
@@ -53,15 +53,8 @@ def test_joint_contrastive_resumes_to_the_same_adapter_and_encoder_and_reembeds_
     assert [s for s, _ in straight.retriever_losses] == [1, 2, 3, 4, 5]
     assert straight.reembedded["changed"] and straight.reembedded["chunks"] == len(index)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, _loss):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(_model(tiny), examples, config, out_dir=tmp_path / "crashed", index=index, on_step=crash_at_3,
+        train(_model(tiny), examples, config, out_dir=tmp_path / "crashed", index=index, on_step=crash_at(3),
               progress=False, retriever=RetrieverObjective(index, items, joint))
     assert (latest_checkpoint(tmp_path / "crashed") / "retriever.safetensors").is_file()
     assert open_index(index.path).search("Normandy", k=1, mode="dense")[0].score == start_vectors  # not re-embedded yet

@@ -267,7 +267,11 @@ def test_passages_are_kept_whole_within_the_budget(model, tokenizer, index):
         assert all(p.text == chunks[p.chunk_id] for p in row.prompt.passages)  # never cut
 
 
-def test_block_attention_training_runs_prompts_exactly_as_the_frozen_cache_serves_them(model, tokenizer, index):
+@pytest.mark.parametrize("soft_tokens", [0, 3])
+def test_block_attention_training_runs_prompts_exactly_as_the_frozen_cache_serves_them(model, tokenizer, index,
+                                                                                       soft_tokens):
+    """...with soft tokens after every passage too (`kvcache.soft`): stored with it, read by the question."""
+    from retro_peft.kvcache.soft import SoftTokens, separator_ids
     from retro_peft.qa import QAItem
     from retro_peft.training import build_examples
     from retro_peft.training.data import IGNORE
@@ -276,11 +280,14 @@ def test_block_attention_training_runs_prompts_exactly_as_the_frozen_cache_serve
     retrieval = RetrievalConfig(k=2, distractors=1, oracle_fraction=0.5, context_tokens=230, block_attention=True)
     items = [QAItem(f"q{i}", q, ("x",) if i % 2 else (), is_impossible=not i % 2) for i, q in enumerate(QUESTIONS)]
     examples = build_examples(items, index, tokenizer, retrieval)
-    cache = FrozenKVCache.build(model, tokenizer, index, retrieval)
+    soft = SoftTokens.initial(model, soft_tokens, separator_ids(tokenizer, retrieval)) if soft_tokens else None
+    cache = FrozenKVCache.build(model, tokenizer, index, retrieval, soft=soft)
+    for key, (_, length, _) in cache.spans.items():  # each passage's span holds its soft tokens' states too
+        assert length == len(cache.token_ids[key]) + (soft_tokens if key.startswith("chunk:") else 0)
     serving = Generator(model, tokenizer, index=index, retrieval=retrieval, kv_cache=cache)
     chunks = {c.id: c for c in index.chunks()}
     with torch.inference_mode():
-        trained, _ = block_attention_forward(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+        trained, _ = block_attention_forward(model, examples, tokenizer.pad_token_id, torch.device("cpu"), soft=soft)
     # the batch's logits are kept at the tail positions that predict an answer token in some row
     tails = [ex.labels[sum(n for _, n in ex.segments):] for ex in examples]
     kept = sorted({i - 1 for labels in tails for i, t in enumerate(labels) if t != IGNORE})

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from helpers_adapters import (DOCS, ONE_THREAD, QA, single_thread, tiny_index, tiny_llama_folder,
+from helpers_adapters import (DOCS, ONE_THREAD, QA, Crash, crash_at, single_thread, tiny_index, tiny_llama_folder,
                               resume_equals_straight, train_killed_at_first_checkpoint, write_jsonl)
 from safetensors.torch import load_file
 
@@ -362,15 +362,8 @@ def test_crash_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, 
     config = TrainConfig(steps=7, batch_size=3, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1)
     train(_fresh(tiny), examples, config, out_dir=tmp_path / "straight", progress=False)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, _loss):
-        if step == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(_fresh(tiny), examples, config, out_dir=tmp_path / "crashed", on_step=crash_at_5, progress=False)
+        train(_fresh(tiny), examples, config, out_dir=tmp_path / "crashed", on_step=crash_at(5), progress=False)
     assert latest_checkpoint(tmp_path / "crashed").name == "step-000004"
     assert not (tmp_path / "crashed" / "adapter_model.safetensors").exists()
     resumed = train(_fresh(tiny), examples, config, out_dir=tmp_path / "crashed", resume=True, progress=False)

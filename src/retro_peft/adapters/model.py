@@ -28,6 +28,7 @@ from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base
 from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
 from retro_peft.generation.answerability import ANSWERABILITY_FILE, AnswerabilityHead
 from retro_peft.generation.generator import Generator
+from retro_peft.kvcache.soft import SOFT_TOKENS_FILE, SoftTokens
 from retro_peft.storage import replace_folder, sha256_file
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class RetroPeftModel:
         self.base_model_name = base_model_name
         self.info = dict(info or {})
         self.answerability: AnswerabilityHead | None = None  # fitted by `training.calibrate`, saved with the adapter
+        self.soft_tokens: SoftTokens | None = None  # trained by TrainConfig.soft_tokens, saved with the adapter
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -122,6 +124,7 @@ class RetroPeftModel:
             raise AdapterMismatchError(f"adapter {adapter_dir} does not fit base model {name!r}: {e}") from None
         model = cls(peft_model, tokenizer, config, name, info)
         model.answerability = load_answerability(adapter_dir, info)
+        model.soft_tokens = load_soft_tokens(adapter_dir, info)
         return model
 
     # -- saving -------------------------------------------------------------------------
@@ -142,6 +145,8 @@ class RetroPeftModel:
             (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card; the folder is the three files
             if self.answerability is not None:
                 self.answerability.save(tmp)
+            if self.soft_tokens is not None:
+                self.soft_tokens.save(tmp)
             index_info = _index_info(index) if index is not None else self.info.get("index")
             trained_retriever = retriever(tmp / RETRIEVER_FOLDER) if retriever is not None else None
             if trained_retriever is not None and index_info is not None:
@@ -160,6 +165,7 @@ class RetroPeftModel:
                 "trained_from": self.info.get("trained_from"),  # the adapter this one continued, if any
                 **{key: sha256_file(tmp / name) for name, key in CHECKSUM_KEYS.items()},
                 "answerability_sha256": sha256_file(tmp / ANSWERABILITY_FILE) if self.answerability else None,
+                "soft_tokens_sha256": sha256_file(tmp / SOFT_TOKENS_FILE) if self.soft_tokens is not None else None,
                 "final_ranks": self.final_ranks(),
                 **(extra or {}),
             }
@@ -239,6 +245,17 @@ def load_answerability(adapter_dir, info: dict) -> AnswerabilityHead | None:
     if not path.is_file() or sha256_file(path) != recorded:
         raise InputError(f"{path} is missing or does not match {RETRO_CONFIG} (changed after the save)")
     return AnswerabilityHead.load(adapter_dir)
+
+
+def load_soft_tokens(adapter_dir, info: dict) -> SoftTokens | None:
+    """The adapter's soft tokens (`kvcache.soft`), checked against the checksum its save recorded (None: none)."""
+    path = Path(adapter_dir) / SOFT_TOKENS_FILE
+    recorded = info.get("soft_tokens_sha256")
+    if recorded is None:
+        return None
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise InputError(f"{path} is missing or does not match {RETRO_CONFIG} (changed after the save)")
+    return SoftTokens.load(adapter_dir)
 
 
 def read_retro_config(adapter_dir) -> dict:

@@ -83,12 +83,13 @@ def run(args) -> int:
             raise InputError(f"adapter {args.adapter} has no calibrated answerability head (train it with "
                              "--abstain-at answer_rate=R); --abstain-at needs one")
         head = model.answerability.at_rate(answer_rate) if model.answerability is not None else None
+        soft = model.soft_tokens
     else:
         if answer_rate:
             raise InputError("--abstain-at uses an adapter's calibrated answerability head: give --adapter")
         head = None
         lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
-        retrieval = RetrievalConfig()
+        retrieval, soft = RetrievalConfig(), None
     overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
     retrieval = dataclasses.replace(retrieval, **overrides)
     kv_cache = None
@@ -98,7 +99,7 @@ def run(args) -> int:
         from retro_peft.kvcache import load_or_build
 
         kv_cache = load_or_build(args.kv_cache, lm, tokenizer, index, retrieval, layout=args.kv_layout,
-                                 progress=show_progress(args))
+                                 progress=show_progress(args), soft=soft)
     generator = Generator(lm, tokenizer, index=index, retrieval=retrieval, kv_cache=kv_cache, answerability=head,
                           **given(args, "max_new_tokens", "batch_size"))
     result = evaluate(generator, items, retrieval=not args.no_retrieval, limit=args.limit,

@@ -51,6 +51,10 @@ def register(sub) -> None:
     p.add_argument("--distill", type=float, metavar="WEIGHT",
                    help="with --block-attention: also train each example's full-prefill copy and pull the cached "
                         "layout's answer distribution to it (KL, this weight); best with --from-adapter")
+    p.add_argument("--soft-tokens", type=int, metavar="N",
+                   help="with --block-attention and --from-adapter: train N soft tokens stored after each passage of "
+                        "the frozen KV cache (KV Packet), the adapter frozen, by distillation toward its full "
+                        "prefill; saved in the adapter folder")
     p.add_argument("--grounding", choices=GROUNDINGS,
                    help="which passages are a question's gold ones: doc (its gold documents' chunks), span (chunks "
                         "holding the answer's words), auto (doc where the question names gold documents; default)")
@@ -71,7 +75,8 @@ def register(sub) -> None:
     p.add_argument("--retriever-weight", type=float, help="joint training: weight of the retriever's loss "
                                                            "(default 1.0)")
     p.add_argument("--retriever-lr", type=float, help="joint training: the encoder's learning rate (default 2e-5)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora/adalora, 3e-3 for ia3, 1e-2 for "
+                                             "--soft-tokens)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--seed", type=int)
@@ -100,6 +105,7 @@ def run(args) -> int:
     from retro_peft.adapters import RetrievalConfig, RetroAdapterConfig, RetroPeftModel, config_for_method
     from retro_peft.index import open_index
     from retro_peft.kvcache import FrozenKVCache
+    from retro_peft.kvcache.soft import SOFT_TOKENS_LR
     from retro_peft.qa import load_qa
     from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
@@ -123,14 +129,17 @@ def run(args) -> int:
                                             "grounding"),
                                     block_attention=args.block_attention,
                                     **({"citations": False} if args.no_citations else {}))
-    if args.distill is not None and not args.block_attention:
-        raise InputError("--distill pulls the frozen KV cache's layout toward the full prefill: add --block-attention")
+    for flag, value in (("--distill", args.distill), ("--soft-tokens", args.soft_tokens)):
+        if value is not None and not args.block_attention:
+            raise InputError(f"{flag} pulls the frozen KV cache's layout toward the full prefill: add --block-attention")
+    if args.soft_tokens is not None and not args.from_adapter:
+        raise InputError("--soft-tokens trains on a trained adapter, frozen: give it with --from-adapter DIR")
     if args.gradient_checkpointing and args.block_attention:
         raise InputError("--gradient-checkpointing cannot train with --block-attention (that layout is built from "
                          "the passages' KV caches, which checkpointing turns off): drop one of the two")
     answer_rate = abstain_at(args)
     train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device",
-                                       "quantize", "log_every", "distill"),
+                                       "quantize", "log_every", "distill", "soft_tokens"),
                                checkpoint_every=args.checkpoint_every, compile=args.compile,
                                gradient_checkpointing=args.gradient_checkpointing)
     if start is not None and args.method not in (None, start["method"]):
@@ -142,7 +151,7 @@ def run(args) -> int:
     config = (dataclasses.replace(start_config, retrieval=retrieval) if start_config else
               config_for_method(method, retrieval=retrieval, steps=train_config.steps))
     # `is not None`: --lr 0 must reach validate's error, not fall back to the default.
-    train_config.lr = args.lr if args.lr is not None else config.default_lr
+    train_config.lr = args.lr if args.lr is not None else SOFT_TOKENS_LR if args.soft_tokens else config.default_lr
     train_config.validate()
     items = load_qa(args.qa, articles=parse_articles(args.articles), require_answers=True, kind=args.kind,
                     choices=args.choices)
@@ -188,7 +197,8 @@ def run(args) -> int:
         generator = model.generator(index)
         if retrieval.block_attention:  # it answers through the frozen KV cache: its head reads that layout's states
             chunks = {p.chunk_id for ps in generator.retrieve([it.question for it in held_out]) for p in ps}
-            cache = FrozenKVCache.build(model.model, model.tokenizer, index, retrieval, chunk_ids=chunks)
+            cache = FrozenKVCache.build(model.model, model.tokenizer, index, retrieval, chunk_ids=chunks,
+                                        soft=model.soft_tokens)
             generator = model.generator(index, kv_cache=cache)
         model.answerability = calibrate(generator, held_out, answer_rate=answer_rate, seed=seed)
 
@@ -206,6 +216,8 @@ def run(args) -> int:
                                 "encoder": str(out / RETRIEVER_FOLDER)}
     if result.final_ranks is not None:
         summary["final_ranks"] = result.final_ranks
+    if model.soft_tokens is not None:
+        summary["soft_tokens"] = model.soft_tokens.count
     if model.answerability is not None:
         summary["answerability"] = {"answer_rate": model.answerability.answer_rate,
                                     "threshold": model.answerability.threshold, **model.answerability.stats}

@@ -38,7 +38,7 @@ import torch
 import retro_peft
 
 from retro_peft.adapters.config import RetroAdapterConfig
-from retro_peft.adapters.model import CHECKSUM_KEYS, load_answerability, read_retro_config
+from retro_peft.adapters.model import CHECKSUM_KEYS, load_answerability, load_soft_tokens, read_retro_config
 from retro_peft.base_model import base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model
 from retro_peft.choices import check_kv_layout
 from retro_peft.domains.mixed_lora import MixedLoRA
@@ -139,7 +139,7 @@ class AdapterBank:
                 check_history_strategy(history)
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
-            retrieval, method, adapter_files, head = RetrievalConfig(), None, None, None
+            retrieval, method, adapter_files, head, soft_sha = RetrievalConfig(), None, None, None, None
             if adapter is not None:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
@@ -149,6 +149,7 @@ class AdapterBank:
                 check_fingerprint(info["base_model"], self.fingerprint, what=f"adapter {adapter}",
                                   found_name=self.base_model_name)
                 head = load_answerability(adapter, info)
+                soft_sha = info.get("soft_tokens_sha256")  # stored with the cache's passages: answers change
                 head = head.at_rate(abstain_at) if head is not None else None
             retrieval = retrieval if history is None else replace(retrieval, history=history)
         except RetroPeftError as e:
@@ -162,7 +163,7 @@ class AdapterBank:
         # the head (its weights and the threshold picked) and the default choices change answers too (the
         # retrieval settings hold the history strategy)
         version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout,
-                           None if head is None else asdict(head), choices])
+                           None if head is None else asdict(head), choices] + ([soft_sha] if soft_sha else []))
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
                                     index_version)
         self._auto_version = None
@@ -179,9 +180,12 @@ class AdapterBank:
     def _frozen_cache(self, name: str, path: str | Path, layout: str):
         """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
         domain = self.domains[name]
+        # the adapter's soft tokens, if it has any, are stored after every passage (`kvcache.soft`)
+        soft = load_soft_tokens(domain.adapter_dir, read_retro_config(domain.adapter_dir)) if domain.adapter_dir \
+            else None
         with self.adapters_for([name]):
             cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval,
-                                  layout=layout)
+                                  layout=layout, soft=soft)
         return cache.attach(self.model, check=False)  # load_or_build checked it against these weights
 
     def _shared_encoder(self, index_name):

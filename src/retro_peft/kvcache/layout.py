@@ -36,6 +36,11 @@ def chunk_key(passage: Passage) -> str:
     return f"chunk:{passage.chunk_id}"
 
 
+def is_chunk(key: str) -> bool:
+    """A passage body's segment (not the head or a marker)."""
+    return key.startswith("chunk:")
+
+
 def body_digest(passage: Passage) -> str:
     """What a stored body was computed from: a passage given with other text is not served from the store."""
     return hashlib.sha1(passage_body(passage).encode()).hexdigest()

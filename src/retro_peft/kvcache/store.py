@@ -13,8 +13,8 @@ packaged SmolLM2 is a Llama). A cache read from its file is memory-mapped
 (safetensors), so its pages are read as queries touch them and shared between
 processes; a cache built in this process is held in memory (SmolLM2 in fp32: 46 KB
 per token, 1.13 GB for the 194 chunks of the SQuAD benchmark index). The states belong to one base model, adapter,
-index and template: the file records their fingerprints and `load` refuses a
-mismatch.
+index and template (and soft tokens, `kvcache.soft`, if the domain has them): the file records their
+fingerprints and `load` refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from retro_peft.hf_compat import as_cache, cache_kwarg, dynamic_cache, layer_sta
 from retro_peft.kvcache.assembly import assemble, assemble_rows
 from retro_peft.kvcache.blend import (DEFAULT_RECOMPUTE_RATIO, DEFAULT_RECOMPUTE_TOKENS, check_ratio,
                                       context_ids, deviating, recompute, recompute_slots)
-from retro_peft.kvcache.layout import (HEAD, CachedPrompt, body_digest, cached_prompts, chunk_key, marker_key,
-                                       template_fingerprint, template_segments)
+from retro_peft.kvcache.layout import (HEAD, CachedPrompt, body_digest, cached_prompts, chunk_key, is_chunk,
+                                       marker_key, template_fingerprint, template_segments)
 from retro_peft.kvcache.rotation import rotary_embedding
+from retro_peft.kvcache.soft import SoftTokens
 from retro_peft.base_model import check_fingerprint, model_dtype, weights_fingerprint
 from retro_peft.storage import atomic_write_with
 
@@ -53,12 +54,15 @@ def index_fingerprint(index) -> str:
 
 
 def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *,
-                   lead: dict[str, list[int]] | None = None, batch_size: int = 8, progress: bool = False):
+                   lead: dict[str, list[int]] | None = None, batch_size: int = 8, progress: bool = False,
+                   soft: SoftTokens | None = None):
     """Key/value states of the head, then of each segment computed after the head and its `lead` tokens.
 
-    Returns (keys, values, spans, token_ids) as `FrozenKVCache` holds them, on the model's device. Runs
-    under whatever grad mode the caller is in: the cache builds under inference mode, block-attention
-    training (`training.trainer.block_attention_forward`) with gradients through every segment.
+    soft: appended after every passage body (`layout.is_chunk`), their states stored with it (its span is
+    then `soft.count` longer than its token ids). Returns (keys, values, spans, token_ids) as
+    `FrozenKVCache` holds them, on the model's device. Runs under whatever grad mode the caller is in: the
+    cache builds under inference mode, block-attention training (`training.trainer.block_attention_forward`)
+    with gradients through every segment (and the soft tokens).
     """
     rotary_embedding(model)
     if not head_ids:
@@ -79,33 +83,43 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
     parts_v = [torch.stack([v[0] for _, v in head_states])]
     spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
     # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
+    if soft is not None:
+        soft.check_model(model)
     items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
     bar = progress_bar(progress=progress, desc="kv cache", total=len(items), unit="passage")
     for first in range(0, len(items), batch_size):
         group = items[first:first + batch_size]
         inputs = [lead.get(key, []) + seg for key, seg in group]
-        width = max(len(x) for x in inputs)
+        extra = [soft.count if soft is not None and is_chunk(key) else 0 for key, _ in group]
+        width = max(len(x) + e for x, e in zip(inputs, extra))
         ids = torch.zeros((len(group), width), dtype=torch.long)
         mask = torch.zeros((len(group), n + width), dtype=torch.long)
         mask[:, :n] = 1
         for row, x in enumerate(inputs):  # right padding: real tokens never see it (causal)
             ids[row, :len(x)] = torch.tensor(x)
-            mask[row, n:n + len(x)] = 1
+            mask[row, n:n + len(x) + extra[row]] = 1
         past = dynamic_cache([k.expand(len(group), -1, -1, -1).contiguous() for k, _ in head_states],
                           [v.expand(len(group), -1, -1, -1).contiguous() for _, v in head_states])
         positions = torch.arange(n, n + width, device=device).expand(len(group), -1)
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+        tokens = {"input_ids": ids.to(device)}
+        if any(extra):  # the soft tokens' embeddings right after each passage's own tokens
+            embeds = model.get_input_embeddings()(tokens.pop("input_ids"))
+            trailer = soft.inputs(embeds.dtype, device)
+            embeds = torch.stack([torch.cat([e[:len(x)], trailer, e[len(x) + soft.count:]]) if k else e
+                                  for e, x, k in zip(embeds, inputs, extra)])
+            tokens = {"inputs_embeds": embeds}
+        model(**tokens, attention_mask=mask.to(device), position_ids=positions,
               use_cache=True, logits_to_keep=1, **{cache_kw: past})
         states = [layer_states(past, i) for i in range(layers)]
         k_all = torch.stack([k[:, :, n:] for k, _ in states], dim=1)  # [rows, layers, kv_heads, width, d]
         v_all = torch.stack([v[:, :, n:] for _, v in states], dim=1)
         for row, (key, seg) in enumerate(group):
-            skip = len(lead.get(key, []))
-            parts_k.append(k_all[row, :, :, skip:skip + len(seg)])
-            parts_v.append(v_all[row, :, :, skip:skip + len(seg)])
-            spans[key] = (start, len(seg), n + skip)
+            skip, stored = len(lead.get(key, [])), len(seg) + extra[row]
+            parts_k.append(k_all[row, :, :, skip:skip + stored])
+            parts_v.append(v_all[row, :, :, skip:skip + stored])
+            spans[key] = (start, stored, n + skip)
             token_ids[key] = list(seg)
-            start += len(seg)
+            start += stored
         bar.update(len(group))
     bar.close()
     return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2), spans, token_ids
@@ -124,6 +138,11 @@ class FrozenKVCache:
         self.keys, self.values, self.spans, self.token_ids, self.meta = keys, values, spans, token_ids, meta
         self.digests = digests or {}  # chunk segment -> digest of the passage text its states were computed from
         self.layout = check_kv_layout(layout)  # see choices.KVLayout
+        if self.meta.get("soft_tokens") and self.layout != "block":
+            # the stored passages end in soft tokens no full prompt holds: the prefix layout's first passage
+            # would not be the prompt's, and a recompute has no token ids for them
+            raise InputError(f"this frozen KV cache stores soft tokens after each passage: it answers in the "
+                             f"block layout only, not {self.layout!r}")
         self.recompute_tokens = DEFAULT_RECOMPUTE_TOKENS  # the blend layout: tokens recomputed per later passage
         self.recompute_ratio = DEFAULT_RECOMPUTE_RATIO  # the deviation layout: share of later passages' tokens
         self.inv_freq = None  # the model's rotary frequencies, on its device (`attach`)
@@ -134,24 +153,27 @@ class FrozenKVCache:
     @torch.inference_mode()
     def from_segments(cls, model, head_ids: list[int], segments: dict[str, list[int]], *,
                       lead: dict[str, list[int]] | None = None, batch_size: int = 8, meta: dict | None = None,
-                      progress: bool = False) -> FrozenKVCache:
+                      progress: bool = False, soft: SoftTokens | None = None) -> FrozenKVCache:
         """Compute the states of `head_ids`, then of every segment after the head and its `lead` tokens
-        (lead[key], default none: what the segment sees between the head and itself; not stored)."""
+        (lead[key], default none: what the segment sees between the head and itself; not stored), and the
+        soft tokens after each passage body, if any (`kvcache.soft`)."""
         was_training = model.training
         model.eval()
         try:
             keys, values, spans, token_ids = segment_states(model, head_ids, segments, lead=lead,
-                                                            batch_size=batch_size, progress=progress)
+                                                            batch_size=batch_size, progress=progress, soft=soft)
         finally:
             model.train(was_training)
-        meta = dict(meta or {}, weights=weights_fingerprint(model), dtype=str(keys.dtype).replace("torch.", ""))
+        meta = dict(meta or {}, weights=weights_fingerprint(model), dtype=str(keys.dtype).replace("torch.", ""),
+                    soft_tokens=soft.fingerprint() if soft is not None else None)
         return cls(keys.cpu(), values.cpu(), spans, token_ids, meta)
 
     @classmethod
     def build(cls, model, tokenizer, index, retrieval, *, batch_size: int = 8, progress: bool = False,
-              chunk_ids: set[str] | None = None) -> FrozenKVCache:
+              chunk_ids: set[str] | None = None, soft: SoftTokens | None = None) -> FrozenKVCache:
         """States for every chunk of `index` as `retrieval`'s template shows it to `model` (with its active adapter).
-        chunk_ids: only these chunks (an in-memory cache for known prompts, e.g. calibration's; not to be saved)."""
+        chunk_ids: only these chunks (an in-memory cache for known prompts, e.g. calibration's; not to be saved).
+        soft: the domain's soft tokens (`kvcache.soft`), stored after every passage."""
         head, separators = template_segments(tokenizer, retrieval)
         segments = {marker_key(n): encode(tokenizer, sep) for n, sep in enumerate(separators, 1)}
         digests = {}
@@ -165,7 +187,7 @@ class FrozenKVCache:
         first = encode(tokenizer, separators[0])  # every body is computed as the first passage, after "[1]"
         lead = {key: first for key in digests}
         cache = cls.from_segments(model, encode(tokenizer, head), segments, lead=lead, batch_size=batch_size,
-                                  meta=meta, progress=progress)
+                                  meta=meta, progress=progress, soft=soft)
         cache.digests = digests
         return cache
 
@@ -186,8 +208,9 @@ class FrozenKVCache:
 
     @classmethod
     def load(cls, path: str | Path, model=None, *, tokenizer=None, index=None, retrieval=None,
-             layout: str = DEFAULT_KV_LAYOUT) -> FrozenKVCache:
-        """Read a saved cache; with `model` / `index` / `tokenizer` + `retrieval`, refuse one built for others."""
+             layout: str = DEFAULT_KV_LAYOUT, soft: SoftTokens | None = None) -> FrozenKVCache:
+        """Read a saved cache; with `model` / `index` / `tokenizer` + `retrieval`, refuse one built for others,
+        and always one built with other soft tokens than `soft` (None: none)."""
         from safetensors import SafetensorError, safe_open
 
         check_kv_layout(layout)
@@ -206,7 +229,13 @@ class FrozenKVCache:
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
             raise InputError(f"{path} is not a readable frozen KV cache ({e})") from None
         spans = {k: (int(a), int(b), int(c)) for k, (a, b, c) in header["spans"].items()}
-        cache = cls(keys, values, spans, header["token_ids"], header["meta"], header.get("digests"), layout)
+        meta = header["meta"]
+        recorded, given = meta.get("soft_tokens"), soft.fingerprint() if soft is not None else None
+        if recorded != given:
+            built = ("with other soft tokens than the domain's" if recorded and given else
+                     "with soft tokens the domain does not have" if recorded else "without the domain's soft tokens")
+            raise InputError(f"{path} was built {built}; rebuild it")
+        cache = cls(keys, values, spans, header["token_ids"], meta, header.get("digests"), layout)
         cache.check(model=model, tokenizer=tokenizer, index=index, retrieval=retrieval, source=str(path))
         return cache
 
@@ -290,16 +319,17 @@ class FrozenKVCache:
 
 
 def load_or_build(path: str | Path, model, tokenizer, index, retrieval, *, layout: str | None = None,
-                  progress: bool = True) -> FrozenKVCache:
+                  progress: bool = True, soft: SoftTokens | None = None) -> FrozenKVCache:
     """The cache stored at `path` for this model (and active adapter), index and template; computed and
     saved there first if the file does not exist. A file built for anything else is refused, not replaced.
 
     Either way the states come back read from the file, which safetensors maps into memory: pages are read
     as queries touch them, can be dropped under memory pressure, and are shared by every process (server
     workers, replicas on one host) that serves the same file. (The freshly computed states would be
-    private memory, the size of the whole file.)"""
+    private memory, the size of the whole file.) soft: the domain's soft tokens (its adapter's), if any."""
     path = Path(path)
     layout = check_kv_layout(layout)
     if not path.exists():
-        FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress).save(path)
-    return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval, layout=layout)
+        FrozenKVCache.build(model, tokenizer, index, retrieval, progress=progress, soft=soft).save(path)
+    return FrozenKVCache.load(path, model, tokenizer=tokenizer, index=index, retrieval=retrieval, layout=layout,
+                              soft=soft)

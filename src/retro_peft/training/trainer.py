@@ -40,8 +40,9 @@ from retro_peft.adapters.model import RETRIEVER_FOLDER
 from retro_peft.errors import InputError
 from retro_peft.hf_compat import cache_kwarg
 from retro_peft.kvcache import FrozenKVCache
-from retro_peft.kvcache.layout import HEAD, marker_key
+from retro_peft.kvcache.layout import HEAD, is_chunk, marker_key
 from retro_peft.kvcache.rotation import rotary_embedding
+from retro_peft.kvcache.soft import SoftTokens, check_soft_count, separator_ids
 from retro_peft.kvcache.store import segment_states
 from retro_peft.base_model import check_device, quantized
 from retro_peft.choices import check_quantize
@@ -84,6 +85,10 @@ class TrainConfig:
     # Block-Attention recipe (full and block copies, best started from a full-attention adapter) with
     # KVLink-style distillation. 0: the cached copy alone.
     distill: float = 0.0
+    # Block-attention examples only: train this many soft tokens stored after each passage (`kvcache.soft`, KV
+    # Packet's trailer), the adapter frozen, on KL(the adapter's full prefill || the block layout with them) over
+    # the answer tokens alone: the teacher is fixed, the student differs only by the soft tokens. 0: none.
+    soft_tokens: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "length_window"):
@@ -105,6 +110,10 @@ class TrainConfig:
                 and 0 <= float(self.gradient_checkpointing) <= 1):
             raise InputError(f"gradient_checkpointing is True/False or the fraction of decoder layers to recompute "
                              f"(0 to 1), got {self.gradient_checkpointing!r}")
+        check_soft_count(self.soft_tokens)
+        if self.soft_tokens and self.distill:
+            raise InputError("soft_tokens trains the soft tokens alone, by distillation, the adapter frozen; distill "
+                             "trains the adapter: one at a time (continue the distilled adapter with soft tokens)")
         check_device(self.device)
         check_quantize(self.quantize)
 
@@ -185,23 +194,24 @@ def collate(examples: list[TrainingExample], pad_id: int, device) -> dict[str, t
 
 
 def forward_loss(model, examples: list[TrainingExample], pad_id: int, device,
-                 num_items: int | None = None, distill: float = 0.0) -> torch.Tensor:
+                 num_items: int | None = None, distill: float = 0.0, soft: SoftTokens | None = None) -> torch.Tensor:
     """Mean answer-token loss of a batch: one forward pass, or two in the frozen KV cache's layout.
     num_items: divide the summed loss by this many answer tokens instead (a rank's share of a global batch).
-    distill: see TrainConfig.distill (block-attention examples only)."""
+    distill: see TrainConfig.distill; soft: the soft tokens TrainConfig.soft_tokens trains (block-attention
+    examples only)."""
     if any(ex.segments for ex in examples):
-        cached, cached_labels = block_attention_forward(model, examples, pad_id, device)
-        loss = cached.loss
-        if distill:
-            full_inputs = collate([replace(ex, segments=()) for ex in examples], pad_id, device)
+        cached, cached_labels = block_attention_forward(model, examples, pad_id, device, soft=soft)
+        if not distill and soft is None:
+            return cached.loss  # (data-parallel training refuses this layout, so there is no share to scale)
+        full_inputs = collate([replace(ex, segments=()) for ex in examples], pad_id, device)
+        with torch.no_grad() if soft is not None else nullcontext():  # a frozen adapter: a fixed teacher
             full = model(**full_inputs, use_cache=False)
-            # the same answer tokens in the same order in both layouts: row by row, position by position
-            student = cached.logits[cached_labels != IGNORE].float()
-            teacher = full.logits[full_inputs["shift_labels"] != IGNORE].detach().float()
-            kl = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
-                                            log_target=True, reduction="batchmean")
-            loss = (cached.loss + full.loss) / 2 + distill * kl
-        return loss  # (data-parallel training refuses this layout, so there is no share to scale)
+        # the same answer tokens in the same order in both layouts: row by row, position by position
+        student = cached.logits[cached_labels != IGNORE].float()
+        teacher = full.logits[full_inputs["shift_labels"] != IGNORE].detach().float()
+        kl = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                        log_target=True, reduction="batchmean")
+        return kl if soft is not None else (cached.loss + full.loss) / 2 + distill * kl
     extra = {"num_items_in_batch": num_items} if num_items is not None else {}
     # use_cache=False: training has no use for a KV cache, and building one per layer
     # costs kernels (and a recompile per layer when compiled).
@@ -214,7 +224,7 @@ def answer_tokens(examples: list[TrainingExample]) -> int:
 
 
 def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad_id: int, device,
-               distill: float = 0.0):
+               distill: float = 0.0, soft: SoftTokens | None = None):
     """(loss, this rank's examples) of one micro-batch `batch_ids` (the global one).
 
     One process: the batch's mean loss. Data-parallel: this rank's share, its summed loss divided by the
@@ -225,18 +235,20 @@ def shard_loss(model, examples: list[TrainingExample], batch_ids: list[int], pad
     """
     if distributed.world_size() == 1:
         batch = [examples[i] for i in batch_ids]
-        return forward_loss(model, batch, pad_id, device, distill=distill), batch
+        return forward_loss(model, batch, pad_id, device, distill=distill, soft=soft), batch
     batch = [examples[i] for i in distributed.shard(batch_ids)]
     total = answer_tokens([examples[i] for i in batch_ids])
     loss = forward_loss(model, batch or [examples[batch_ids[0]]], pad_id, device, num_items=max(total, 1))
     return loss * (distributed.world_size() if batch else 0), batch
 
 
-def block_attention_forward(model, examples: list[TrainingExample], pad_id: int, device):
+def block_attention_forward(model, examples: list[TrainingExample], pad_id: int, device,
+                            soft: SoftTokens | None = None):
     """The forward pass as the frozen KV cache runs it, with gradients through every passage.
 
     1. The batch's segments, each once (head, markers, passages), as `FrozenKVCache.build` computes them:
-       every passage after the head and "[1]", attending to neither the other passages nor the question.
+       every passage after the head and "[1]", attending to neither the other passages nor the question
+       (and followed by the soft tokens, if any).
     2. Each row's context assembled from them (keys rotated to their positions), as at query time.
     3. The tails (question, instruction, answer) through the model on top, loss on the answer.
     A row without segments (no passage fitted) has an empty context: its tail is the whole prompt.
@@ -256,8 +268,8 @@ def block_attention_forward(model, examples: list[TrainingExample], pad_id: int,
             start += length
         rows.append(keys)
         tails.append(replace(ex, input_ids=ex.input_ids[start:], labels=ex.labels[start:], segments=()))
-    lead = {key: segments[marker_key(1)] for key in segments if key.startswith("chunk:")}
-    states = segment_states(model, head, segments, lead=lead, batch_size=len(segments))
+    lead = {key: segments[marker_key(1)] for key in segments if is_chunk(key)}
+    states = segment_states(model, head, segments, lead=lead, batch_size=len(segments), soft=soft)
     context, context_mask = FrozenKVCache(*states, meta={}).attach(model, check=False).assemble(rows, device)
     inputs = collate(tails, pad_id, device)
     inputs["attention_mask"] = torch.cat([context_mask, inputs["attention_mask"]], dim=1)
@@ -309,12 +321,14 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             # transformers turns the KV cache off under checkpointing, and this layout is built from KV caches
             raise InputError("gradient checkpointing cannot train in the block-attention layout (it needs the "
                              "passages' KV caches, which checkpointing turns off): drop one of the two")
-    elif config.distill:
-        raise InputError("distill pulls the frozen KV cache's layout toward the full prefill: it needs "
-                         "block-attention examples (RetrievalConfig.block_attention / --block-attention)")
-    if adalora:
+    elif config.distill or config.soft_tokens:
+        raise InputError(f"{'distill' if config.distill else 'soft_tokens'} pulls the frozen KV cache's layout toward "
+                         "the full prefill: it needs block-attention examples (RetrievalConfig.block_attention / "
+                         "--block-attention)")
+    soft, frozen = _soft_tokens(model, config, device)
+    if adalora and soft is None:
         _fit_adalora_schedule(peft_model, config.steps)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in peft_model.parameters() if p.requires_grad] if soft is None else [soft.embeddings]
     groups = [{"params": params}]
     if retriever is not None:
         if out_dir is not None and index is None:
@@ -331,6 +345,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 "trained_from": model.info.get("trained_from"),  # a resume continues from the same start
                 "quantize": config.quantize,  # (older checkpoints lack the key: None, full precision, as they were)
                 "world_size": world,  # a resume must split each global batch the same way
+                "soft_tokens": config.soft_tokens or None,  # (older checkpoints lack the key: None, none)
                 "retriever": retriever.identity() if retriever is not None else None}
     start_step, position, result = 0, 0, TrainResult(steps=0, final_loss=None)
     created_group = distributed.init(device)
@@ -339,7 +354,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
         ckpt = latest_checkpoint(out_dir)
         if ckpt is not None:
             start_step, position, result = load_checkpoint(ckpt, peft_model, optimizer, scheduler, identity, adalora,
-                                                           retriever)
+                                                           retriever, soft)
             result.resumed_from = start_step
     result.trainable_params = sum(p.numel() for p in params)
     # every rank draws the same global batches (batch_size per rank) and trains on its share
@@ -353,7 +368,9 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     uncheckpoint = (checkpoint_layers(peft_model, float(config.gradient_checkpointing)) if config.gradient_checkpointing
                     else (lambda: None))
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
-    peft_model.train()
+    # a frozen adapter (soft tokens) runs as it answers, without dropout: the teacher and student see the same one
+    training_mode = soft is None
+    peft_model.train(training_mode)
     ddp = distributed.wrap(peft_model, device)  # the model itself in one process
     try:
         for step in range(start_step, config.steps):
@@ -361,7 +378,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 position, batch_ids = next(stream)
                 with distributed.no_sync(ddp, last_micro_batch=micro == config.grad_accum - 1):
                     with autocast:
-                        loss, batch = shard_loss(ddp, examples, batch_ids, pad_id, device, config.distill)
+                        loss, batch = shard_loss(ddp, examples, batch_ids, pad_id, device, config.distill, soft)
                         loss = loss / config.grad_accum
                         if retriever is not None:
                             extra = retriever.loss([ex.item_id for ex in batch], peft_model, pad_id)
@@ -377,7 +394,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 torch.nn.utils.clip_grad_norm_(retriever.parameters(), retriever.config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            if adalora:  # after the update, before zero_grad: it scores weights by |w * grad| and prunes ranks
+            if adalora and soft is None:  # after the update, before zero_grad: it scores |w * grad|, prunes ranks
                 peft_model.base_model.update_and_allocate(step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss_count += 1
@@ -395,16 +412,20 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
             bar.update(1)
             if config.eval_every and eval_examples and done % config.eval_every == 0:
                 result.eval_losses.append((done, evaluate_loss(peft_model, eval_examples, config.batch_size, pad_id, device)))
-                peft_model.train()
+                peft_model.train(training_mode)
             result.steps = done
             if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 save_checkpoint(out_dir, done, position + 1, peft_model, optimizer, scheduler, identity, result, adalora,
-                                retriever)
+                                retriever, soft)
             if on_step is not None:
                 on_step(done, logged)
     finally:
         uncompile()
         uncheckpoint()
+        if soft is not None:
+            model.soft_tokens = soft.cpu()  # saved with the adapter, whose weights it was trained on
+        for p in frozen:
+            p.requires_grad_(True)
     bar.close()
     result.seconds = time.perf_counter() - t0
     all_tokens = distributed.mean(torch.tensor(float(tokens), dtype=torch.float64, device=device)) * world
@@ -442,6 +463,23 @@ def evaluate_loss(model, examples: list[TrainingExample], batch_size: int, pad_i
             total += forward_loss(model, batch, pad_id, device).float().item() * n
         count += n
     return total / max(count, 1)
+
+
+def _soft_tokens(model, config: TrainConfig, device) -> tuple[SoftTokens | None, list[torch.nn.Parameter]]:
+    """The soft tokens to train (the adapter's own, continued, or new ones) on `device`, and the adapter's weights
+    this froze (to be unfrozen after training)."""
+    if not config.soft_tokens:
+        return None, []
+    soft = model.soft_tokens
+    if soft is not None and soft.count != config.soft_tokens:
+        raise InputError(f"the adapter has {soft.count} soft tokens per passage; soft_tokens={config.soft_tokens} "
+                         "would replace them: train them from the adapter they were fitted on, or keep the count")
+    if soft is None:
+        soft = SoftTokens.initial(model.model, config.soft_tokens, separator_ids(model.tokenizer, model.config.retrieval))
+    frozen = [p for p in model.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return soft.to(device), frozen
 
 
 def _check_data_parallel(config: TrainConfig, examples: list[TrainingExample], adalora: bool, retriever) -> None:
@@ -579,7 +617,7 @@ def rank_prefix(rank: int) -> str:
 
 
 def save_checkpoint(out_dir, step: int, position: int, model, optimizer, scheduler, identity: dict,
-                    result: TrainResult, adalora: bool, retriever=None) -> Path:
+                    result: TrainResult, adalora: bool, retriever=None, soft: SoftTokens | None = None) -> Path:
     """Called by every rank (it gathers their RNG states); rank 0 writes."""
     states = distributed.gather(rng_states())
     folder = Path(out_dir) / CHECKPOINTS
@@ -605,6 +643,8 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
         save_file(extra, tmp / "extra.safetensors")
         if retriever is not None:
             save_file(retriever.state_dict(), tmp / "retriever.safetensors")
+        if soft is not None:
+            soft.save(tmp)
         state = {"step": step, "position": position, "identity": identity,
                  "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
                  "result": result.to_dict(), "rank_pattern": _bools(rank_pattern)}
@@ -618,7 +658,8 @@ def save_checkpoint(out_dir, step: int, position: int, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool, retriever=None):
+def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, adalora: bool, retriever=None,
+                    soft: SoftTokens | None = None):
     state = json.loads((path / "state.json").read_text())
     saved = {"world_size": 1, **state["identity"]}  # (older checkpoints lack the key: one process)
     for key in identity:
@@ -636,9 +677,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, ada
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(weights[n])
+    device = str(next(model.parameters()).device)
     if retriever is not None:
-        retriever.load_state_dict(load_file(path / "retriever.safetensors", device=str(next(iter(named.values())).device)))
-    flat = load_file(path / "optimizer.safetensors", device=str(next(iter(named.values())).device))
+        retriever.load_state_dict(load_file(path / "retriever.safetensors", device=device))
+    if soft is not None:
+        with torch.no_grad():
+            soft.embeddings.copy_(SoftTokens.load(path).embeddings)
+    flat = load_file(path / "optimizer.safetensors", device=device)
     opt_state: dict[int, dict] = {}
     for key, tensor in flat.items():
         i, name = key.split(".", 1)
