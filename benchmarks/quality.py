@@ -17,7 +17,8 @@ passage's states computed apart and stored, only the question prefilled; with --
 also in the blend layout with M tokens of each later passage recomputed (`_kv_blend_M` rows), and with
 --kv-deviation R,... in the deviation layout (`--cached-rows` picks which variants get these rows).
 With --abstain-at R, 15% of the training questions are held out (by document) and every row answers with
-an answerability head calibrated on them in that row's own layout (full prefill, or the cache's).
+an answerability head calibrated on them in that row's own layout (full prefill, or the cache's); with
+--cross-head the cached rows also answer with the head fitted in the full layout (`_full_head` rows).
 
 For every trained variant: trainable parameters, training time, tokens/s. The
 trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput.py`.
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--abstain-at", type=float, metavar="R",
                    help="hold out 15%% of the training questions and answer every row with an answerability head "
                         "fitted on them in that row's own layout, at answer rate R (train --abstain-at)")
+    p.add_argument("--cross-head", action="store_true",
+                   help="with --abstain-at: cached rows also answer with the head fitted in the full layout "
+                        "(`_full_head` rows): what refitting it in the cache's layout (`retro-peft calibrate`) gains")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps / 2)")
     p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
@@ -177,6 +181,13 @@ def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
                                 kv_cache=True, calibration=args.calibration, **layout)
 
     record(args, report, label + "_kv_cache", row())
+    if args.cross_head and args.calibration is not None:  # the head fitted in the full layout, used through the cache
+        from retro_peft.generation import Generator
+        from retro_peft.training.calibrate import calibrate
+
+        full = Generator(model.model, model.tokenizer, index=index, retrieval=cfg, max_new_tokens=24, batch_size=16)
+        head = calibrate(full, args.calibration[0], answer_rate=args.calibration[1], seed=0)
+        record(args, report, label + "_kv_cache_full_head", row(head=head))
     for m in [int(x) for x in args.kv_blend.split(",")] if args.kv_blend else []:
         record(args, report, f"{label}_kv_blend_{m}", row(blend=m))
     for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
@@ -189,9 +200,9 @@ def record(args, report, label, row) -> None:
 
 
 def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_book, kv_cache=False, blend=None,
-                     deviation=None, calibration=None, soft=None):
+                     deviation=None, calibration=None, soft=None, head=None):
     """calibration: (held-out questions, answer rate): an answerability head fitted in this row's own layout;
-    soft: the soft tokens stored after each passage of the cache."""
+    head: this head instead (fitted elsewhere); soft: the soft tokens stored after each passage of the cache."""
     from retro_peft.generation import Generator
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.training import evaluate
@@ -204,7 +215,9 @@ def evaluate_variant(model, tokenizer, index, retrieval, eval_items, *, closed_b
         cache = cache.with_layout("deviation", recompute_ratio=deviation)
     generator = Generator(model, tokenizer, index=None if closed_book else index, retrieval=retrieval,
                           max_new_tokens=24, batch_size=16, kv_cache=cache)
-    if calibration is not None:
+    if head is not None:
+        generator.answerability = head
+    elif calibration is not None:
         from retro_peft.training.calibrate import calibrate
 
         generator.answerability = calibrate(generator, calibration[0], answer_rate=calibration[1], seed=0)

@@ -649,3 +649,49 @@ def test_train_abstain_at_fits_the_head_saved_with_the_adapter(tiny, index, qa_f
     assert "does not match" in capsys.readouterr().err
     assert main(["train", *common, "--out", str(tmp_path / "x"), "--held-out", "0.5"]) == 2
     assert "--abstain-at" in capsys.readouterr().err
+
+
+def test_calibrate_refits_the_head_in_the_layout_the_adapter_answers_in(tiny, index, qa_file, tmp_path, capsys, caplog):
+    """`retro-peft calibrate`: an adapter calibrated for a full prefill gets a head fitted through its frozen KV
+    cache, in a copy of its folder whose weights are byte for byte the adapter's; the copy answers through the
+    cache without the layout warning."""
+    from retro_peft.storage import sha256_file
+
+    adapter, cached = tmp_path / "full", tmp_path / "cached"
+    common = ["--index", str(index.path), "--qa", str(qa_file)]
+    assert main(["train", "--model", str(tiny), *common, "--out", str(adapter), "--steps", "2", "--batch-size", "2",
+                 "--k", "2", "--context-tokens", "220", "--checkpoint-every", "0", "--no-progress",
+                 "--abstain-at", "answer_rate=0.5", "--held-out", "0.5"]) == 0
+    capsys.readouterr()
+    kv = tmp_path / "kv.safetensors"
+    calibrate = ["calibrate", str(adapter), *common, "--abstain-at", "answer_rate=0.5", "--kv-cache", str(kv),
+                 "--no-progress"]
+    assert main([*calibrate, "--out", str(cached)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layout"] == "block" and summary["answer_rate"] == 0.5 and kv.is_file()
+    head = json.loads((cached / "answerability.json").read_text())
+    info = json.loads((cached / "retro_config.json").read_text())
+    assert head["layout"] == "block" and info["calibration"]["questions"] == len(QA)
+    assert info["answerability_sha256"] == sha256_file(cached / "answerability.json")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert sha256_file(cached / name) == sha256_file(adapter / name)
+    assert json.loads((adapter / "answerability.json").read_text())["layout"] == "full"  # the adapter is untouched
+    warned = {}
+    for folder in (adapter, cached):
+        caplog.clear()
+        assert main(["eval", "--model", str(tiny), *common, "--adapter", str(folder), "--kv-cache", str(kv),
+                     "--limit", "2", "--json"]) == 0
+        capsys.readouterr()
+        warned[folder.name] = "calibrated on prompts in the full layout and answers in the block" in caplog.text
+    assert warned == {"full": True, "cached": False}
+    # refused before the model is loaded: an existing folder, no rate, a layout without a cache
+    for extra, message in ((["--out", str(cached)], "exists: choose another --out"),
+                           (["--out", str(tmp_path / "x"), "--abstain-at", "off"], "give the answer rate"),
+                           (["--out", str(tmp_path / "y"), "--kv-layout", "prefix", "--kv-cache", ""],
+                            "needs --kv-cache FILE")):
+        assert main([*calibrate, *extra]) == 2
+        assert message in capsys.readouterr().err
+    # in place, with --overwrite: the same folder, now with the head
+    assert main([*calibrate, "--out", str(adapter), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((adapter / "answerability.json").read_text())["layout"] == "block"

@@ -235,6 +235,32 @@ def check_index(info: dict, index) -> None:
             f"(fingerprint {found}); rebuild the index with --encoder {info['index'].get('encoder')}")
 
 
+def save_with_head(adapter_dir, head: AnswerabilityHead, out_dir, *, record: dict, overwrite: bool = False) -> Path:
+    """A copy of the adapter folder with `head` as its answerability head, everything else byte for byte (its
+    training checkpoints left out), written whole or not at all. record: what the head was fitted on, kept as
+    retro_config.json's "calibration". out_dir may be the adapter folder itself, with `overwrite`."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    info = read_retro_config(adapter_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir} exists: choose another --out, or --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file, not an adapter folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for item in adapter_dir.iterdir():
+            if item.name in (ANSWERABILITY_FILE, RETRO_CONFIG, "checkpoints"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        head.save(tmp)
+        info = {**info, "answerability_sha256": sha256_file(tmp / ANSWERABILITY_FILE), "calibration": record}
+        (tmp / RETRO_CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        replace_folder(tmp, out_dir, carry_over={"checkpoints"})  # (in place: its checkpoints stay)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def load_answerability(adapter_dir, info: dict) -> AnswerabilityHead | None:
     """The adapter's calibrated head, checked against the checksum its save recorded (None if it has none)."""
     adapter_dir = Path(adapter_dir)

@@ -47,8 +47,8 @@ class Generator:
             self.kv_cache.check(index=index, tokenizer=tokenizer, retrieval=self.retrieval)
         if answerability is not None and answerability.layout != self.layout:
             log.warning("the answerability head was calibrated on prompts in the %s layout and answers in the %s "
-                        "layout, where its scores shift: its answer rate is not the one it was fitted for",
-                        answerability.layout, self.layout)
+                        "layout, where its scores shift: its answer rate is not the one it was fitted for (refit it "
+                        "there: retro-peft calibrate ADAPTER --kv-cache FILE ...)", answerability.layout, self.layout)
 
     @property
     def layout(self) -> str:
