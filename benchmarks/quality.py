@@ -145,7 +145,8 @@ def continue_in_block_layout(args, model, block, train_items, index) -> dict:
                                                 device=args.device, log_every=10, quantize=args.quantize,
                                                 distill=args.distill))
     return {"continued_steps": steps, "distill": args.distill, "train_seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1), "first_loss": result.losses[0][1] if result.losses else None,
+            "final_loss": result.final_loss,
             "examples": len(examples)}
 
 
@@ -161,7 +162,9 @@ def train_soft_tokens(args, model, block, train_items, index) -> dict:
                                                 seed=args.seed, device=args.device, log_every=10,
                                                 quantize=args.quantize, soft_tokens=args.soft_tokens))
     return {"soft_tokens": args.soft_tokens, "soft_steps": steps, "train_seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "first_loss": result.losses[0][1] if result.losses else None,  # the KL after the first log_every steps
+            "final_loss": result.final_loss,
             "trainable_params": result.trainable_params, "examples": len(examples)}
 
 
