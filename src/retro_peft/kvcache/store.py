@@ -82,9 +82,9 @@ def segment_states(model, head_ids: list[int], segments: dict[str, list[int]], *
     parts_k = [torch.stack([k[0] for k, _ in head_states])]  # [layers, kv_heads, n, head_dim]
     parts_v = [torch.stack([v[0] for _, v in head_states])]
     spans, token_ids, start = {HEAD: (0, n, 0)}, {HEAD: list(head_ids)}, n
-    # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
     if soft is not None:
         soft.check_model(model)
+    # batches of similar lengths carry little padding (the stored order does not matter: spans say where)
     items = sorted(segments.items(), key=lambda item: len(lead.get(item[0], [])) + len(item[1]))
     bar = progress_bar(progress=progress, desc="kv cache", total=len(items), unit="passage")
     for first in range(0, len(items), batch_size):
