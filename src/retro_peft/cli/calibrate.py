@@ -28,17 +28,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import hashlib
     import os
     from pathlib import Path
 
     from retro_peft.adapters import RetroPeftModel
     from retro_peft.adapters.model import check_index, read_retro_config, save_with_head
     from retro_peft.base_model import check_device, inference_dtype
-    from retro_peft.cli.train import parse_articles
+    from retro_peft.cli.train import parse_articles, qa_digest
     from retro_peft.index import open_index
     from retro_peft.qa import load_qa
-    from retro_peft.storage import check_output_file, sha256_file
+    from retro_peft.storage import check_output_file
     from retro_peft.training.calibrate import calibrate
 
     # every check that can fail runs before the model is loaded
@@ -66,7 +65,7 @@ def run(args) -> int:
                               layout=args.kv_layout, progress=show_progress(args), soft=model.soft_tokens)
     generator = model.generator(index, kv_cache=cache)
     head = calibrate(generator, items, answer_rate=answer_rate)
-    record = {"qa_sha256": hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest(),
+    record = {"qa_sha256": qa_digest(args.qa, args.articles),
               "questions": len(items), "answer_rate": answer_rate, "layout": head.layout,
               "kv_cache": str(Path(args.kv_cache).absolute()) if args.kv_cache else None}
     save_with_head(args.adapter, head, out, record=record, overwrite=args.overwrite)

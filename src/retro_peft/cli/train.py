@@ -27,6 +27,13 @@ def parse_articles(text: str | None) -> slice | None:
         raise InputError(f"--articles must look like 0:3 or 4, got {text!r}") from None
 
 
+def qa_digest(qa: str, articles: str | None) -> str:
+    """What a run read its questions from: the file's bytes and the articles taken from it."""
+    from retro_peft.storage import sha256_file
+
+    return hashlib.sha256(f"{sha256_file(Path(qa))}:{articles or ''}".encode()).hexdigest()
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a retrieval-augmented PEFT adapter")
     p.add_argument("--model", help=f"base model: {DEFAULT_GENERATOR} (the default), a local folder or a HF id")
@@ -107,7 +114,6 @@ def run(args) -> int:
     from retro_peft.kvcache import FrozenKVCache
     from retro_peft.kvcache.soft import SOFT_TOKENS_LR
     from retro_peft.qa import load_qa
-    from retro_peft.storage import sha256_file
     from retro_peft.training import TrainConfig, build_examples, latest_checkpoint, train
     from retro_peft.base_model import check_device
     from retro_peft.training import distributed
@@ -169,7 +175,7 @@ def run(args) -> int:
         joint.validate()
     eval_items = load_qa(args.eval_qa, articles=parse_articles(args.eval_articles)) if args.eval_qa else None
     index = open_index(args.index, encoder=args.encoder)
-    data_sha = hashlib.sha256(f"{sha256_file(Path(args.qa))}:{args.articles or ''}".encode()).hexdigest()
+    data_sha = qa_digest(args.qa, args.articles)
     seed = train_config.seed
     # contrastive: its checks (every gold document in the index) run before the generator is loaded
     retriever = RetrieverObjective(index, items, joint) if joint and joint.supervision == "contrastive" else None

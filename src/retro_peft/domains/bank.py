@@ -139,7 +139,7 @@ class AdapterBank:
                 check_history_strategy(history)
             if isinstance(index, (str, Path)):
                 index = open_index(index, encoder=self._shared_encoder(index))
-            retrieval, method, adapter_files, head, soft_sha = RetrievalConfig(), None, None, None, None
+            retrieval, method, adapter_files, head, soft = RetrievalConfig(), None, None, None, None
             if adapter is not None:
                 info = read_retro_config(adapter)
                 config = RetroAdapterConfig.from_dict(info["adapter"])
@@ -149,7 +149,8 @@ class AdapterBank:
                 check_fingerprint(info["base_model"], self.fingerprint, what=f"adapter {adapter}",
                                   found_name=self.base_model_name)
                 head = load_answerability(adapter, info)
-                soft_sha = info.get("soft_tokens_sha256")  # stored with the cache's passages: answers change
+                # its soft tokens are stored after the cache's passages (answers change); without a cache unused
+                soft = load_soft_tokens(adapter, info) if kv_cache is not None else None
                 head = head.at_rate(abstain_at) if head is not None else None
             retrieval = retrieval if history is None else replace(retrieval, history=history)
         except RetroPeftError as e:
@@ -163,7 +164,7 @@ class AdapterBank:
         # the head (its weights and the threshold picked) and the default choices change answers too (the
         # retrieval settings hold the history strategy)
         version = _digest([self._answers_version, index_version, adapter_files, asdict(retrieval), layout,
-                           None if head is None else asdict(head), choices] + ([soft_sha] if soft_sha else []))
+                           None if head is None else asdict(head), choices] + ([soft.fingerprint()] if soft else []))
         self.domains[name] = Domain(name, generator, Path(adapter) if adapter else None, method, version,
                                     index_version)
         self._auto_version = None
@@ -171,18 +172,16 @@ class AdapterBank:
             if adapter is not None:
                 self._ensure_resident(name)
             if kv_cache is not None:
-                generator.kv_cache = self._frozen_cache(name, kv_cache, layout)
+                generator.kv_cache = self._frozen_cache(name, kv_cache, layout, soft)
         except Exception as e:  # an unwritable cache file or an out-of-memory build fails this domain alone
             self.unload(name)
             raise e if isinstance(e, DomainError) else DomainError(f"domain {name!r}: {e}") from None
         return self.domains[name]
 
-    def _frozen_cache(self, name: str, path: str | Path, layout: str):
-        """The domain's frozen KV cache, for the weights it answers with (its adapter, or none)."""
+    def _frozen_cache(self, name: str, path: str | Path, layout: str, soft=None):
+        """The domain's frozen KV cache, for the weights it answers with (its adapter, or none, and its soft tokens,
+        stored after every passage: `kvcache.soft`)."""
         domain = self.domains[name]
-        # the adapter's soft tokens, if it has any, are stored after every passage (`kvcache.soft`)
-        soft = load_soft_tokens(domain.adapter_dir, read_retro_config(domain.adapter_dir)) if domain.adapter_dir \
-            else None
         with self.adapters_for([name]):
             cache = load_or_build(path, self.model, self.tokenizer, domain.index, domain.generator.retrieval,
                                   layout=layout, soft=soft)
