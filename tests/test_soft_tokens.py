@@ -157,6 +157,7 @@ def test_the_cli_trains_soft_tokens_and_a_domain_answers_through_its_cache_with_
     args = ["train", "--index", str(index.path), "--qa", str(qa_file), "--from-adapter", str(full_adapter),
             "--steps", "3", "--batch-size", "2", "--no-progress"]
     for extra, message in ((["--soft-tokens", "2"], "add --block-attention"),
+                           (["--soft-tokens", "0", "--block-attention"], "at least 1 soft token"),
                            (["--soft-tokens", "2", "--block-attention", "--from-adapter", ""], "--from-adapter DIR"),
                            (["--soft-tokens", "2", "--block-attention", "--distill", "1"], "one at a time")):
         assert main([*args, *extra, "--out", str(tmp_path / "bad")]) == 2

@@ -138,6 +138,8 @@ def run(args) -> int:
     for flag, value in (("--distill", args.distill), ("--soft-tokens", args.soft_tokens)):
         if value is not None and not args.block_attention:
             raise InputError(f"{flag} pulls the frozen KV cache's layout toward the full prefill: add --block-attention")
+    if args.soft_tokens is not None and args.soft_tokens < 1:  # 0 would train the adapter itself instead
+        raise InputError(f"--soft-tokens: at least 1 soft token per passage, got {args.soft_tokens}")
     if args.soft_tokens is not None and not args.from_adapter:
         raise InputError("--soft-tokens trains on a trained adapter, frozen: give it with --from-adapter DIR")
     if args.gradient_checkpointing and args.block_attention:
