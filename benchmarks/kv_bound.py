@@ -15,7 +15,8 @@ requests after untimed warm-up runs (which compile the graphs: their time is rep
 - frozen KV cache, compiled: the same through `StaticDecode` (the question's prefill and every decode step
   one CUDA-graph replay; CUDA only);
 - batch-1 decoding after the prefill: eager, compiled with the host reading every token (sync_every 1),
-  compiled with the host reading once per `SYNC_EVERY` tokens (the default).
+  compiled with the host reading once per `SYNC_EVERY` tokens (the default); the same step as transformers
+  traces it (cuBLAS GEMMs, key/value heads repeated: `cached_compiled_before`) and with grouped attention only.
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                    help=f"tokens decoded for the batch-1 decode rows (eager rows: at most {EAGER_DECODE_TOKENS})")
     p.add_argument("--rank", type=int, default=16, help="the active LoRA adapter's rank (0: the bare model)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (they need CUDA)")
-    p.add_argument("--profile", action="store_true", help="also record the top operators of one eager cached TTFT")
+    p.add_argument("--profile", action="store_true", help="also record the top operators of one eager cached TTFT, and of a compiled request")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -240,7 +241,12 @@ def main(argv=None) -> int:
         measure("cached_compiled_sync1", static=static)
         static.sync_every = SYNC_EVERY  # the default; the same graphs
         measure("cached_compiled", static=static)
+        if args.profile:  # the same shapes as measured: replays, no compile
+            out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
+        # the step as transformers traces it (StaticDecode before MatVec and grouped attention): the same run's baseline
+        measure("cached_compiled_before", static=StaticDecode(model, matvec=False, grouped_attention=False))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
+        measure("cached_compiled_grouped_only", static=StaticDecode(model, matvec=False))  # which change gave what
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},
                      "ttft_bound_speedup": bounds["full_prefill_ms"] / bounds["cached_prefill_ms"],

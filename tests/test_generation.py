@@ -1,6 +1,7 @@
 """Prompt builder and generator: budget, templates, batched == single greedy decoding, stops, citations."""
 
 import dataclasses
+import functools
 import pytest
 from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
 
@@ -178,6 +179,82 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
         Generator(tiny_model, tokenizer, compile_decode=True)
     with pytest.raises(InputError, match="sync_every"):
         StaticDecode(tiny_model, compile=False, sync_every=0)
+
+
+def test_matvec_traces_one_row_linear_layers_as_reductions_with_the_same_logits(tiny_model):
+    # What StaticDecode's compiled batch-1 step traces (MatVec): a graph without a linear for one row, the
+    # ordinary linear for more rows, and the logits of the model run without it (compiled by inductor on the CPU).
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from retro_peft.generation.decode import MatVec
+
+    def traced(model, ids):
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(functools.partial(_logits_under, MatVec, model), backend=keep, dynamic=False)(ids)
+        return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+
+    one, two = torch.tensor([[5]]), torch.tensor([[5], [9]])
+    assert not any("linear" in t for t in traced(tiny_model, one))
+    assert any("linear" in t for t in traced(tiny_model, two))
+    lora = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    try:
+        with torch.no_grad():
+            for model in (tiny_model, lora):
+                expected = model(input_ids=one).logits
+                torch._dynamo.reset()
+                compiled = torch.compile(functools.partial(_logits_under, MatVec, model), dynamic=False)
+                assert torch.allclose(compiled(one), expected, atol=1e-5)
+    finally:
+        lora.unload()
+        torch._dynamo.reset()
+
+
+def test_grouped_decode_attention_reads_each_key_value_head_once_with_the_same_logits(tmp_path, tokenizer):
+    # StaticDecode's compiled steps attend through hf_compat.grouped_decode: a one-token query's heads grouped by
+    # key/value head (SDPA sees 2 query rows per key/value head, not a cache repeated per head), over a
+    # left-padded batch, eagerly and compiled; the model's implementation is restored after.
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from retro_peft.hf_compat import grouped_decode
+
+    folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1)  # 4 query heads over 2 key/value heads
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]], 0, "cpu")
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        step = dict(input_ids=torch.tensor([[3], [4]]), attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
+        expected = model(**step, past_key_values=copy.deepcopy(cache)).logits
+        seen = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        spy = lambda q, k, v, **kw: seen.append((q.shape[1:3], k.shape[1])) or sdpa(q, k, v, **kw)  # noqa: E731
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            with grouped_decode(model):
+                assert model.config._attn_implementation != "sdpa"
+                eager = model(**step, past_key_values=copy.deepcopy(cache)).logits
+                torch._dynamo.reset()  # traced, transformers' sdpa would repeat the heads: (4, 1) queries over 4
+                compiled = torch.compile(lambda c: model(**step, past_key_values=c).logits)(copy.deepcopy(cache))
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+            torch._dynamo.reset()
+        assert len(seen) == 4 and all(tuple(q) == (2, 2) and kv == 2 for q, kv in seen)  # [kv heads, per kv head]
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(eager, expected, atol=1e-5) and torch.allclose(compiled, expected, atol=1e-5)
+
+
+def _logits_under(mode, model, ids):
+    with mode():
+        return model(input_ids=ids).logits
 
 
 def test_static_decoding_pads_a_batch_to_its_bucket_and_drops_the_padding_rows(tiny_model, tokenizer):

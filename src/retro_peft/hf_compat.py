@@ -7,6 +7,8 @@ touches a cache goes through these.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -125,3 +127,51 @@ def write_context(cache: StaticCache, context) -> None:
     layers = context.keys.shape[0] if isinstance(context, StackedStates) else cache_layers(context)
     for layer in range(layers):
         cache.update(*layer_states(context, layer), layer)  # appended: slots 0..width
+
+
+GROUPED_DECODE = "retro_peft_grouped_decode"  # the attention implementation `grouped_decode` switches a model to
+
+
+def _grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA attention, where a one-token query attends with its heads grouped by key/value head: [batch, heads, 1,
+    dim] read as [batch, kv_heads, heads per kv head, dim], so each key/value head is read once. transformers'
+    sdpa repeats every key/value head for each of its query heads when traced (a copy of the whole cache per
+    layer and step: 4x the cache's bytes for Llama 3's 32/8 heads); untraced it does what this does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]  # [batch, 1, 1, keys]: the same for every head
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def grouped_decode(model):
+    """The model's sdpa attention replaced by `_grouped_decode_attention` inside the block (a model on another
+    implementation is left as it is). Entered around each call of a compiled step, so that its guards see the
+    same implementation at every replay."""
+    config = model.config
+    if TRANSFORMERS_MAJOR < 5 or config._attn_implementation != "sdpa":
+        yield
+        return
+    _register_grouped_decode()
+    config._attn_implementation = GROUPED_DECODE
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+@functools.cache
+def _register_grouped_decode() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(GROUPED_DECODE, _grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)

@@ -9,6 +9,7 @@ text as it grows, cancellation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ import transformers
 from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache, static_cache,
-                                  write_context)
+from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache,
+                                  grouped_decode, static_cache, write_context)
 from retro_peft.base_model import model_dtype
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,25 @@ class GraphFailed(RuntimeError):
 SYNC_EVERY = 8  # static decoding reads which rows finished back to the host once per this many tokens
 
 
+class MatVec(torch.overrides.TorchFunctionMode):
+    """While tracing a batch-1 decode step: every linear layer of a one-row input becomes a multiply and a sum
+    over the input features. The compiler turns that into a reduction kernel of its own, which streams the
+    weight once and whose launch configuration `coordinate_descent_tuning` tunes per shape, where cuBLAS runs a
+    GEMM sized for more rows (a batch-1 step is bound by reading the weights, and those GEMMs read them well
+    below the bandwidth: BENCHMARKS.md). Inputs of more rows keep the ordinary linear: a reduction per output
+    row would read the weights once per row. Only inside `torch.compile`: run eagerly it would materialise
+    every [outputs, inputs] product."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and args[0].numel() == args[0].shape[-1]:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = (x.unsqueeze(-2) * weight).sum(-1)
+            return out if bias is None else out + bias
+        return func(*args, **kwargs)
+
+
 class StaticDecode:
     """Prefill and decode steps with fixed shapes, so that they run as CUDA graphs.
 
@@ -74,7 +94,10 @@ class StaticDecode:
       a longer one is compute-bound and prefilled eagerly;
     - the host learns which rows finished once per `sync_every` tokens, not per
       token, so it queues the next steps while the GPU runs (a row that stops
-      runs on for at most `sync_every - 1` steps; their tokens are dropped).
+      runs on for at most `sync_every - 1` steps; their tokens are dropped);
+    - with `matvec` (the default), a batch-1 step's linear layers are tuned reductions (`MatVec`), not GEMMs;
+    - with `grouped_attention` (the default), a step's one-token queries attend grouped by key/value head
+      (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated for each query head.
     The first call per shape compiles (tens of seconds); later calls replay. A
     failure to compile or capture falls back to the eager path with one logged
     warning. `compile=False` runs the same static path eagerly (any device): the
@@ -93,7 +116,8 @@ class StaticDecode:
     # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
     RECOMPILE_LIMIT = 64
 
-    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY):
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, matvec: bool = True,
+                 grouped_attention: bool = True):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
@@ -103,8 +127,12 @@ class StaticDecode:
         # Two compiled functions (two code objects, so two caches of graphs): prefills and steps never share a
         # graph, and dynamic=False keeps each shape's graph static instead of recompiling one with symbolic shapes
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
+        # The step: reduce-overhead's CUDA graphs, plus coordinate-descent tuning of its generated kernels (MatVec's
+        # reductions; a longer first compile).
+        self.matvec, self.grouped_attention = matvec, grouped_attention
         self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
-                         "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
+                         "step": torch.compile(self._step, dynamic=False, options={
+                             "triton.cudagraphs": True, "coordinate_descent_tuning": matvec})} if compile else None
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
         self.sync_every = sync_every
@@ -119,7 +147,8 @@ class StaticDecode:
         return self.eager(**inputs)
 
     def _step(self, **inputs):
-        return self.eager(**inputs)
+        with MatVec() if self.matvec else contextlib.nullcontext():
+            return self.eager(**inputs)
 
     def forward(self, kind: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """`eager`, as a CUDA-graph replay when compiled (kind: "prefill" or "step"). Raises GraphFailed (after one
@@ -131,7 +160,8 @@ class StaticDecode:
             # A new iteration: the previous replay's outputs are dead (used up), so the graphs replay over the
             # same memory instead of recording new ones that keep the old outputs alive.
             torch.compiler.cudagraph_mark_step_begin()
-            return self.compiled[kind](**inputs)
+            with grouped_decode(self.model) if self.grouped_attention else contextlib.nullcontext():
+                return self.compiled[kind](**inputs)
         except Exception as error:  # noqa: BLE001 - any failure of the compiler or the capture: the eager path is right
             self.compiled = None
             log.warning("compiled decoding failed (%s: %s); decoding eagerly from now on",
