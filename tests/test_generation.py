@@ -216,38 +216,39 @@ def test_matvec_traces_one_row_linear_layers_as_reductions_with_the_same_logits(
         torch._dynamo.reset()
 
 
-def test_grouped_decode_attention_reads_each_key_value_head_once_with_the_same_logits(tmp_path, tokenizer):
+def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_path, tokenizer):
     # StaticDecode's compiled steps attend through hf_compat.grouped_decode: a one-token query's heads grouped by
-    # key/value head (SDPA sees 2 query rows per key/value head, not a cache repeated per head), over a
-    # left-padded batch, eagerly and compiled; the model's implementation is restored after.
+    # key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two chunks), over a
+    # left-padded batch, eagerly and compiled; longer queries still go to SDPA; the implementation is restored.
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retro_peft.hf_compat import grouped_decode
+    from retro_peft.hf_compat import DECODE_KEY_CHUNK, grouped_decode
 
     folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1)  # 4 query heads over 2 key/value heads
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
-    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]], 0, "cpu")
+    ids, mask = left_pad([list(range(5, 5 + 2 * DECODE_KEY_CHUNK - 1)), [11, 12, 13]], 0, "cpu")
     with torch.no_grad():
         cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
         step = dict(input_ids=torch.tensor([[3], [4]]), attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
         expected = model(**step, past_key_values=copy.deepcopy(cache)).logits
-        seen = []
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        spy = lambda q, k, v, **kw: seen.append((q.shape[1:3], k.shape[1])) or sdpa(q, k, v, **kw)  # noqa: E731
+        sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+        spy = lambda q, k, v, **kw: seen.append(q.shape[2]) or sdpa(q, k, v, **kw)  # noqa: E731
         torch.nn.functional.scaled_dot_product_attention = spy
         try:
             with grouped_decode(model):
                 assert model.config._attn_implementation != "sdpa"
                 eager = model(**step, past_key_values=copy.deepcopy(cache)).logits
-                torch._dynamo.reset()  # traced, transformers' sdpa would repeat the heads: (4, 1) queries over 4
+                assert seen == []
+                model(input_ids=ids, attention_mask=mask)
+                assert seen == [ids.shape[1]] * 2  # a prefill: SDPA, in both layers
+                torch._dynamo.reset()
                 compiled = torch.compile(lambda c: model(**step, past_key_values=c).logits)(copy.deepcopy(cache))
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
             torch._dynamo.reset()
-        assert len(seen) == 4 and all(tuple(q) == (2, 2) and kv == 2 for q, kv in seen)  # [kv heads, per kv head]
     assert model.config._attn_implementation == "sdpa"
     assert torch.allclose(eager, expected, atol=1e-5) and torch.allclose(compiled, expected, atol=1e-5)
 

@@ -130,24 +130,38 @@ def write_context(cache: StaticCache, context) -> None:
 
 
 GROUPED_DECODE = "retro_peft_grouped_decode"  # the attention implementation `grouped_decode` switches a model to
+DECODE_KEY_CHUNK = 64  # keys per chunk of a decode step's weighted sum over values (one matmul per chunk, in parallel)
 
 
 def _grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA attention, where a one-token query attends with its heads grouped by key/value head: [batch, heads, 1,
-    dim] read as [batch, kv_heads, heads per kv head, dim], so each key/value head is read once. transformers'
-    sdpa repeats every key/value head for each of its query heads when traced (a copy of the whole cache per
-    layer and step: 4x the cache's bytes for Llama 3's 32/8 heads); untraced it does what this does."""
+    """Attention for a one-token query, as a compiled decode step needs it; other calls go to transformers' sdpa.
+
+    Measured on an H200 (8B shape, 2,300 cached tokens: BENCHMARKS.md), SDPA's kernels spent 50 us a layer on a
+    step whose bound is about 3: they parallelise over heads and query tiles, which a one-token query has few of
+    (8-32 thread blocks on 132 multiprocessors), and traced, transformers first repeats every key/value head for
+    each of its query heads (a copy of the cache per layer). Here the query's heads are grouped by key/value head
+    ([batch, kv_heads, heads per kv head, dim], so each head's keys and values are read once), the scores and
+    softmax are computed in float32 over all keys, and the weighted sum over values runs as one batched matmul
+    per chunk of `DECODE_KEY_CHUNK` keys, summed after: thread blocks for every chunk, as flash-decoding splits
+    the keys."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None:
+    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     batch, heads, _, dim = query.shape
+    keys = key.shape[-2]
+    grouped = query.reshape(batch, heads // groups, groups, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
     if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :, :key.shape[-2]]  # [batch, 1, 1, keys]: the same for every head
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
+        mask = attention_mask[:, :, :, :keys]  # [batch, 1, 1, keys]: the same for every head
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1).to(value.dtype)
+    chunk = DECODE_KEY_CHUNK if keys % DECODE_KEY_CHUNK == 0 else keys
+    parts = torch.matmul(weights.unflatten(-1, (keys // chunk, chunk)).transpose(2, 3),
+                         value.unflatten(2, (keys // chunk, chunk)))  # [batch, kv_heads, chunks, groups, dim]
+    out = parts.sum(dim=2, dtype=torch.float32).to(value.dtype)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

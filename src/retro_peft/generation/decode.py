@@ -95,7 +95,7 @@ class StaticDecode:
     - the host learns which rows finished once per `sync_every` tokens, not per
       token, so it queues the next steps while the GPU runs (a row that stops
       runs on for at most `sync_every - 1` steps; their tokens are dropped);
-    - with `matvec` (the default), a batch-1 step's linear layers are tuned reductions (`MatVec`), not GEMMs;
+    - with `matvec`, a batch-1 step's linear layers are tuned reductions (`MatVec`), not cuBLAS GEMMs;
     - with `grouped_attention` (the default), a step's one-token queries attend grouped by key/value head
       (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated for each query head.
     The first call per shape compiles (tens of seconds); later calls replay. A
@@ -116,7 +116,7 @@ class StaticDecode:
     # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
     RECOMPILE_LIMIT = 64
 
-    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, matvec: bool = True,
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, matvec: bool = False,
                  grouped_attention: bool = True):
         self.model = model
         device = next(model.parameters()).device
