@@ -15,8 +15,8 @@ requests after untimed warm-up runs (which compile the graphs: their time is rep
 - frozen KV cache, compiled: the same through `StaticDecode` (the question's prefill and every decode step
   one CUDA-graph replay; CUDA only);
 - batch-1 decoding after the prefill: eager, compiled with the host reading every token (sync_every 1),
-  compiled with the host reading once per `SYNC_EVERY` tokens (the default); the same step as transformers
-  traces it (transformers' SDPA over repeated key/value heads: `cached_compiled_before`), and with `MatVec`.
+  compiled with the host reading once per `SYNC_EVERY` tokens (the default), and the same step with
+  transformers' SDPA over repeated key/value heads instead of grouped decode attention (`cached_compiled_before`).
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -244,9 +244,8 @@ def main(argv=None) -> int:
         if args.profile:  # the same shapes as measured: replays, no compile
             out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
         # the step as transformers traces it (StaticDecode before grouped attention): the same run's baseline
-        measure("cached_compiled_before", static=StaticDecode(model, matvec=False, grouped_attention=False))
+        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
-        measure("cached_compiled_matvec", static=StaticDecode(model, matvec=True))  # + the step's linears as reductions
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},
                      "ttft_bound_speedup": bounds["full_prefill_ms"] / bounds["cached_prefill_ms"],

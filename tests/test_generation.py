@@ -1,7 +1,6 @@
 """Prompt builder and generator: budget, templates, batched == single greedy decoding, stops, citations."""
 
 import dataclasses
-import functools
 import pytest
 from helpers_adapters import single_thread, smollm2_tokenizer, tiny_index, tiny_llama_folder
 
@@ -181,41 +180,6 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
         StaticDecode(tiny_model, compile=False, sync_every=0)
 
 
-def test_matvec_traces_one_row_linear_layers_as_reductions_with_the_same_logits(tiny_model):
-    # What StaticDecode's compiled batch-1 step traces (MatVec): a graph without a linear for one row, the
-    # ordinary linear for more rows, and the logits of the model run without it (compiled by inductor on the CPU).
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from retro_peft.generation.decode import MatVec
-
-    def traced(model, ids):
-        graphs = []
-
-        def keep(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        torch.compile(functools.partial(_logits_under, MatVec, model), backend=keep, dynamic=False)(ids)
-        return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
-
-    one, two = torch.tensor([[5]]), torch.tensor([[5], [9]])
-    assert not any("linear" in t for t in traced(tiny_model, one))
-    assert any("linear" in t for t in traced(tiny_model, two))
-    lora = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
-    try:
-        with torch.no_grad():
-            for model in (tiny_model, lora):
-                expected = model(input_ids=one).logits
-                torch._dynamo.reset()
-                compiled = torch.compile(functools.partial(_logits_under, MatVec, model), dynamic=False)
-                assert torch.allclose(compiled(one), expected, atol=1e-5)
-    finally:
-        lora.unload()
-        torch._dynamo.reset()
-
-
 def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_path, tokenizer):
     # StaticDecode's compiled steps attend through hf_compat.grouped_decode: a one-token query's heads grouped by
     # key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two chunks), over a
@@ -251,11 +215,6 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_p
             torch._dynamo.reset()
     assert model.config._attn_implementation == "sdpa"
     assert torch.allclose(eager, expected, atol=1e-5) and torch.allclose(compiled, expected, atol=1e-5)
-
-
-def _logits_under(mode, model, ids):
-    with mode():
-        return model(input_ids=ids).logits
 
 
 def test_static_decoding_pads_a_batch_to_its_bucket_and_drops_the_padding_rows(tiny_model, tokenizer):

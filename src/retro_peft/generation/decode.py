@@ -56,25 +56,6 @@ class GraphFailed(RuntimeError):
 SYNC_EVERY = 8  # static decoding reads which rows finished back to the host once per this many tokens
 
 
-class MatVec(torch.overrides.TorchFunctionMode):
-    """While tracing a batch-1 decode step: every linear layer of a one-row input becomes a multiply and a sum
-    over the input features. The compiler turns that into a reduction kernel of its own, which streams the
-    weight once and whose launch configuration `coordinate_descent_tuning` tunes per shape, where cuBLAS runs a
-    GEMM sized for more rows (a batch-1 step is bound by reading the weights, and those GEMMs read them well
-    below the bandwidth: BENCHMARKS.md). Inputs of more rows keep the ordinary linear: a reduction per output
-    row would read the weights once per row. Only inside `torch.compile`: run eagerly it would materialise
-    every [outputs, inputs] product."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear and args[0].numel() == args[0].shape[-1]:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            out = (x.unsqueeze(-2) * weight).sum(-1)
-            return out if bias is None else out + bias
-        return func(*args, **kwargs)
-
-
 class StaticDecode:
     """Prefill and decode steps with fixed shapes, so that they run as CUDA graphs.
 
@@ -95,7 +76,6 @@ class StaticDecode:
     - the host learns which rows finished once per `sync_every` tokens, not per
       token, so it queues the next steps while the GPU runs (a row that stops
       runs on for at most `sync_every - 1` steps; their tokens are dropped);
-    - with `matvec`, a batch-1 step's linear layers are tuned reductions (`MatVec`), not cuBLAS GEMMs;
     - with `grouped_attention` (the default), a step's one-token queries attend grouped by key/value head
       (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated for each query head.
     The first call per shape compiles (tens of seconds); later calls replay. A
@@ -116,8 +96,7 @@ class StaticDecode:
     # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
     RECOMPILE_LIMIT = 64
 
-    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, matvec: bool = False,
-                 grouped_attention: bool = True):
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
@@ -127,12 +106,9 @@ class StaticDecode:
         # Two compiled functions (two code objects, so two caches of graphs): prefills and steps never share a
         # graph, and dynamic=False keeps each shape's graph static instead of recompiling one with symbolic shapes
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
-        # The step: reduce-overhead's CUDA graphs, plus coordinate-descent tuning of its generated kernels (MatVec's
-        # reductions; a longer first compile).
-        self.matvec, self.grouped_attention = matvec, grouped_attention
+        self.grouped_attention = grouped_attention
         self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
-                         "step": torch.compile(self._step, dynamic=False, options={
-                             "triton.cudagraphs": True, "coordinate_descent_tuning": matvec})} if compile else None
+                         "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
         self.sync_every = sync_every
@@ -147,8 +123,7 @@ class StaticDecode:
         return self.eager(**inputs)
 
     def _step(self, **inputs):
-        with MatVec() if self.matvec else contextlib.nullcontext():
-            return self.eager(**inputs)
+        return self.eager(**inputs)
 
     def forward(self, kind: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """`eager`, as a CUDA-graph replay when compiled (kind: "prefill" or "step"). Raises GraphFailed (after one
