@@ -129,13 +129,16 @@ class StaticDecode:
         """`eager`, as a CUDA-graph replay when compiled (kind: "prefill" or "step"). Raises GraphFailed (after one
         warning, and from then on runs eagerly) when compiling or capturing fails. A replay overwrites its
         outputs: use them up first."""
+        # (uncompiled too: the CPU tests check the static path's tokens with the attention the graphs replay)
+        attention = grouped_decode(self.model) if self.grouped_attention else contextlib.nullcontext()
         if self.compiled is None:
-            return self.eager(**inputs)
+            with attention:
+                return self.eager(**inputs)
         try:
             # A new iteration: the previous replay's outputs are dead (used up), so the graphs replay over the
             # same memory instead of recording new ones that keep the old outputs alive.
             torch.compiler.cudagraph_mark_step_begin()
-            with grouped_decode(self.model) if self.grouped_attention else contextlib.nullcontext():
+            with attention:
                 return self.compiled[kind](**inputs)
         except Exception as error:  # noqa: BLE001 - any failure of the compiler or the capture: the eager path is right
             self.compiled = None
