@@ -234,7 +234,8 @@ def build_bank(root: Path, args, model: str | None = None, compile_decode: bool 
     corpus = root / "docs.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     index = build_index(root / "index", [corpus], IndexConfig(encoder=args.encoder, chunk_tokens=64, overlap=8))
-    bank = AdapterBank(model or bank_model(root, args), device=args.device, compile_decode=compile_decode)
+    bank = AdapterBank(model or bank_model(root, args), device=args.device, dtype=args.dtype,
+                       compile_decode=compile_decode)
     bank.load("docs", index.path)
     return bank
 
@@ -373,6 +374,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=50, help="batching: how long a batch waits (server default 50)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--dtype", help="the bank's dtype (the serve setting): float32 (CPU default) or bfloat16")
     parser.add_argument("--kv-cache", action="store_true",
                         help="run only the frozen KV cache section (RAG-sized prompts from the SQuAD data)")
     parser.add_argument("--batching-mode", choices=("passes", "continuous"), default="passes",
@@ -407,7 +409,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
               "cpus": machine_info()["cores"], "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
-              "batching_mode": args.batching_mode}
+              "batching_mode": args.batching_mode, "dtype": args.dtype}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
         if args.mixed:
