@@ -14,8 +14,9 @@ timed steps' tokens over their wall time.
 
 Configurations (`--configs`, comma-separated, or `gpu` for eight): plain (the weights in bfloat16 on a GPU,
 float32 on the CPU), checkpointing, 4bit (`--quantize 4bit`: NF4 base, bfloat16 compute), 4bit+checkpointing,
-and each of them +compile; also 8bit, and checkpointing-F (only the fraction F of the layers recomputed). A configuration that fails (e.g. a combination the GPU stack cannot compile) becomes
-a row with its error; the others still run.
+and each of them +compile; also 8bit, checkpointing-F (only the fraction F of the layers recomputed) and
+checkpointing-selective (every layer, the large matrix products' and attention's outputs kept). A configuration
+that fails (e.g. a combination the GPU stack cannot compile) becomes a row with its error; the others still run.
 
 `random:NAME` (a shape of common.RANDOM_CONFIGS) needs no packaged weights: the random model is built once, saved
 with a stand-in tokenizer (the loop reads only its padding id) under --scratch, and every configuration loads it
@@ -35,7 +36,8 @@ from common import RANDOM_CONFIGS, SCRATCH, machine_info, print_json
 
 BASE_CONFIGS = ("plain", "checkpointing", "4bit", "4bit+checkpointing")
 GPU_CONFIGS = ",".join([*BASE_CONFIGS, *(f"{name}+compile" for name in BASE_CONFIGS)])  # `--configs gpu`: 8 rows
-PARTS = "plain, checkpointing or checkpointing-F (F: the fraction of layers recomputed), 4bit, 8bit, compile"
+PARTS = ("plain, checkpointing, checkpointing-F (F: the fraction of layers recomputed) or checkpointing-selective, "
+         "4bit, 8bit, compile")
 
 
 def options_of(name: str) -> dict:
@@ -51,9 +53,10 @@ def options_of(name: str) -> dict:
         elif part == "checkpointing" or part.startswith("checkpointing-"):
             fraction = part.removeprefix("checkpointing").removeprefix("-") or "1"
             try:
-                options["gradient_checkpointing"] = float(fraction)
+                options["gradient_checkpointing"] = fraction if fraction == "selective" else float(fraction)
             except ValueError:
-                raise SystemExit(f"configuration {name!r}: {part!r} is not checkpointing-<fraction>") from None
+                raise SystemExit(f"configuration {name!r}: {part!r} is not checkpointing-<fraction> or "
+                                 "checkpointing-selective") from None
         else:
             raise SystemExit(f"configuration {name!r}: unknown part {part!r} (parts: {PARTS})")
     return options

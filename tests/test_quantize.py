@@ -151,11 +151,13 @@ def test_models_bitsandbytes_cannot_quantize_and_mismatched_configs_are_refused(
         train(four, examples, TrainConfig(steps=1), progress=False)
 
 
-def test_killed_quantized_training_process_resumes_to_the_same_adapter(tiny, index, qa_file, tmp_path, capsys):
+@pytest.mark.parametrize("checkpointing", [[], ["selective"]], ids=["every-layer", "selective"])
+def test_killed_quantized_training_process_resumes_to_the_same_adapter(tiny, index, qa_file, tmp_path, capsys,
+                                                                       checkpointing):
     common = ["--model", str(tiny), "--index", str(index.path), "--qa", str(qa_file), "--k", "2",
               "--context-tokens", "220", "--steps", "40", "--batch-size", "1", "--lr", "1e-2",
-              "--checkpoint-every", "5", "--quantize", "4bit", "--gradient-checkpointing", "--device", "cpu",
-              "--no-progress"]
+              "--checkpoint-every", "5", "--quantize", "4bit", "--gradient-checkpointing", *checkpointing,
+              "--device", "cpu", "--no-progress"]
     killed = tmp_path / "killed"
     train_killed_at_first_checkpoint(common, killed)
 
@@ -164,3 +166,36 @@ def test_killed_quantized_training_process_resumes_to_the_same_adapter(tiny, ind
     assert main(["train", *full, "--out", str(killed), "--resume"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     resume_equals_straight(main, capsys, common, killed, tmp_path / "straight")
+    with pytest.raises(SystemExit):  # a value that is neither a fraction nor 'selective': argparse says which
+        main(["train", *common, "--gradient-checkpointing", "most", "--out", str(tmp_path / "x")])
+    assert "'selective'" in capsys.readouterr().err
+
+
+def test_selective_checkpointing_keeps_the_4bit_products_and_gives_the_same_gradients(tiny, monkeypatch):
+    # --gradient-checkpointing selective on a 4-bit base: bitsandbytes' fused 4-bit product is among the outputs
+    # kept (the threshold lowered to this model's 64 inputs, above LoRA's rank 16), and the adapter's gradients
+    # are those of keeping every activation.
+    from retro_peft.training import trainer as trainer_module
+
+    def gradients(selective: bool) -> dict:
+        model = RetroPeftModel.create(tiny, config_for_method("lora"), quantize="4bit", device="cpu", seed=0).model
+        model.train()
+        undo = trainer_module.checkpoint_layers(model, selective=True) if selective else (lambda: None)
+        torch.manual_seed(0)  # dropout: the recomputation replays these draws
+        ids = torch.randint(100, 1000, (2, 24))
+        model(input_ids=ids, labels=ids).loss.backward()
+        undo()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    decisions = []
+    policy = trainer_module._keep_expensive
+
+    def spy(ctx, op, *args, **kwargs):
+        decisions.append((str(op), policy(ctx, op, *args, **kwargs)))
+        return decisions[-1][1]
+    monkeypatch.setattr(trainer_module, "_keep_expensive", spy)
+    monkeypatch.setattr(trainer_module, "SELECTIVE_MIN_REDUCTION", 64)
+    plain, selective = gradients(False), gradients(True)
+    products = {d.name for op, d in decisions if op.startswith("bitsandbytes.gemm")}
+    assert products == {"MUST_SAVE"}
+    assert plain.keys() == selective.keys() and all(torch.allclose(plain[n], selective[n], atol=1e-6) for n in plain)

@@ -310,7 +310,8 @@ def layers_of(model):
 
 
 @pytest.mark.parametrize("block", [False, True])
-def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny, items, index, tokenizer, block):
+def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny, items, index, tokenizer, block,
+                                                                           monkeypatch):
     retrieval = dataclasses.replace(RETRIEVAL, block_attention=block)
     examples = build_examples(items, index, tokenizer, retrieval)
     config = TrainConfig(steps=3, batch_size=3, lr=1e-2, log_every=1)
@@ -343,6 +344,26 @@ def test_gradient_checkpointing_trains_exactly_like_keeping_the_activations(tiny
     assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(plain.losses, partial.losses))
     with pytest.raises(InputError, match="fraction"):
         dataclasses.replace(config, gradient_checkpointing=1.5).validate()
+    # selective: every layer, the large products' outputs kept (the tiny model's are small: the threshold lowered
+    # so that its projections (32-64 inputs) count as large and LoRA's rank-16 up-projection does not), the same math
+    from retro_peft.training import trainer as trainer_module
+
+    decisions = []
+    policy = trainer_module._keep_expensive
+
+    def spy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            decisions.append(decision.name)
+        return decision
+    monkeypatch.setattr(trainer_module, "_keep_expensive", spy)
+    monkeypatch.setattr(trainer_module, "SELECTIVE_MIN_REDUCTION", 17)
+    selective = train(fresh(), examples, dataclasses.replace(config, gradient_checkpointing="selective"),
+                      progress=False)
+    assert {"MUST_SAVE", "PREFER_RECOMPUTE"} <= set(decisions)
+    assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(plain.losses, selective.losses))
+    with pytest.raises(InputError, match="selective"):
+        dataclasses.replace(config, gradient_checkpointing="some").validate()
 
     def no_dropout():  # compiled kernels draw their own random numbers
         adapter = config_for_method("lora", retrieval=retrieval, steps=3)

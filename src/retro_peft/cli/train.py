@@ -27,6 +27,18 @@ def parse_articles(text: str | None) -> slice | None:
         raise InputError(f"--articles must look like 0:3 or 4, got {text!r}") from None
 
 
+def checkpointing_option(text: str) -> float | str:
+    """--gradient-checkpointing's value: a fraction of the layers, or 'selective'."""
+    if text == "selective":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"a fraction of the layers (0 to 1) or 'selective', got {text!r}") from None
+
+
 def qa_digest(qa: str, articles: str | None) -> str:
     """What a run read its questions from: the file's bytes and the articles taken from it."""
     from retro_peft.storage import sha256_file
@@ -98,10 +110,13 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers: ~2x tokens/s on a GPU after a 1-2 minute compile; "
                         "worth it for runs of several hundred steps or more")
-    p.add_argument("--gradient-checkpointing", nargs="?", type=float, const=1.0, default=0.0, metavar="FRACTION",
+    p.add_argument("--gradient-checkpointing", nargs="?", type=checkpointing_option, const=1.0, default=0.0,
+                   metavar="FRACTION|selective",
                    help="recompute each layer's activations in the backward pass: far less activation memory for "
                         "about a third more compute (with --compile too); a FRACTION below 1 recomputes only that "
-                        "share of the layers, keeping the others' activations (less memory saved, less compute)")
+                        "share of the layers, keeping the others' activations (less memory saved, less compute); "
+                        "'selective' keeps the outputs of the large matrix products and attention and recomputes "
+                        "only the cheap operations between them")
     add_quantize_argument(p, "QLoRA: the adapter trains in full precision on it and loads on either base")
     add_progress_argument(p)
     p.set_defaults(func=run)

@@ -19,6 +19,7 @@ folder, fsynced and renamed (so it is complete or absent):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -75,7 +76,9 @@ class TrainConfig:
     # torch.utils.checkpoint): activation memory of one layer instead of all, for about one more forward.
     # True (1.0): every layer; a fraction in (0, 1): that share of the layers (the first ones), the others keep
     # their activations: memory traded back for speed where the card has room (BENCHMARKS.md, issue 18).
-    gradient_checkpointing: bool | float = False
+    # "selective": every layer, but the outputs of its large matrix products and of attention are kept, and only
+    # the cheap operations between them are recomputed (see SELECTIVE_MIN_REDUCTION).
+    gradient_checkpointing: bool | float | str = False
     # "4bit" / "8bit": the model's base was loaded quantized (RetroPeftModel.create(..., quantize=)): QLoRA.
     # Checked against the model and recorded with the checkpoints, so a resume runs on the same base.
     quantize: str | None = None
@@ -106,10 +109,10 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0")
-        if not (isinstance(self.gradient_checkpointing, (bool, int, float))
-                and 0 <= float(self.gradient_checkpointing) <= 1):
-            raise InputError(f"gradient_checkpointing is True/False or the fraction of decoder layers to recompute "
-                             f"(0 to 1), got {self.gradient_checkpointing!r}")
+        if not (self.gradient_checkpointing == SELECTIVE or (isinstance(self.gradient_checkpointing, (bool, int, float))
+                                                             and 0 <= float(self.gradient_checkpointing) <= 1)):
+            raise InputError(f"gradient_checkpointing is True/False, the fraction of decoder layers to recompute "
+                             f"(0 to 1) or {SELECTIVE!r}, got {self.gradient_checkpointing!r}")
         check_soft_count(self.soft_tokens)
         if self.soft_tokens and self.distill:
             raise InputError("soft_tokens trains the soft tokens alone, by distillation, the adapter frozen; distill "
@@ -365,8 +368,9 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
     retriever_sum = torch.zeros((), device=device)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress or not distributed.is_main(),
                desc=f"train {model.config.method}")
-    uncheckpoint = (checkpoint_layers(peft_model, float(config.gradient_checkpointing)) if config.gradient_checkpointing
-                    else (lambda: None))
+    uncheckpoint = ((lambda: None) if not config.gradient_checkpointing else
+                    checkpoint_layers(peft_model, selective=True) if config.gradient_checkpointing == SELECTIVE else
+                    checkpoint_layers(peft_model, float(config.gradient_checkpointing)))
     uncompile = compile_layers(peft_model) if config.compile else (lambda: None)
     # a frozen adapter (soft tokens) runs as it answers, without dropout: the teacher and student see the same one
     training_mode = soft is None
@@ -512,16 +516,47 @@ def _placed(peft_model, config: TrainConfig, device: torch.device):
     return peft_model
 
 
-def checkpoint_layers(peft_model, fraction: float = 1.0) -> Callable[[], None]:
+SELECTIVE = "selective"  # TrainConfig.gradient_checkpointing: keep the expensive outputs, recompute the rest
+# Selective checkpointing keeps a matrix product's output when each of its elements sums at least this many
+# products (the base model's projections, LoRA's down-projection A), and recomputes those that sum fewer (LoRA's
+# rank-r up-projection B), which cost little to recompute for outputs as large as the projections'.
+SELECTIVE_MIN_REDUCTION = 256
+
+
+def _keep_expensive(ctx, op, *args, **kwargs):
+    """The selective-checkpointing policy (torch.utils.checkpoint): what a layer's recomputation takes from memory
+    instead of computing again. Recomputing a layer then costs its norms, activations, rotary and dropout, plus
+    the dequantization of a 4-bit base's weights, instead of another forward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten, name = torch.ops.aten, str(op)
+    left = (args[1] if op is aten.addmm.default else
+            args[0] if op in (aten.mm.default, aten.bmm.default) or name.startswith("bitsandbytes.gemm") else None)
+    if left is not None:  # bitsandbytes.gemm_4bit: a 4-bit base's product where it does not dequantize first
+        return CheckpointPolicy.MUST_SAVE if left.shape[-1] >= SELECTIVE_MIN_REDUCTION else \
+            CheckpointPolicy.PREFER_RECOMPUTE
+    if "scaled_dot_product" in name and "backward" not in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_layers(peft_model, fraction: float = 1.0, selective: bool = False) -> Callable[[], None]:
     """Gradient checkpointing on the base model's decoder layers (transformers' own, non-reentrant, so it works
     with frozen base weights and PEFT adapters, and under torch.compile); returns the undo. fraction < 1: only
-    the first round(fraction * layers) layers recompute (at least one); the rest keep their activations."""
+    the first round(fraction * layers) layers recompute (at least one); the rest keep their activations.
+    selective: every layer, recomputing only what `_keep_expensive` does not keep (PyTorch's selective
+    activation checkpointing)."""
     base = peft_model.get_base_model()
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise InputError(f"gradient checkpointing: {type(base).__name__} does not support it")
     # Non-reentrant: gradients reach the adapters inside a layer even though its input (from the frozen
     # embedding) does not require grad, and the RNG state is replayed, so dropout draws the same masks.
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if selective:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if fraction < 1:  # transformers checks each layer's own flag (`every_n_layers` is not in every version)
         from transformers.modeling_layers import GradientCheckpointingLayer
 
