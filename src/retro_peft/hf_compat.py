@@ -147,7 +147,11 @@ def _grouped_decode_attention(module, query, key, value, attention_mask, scaling
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None:
+    # anything beyond plain scaled attention with one mask for every head (biases, soft-capping, attention sinks,
+    # per-head masks) is left to sdpa, which implements or refuses it
+    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+    per_head = attention_mask is not None and attention_mask.shape[1] != 1
+    if query.shape[2] != 1 or dropout or special or per_head:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     batch, heads, _, dim = query.shape
