@@ -12,7 +12,7 @@ from peft import LoraConfig
 from retro_peft.adapters.config import LLAMA_LINEAR, RetrievalConfig, RetroLoraConfig
 from retro_peft.adapters.model import RetroPeftModel
 from retro_peft.domains.bank import AdapterBank
-from retro_peft.generation import SamplingConfig
+from retro_peft.generation import SamplingConfig, StaticDecode
 from retro_peft.generation.continuous import ContinuousBatch, Request
 from retro_peft.serving.app import create_app
 from retro_peft.serving.scheduler import ContinuousScheduler
@@ -57,9 +57,16 @@ def _alone(bank, question, domain, sampling, on_text=None):
     return bank.answer_many([question], [domain], sampling=sampling, on_text=stream)[0]
 
 
-def test_rows_joining_at_different_steps_answer_as_alone(bank):
+def _static(bank, slots: bool):
+    """The engine's static decoding for `slots` (uncompiled here: the fixed-shape path CUDA graphs replay)."""
+    return StaticDecode(bank.runner.model, compile=False) if slots else None
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["growing-cache", "static-slots"])
+def test_rows_joining_at_different_steps_answer_as_alone(bank, slots):
     # (question, domain, sampling, the step it joins at): mixed adapters, the base model, retrieval only, a
-    # frozen KV cache's row, different max tokens and stop strings
+    # frozen KV cache's row, different max tokens and stop strings; in a growing cache, or in the slots of a
+    # static cache (rows copied in at the shared write column, freed slots reused, repacked as it fills)
     plan = [(QUESTIONS[0], "a", SamplingConfig(max_new_tokens=12), 0),
             (QUESTIONS[1], "b", SamplingConfig(max_new_tokens=5), 0),
             (QUESTIONS[2], None, SamplingConfig(max_new_tokens=9), 2),
@@ -78,15 +85,25 @@ def test_rows_joining_at_different_steps_answer_as_alone(bank):
     streamed = {i: [] for i in range(len(plan))}
     requests = [Request(_rows(bank, q, d), s, on_text=streamed[i].append, tag=bank.adapter_of(d))
                 for i, (q, d, s, _) in enumerate(plan)]
-    engine = ContinuousBatch(bank.runner, bank.adapters_for)
+    engine = ContinuousBatch(bank.runner, bank.adapters_for, static=_static(bank, slots))
+    assert (engine._slots is not None) == slots
+    repacks, held = [], set()
+    if slots:
+        repack = engine._slots._repack
+        engine._slots._repack = lambda *a: repacks.append(a[:3]) or repack(*a)
     answers, step, widths = {}, 0, set()
     while len(answers) < len(plan):
         joining = [r for r, (*_, at) in zip(requests, plan) if at == step]
         for done in engine.admit(joining) + engine.step():
             answers[requests.index(done.request)] = done.answer
         widths.add(engine.running)
+        held |= {(id(r.request), r.slot) for r in engine.rows}
         step += 1
     assert len(widths) > 3  # rows really joined and left between steps
+    if slots:  # (slots, width, write column): 8 slots (a batch bucket), repacked wider when a longer prompt
+        # joined; a freed slot taken again by a later row
+        assert len(repacks) >= 2 and {n for n, *_ in repacks} == {8} and repacks[-1][1] > repacks[0][1]
+        assert len({slot for _, slot in held}) < len({request for request, _ in held})
     assert [answers[i].text for i in range(len(plan))] == [a.text for a in alone]
     assert [answers[i].finish_reason for i in range(len(plan))] == [a.finish_reason for a in alone]
     assert [answers[i].completion_tokens for i in range(len(plan))] == [a.completion_tokens for a in alone]
@@ -94,7 +111,8 @@ def test_rows_joining_at_different_steps_answer_as_alone(bank):
     assert engine.running == 0 and engine._cache is None
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(bank):
+@pytest.mark.parametrize("slots", [False, True], ids=["growing-cache", "static-slots"])
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(bank, slots):
     # Chunked prefill: a prompt longer than chunk_tokens is read a chunk per call between steps; the running
     # row gains a token at every step meanwhile, and both answers are their alone answers.
     long_question = " ".join(["Tell me what the documents say about rivers, seas, tea and pianos."] * 6)
@@ -104,7 +122,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(bank
     chunks = -(-len(long_row.prompt.input_ids) // chunk)
     assert chunks >= 4
     long = Request(long_row, SamplingConfig(max_new_tokens=6), tag="b")
-    engine = ContinuousBatch(bank.runner, bank.adapters_for)
+    engine = ContinuousBatch(bank.runner, bank.adapters_for, static=_static(bank, slots))
     finished = engine.admit([running]) + engine.step()
     finished += engine.admit([long], chunk_tokens=chunk)
     grown, calls = [], 1
@@ -178,13 +196,23 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int,
         return response.status_code, text
 
 
-def test_a_continuous_server_streams_concurrent_requests_as_alone_and_frees_a_gone_client(bank):
+@pytest.fixture(params=[False, True], ids=["growing-cache", "static-slots"])
+def static_bank(bank, request):
+    """The bank as `compile_decode` leaves it (a StaticDecode, uncompiled here) or without static decoding."""
+    bank.runner.static = _static(bank, request.param)
+    yield bank
+    bank.runner.static = None
+
+
+def test_a_continuous_server_streams_concurrent_requests_as_alone_and_frees_a_gone_client(static_bank):
+    bank = static_bank
     app = create_app(_settings(max_batch_size=4), bank)
     plan = [(QUESTIONS[i % 4], model, tokens) for i, (model, tokens) in
             enumerate([("a", 8), ("b", 3), ("plain", 6), ("a-kv", 8), ("b", 8), ("a", 2)])]
     with serve_in_thread(app) as url:
         scheduler = app.state.server.batcher
         assert isinstance(scheduler, ContinuousScheduler)
+        assert (scheduler._engine._slots is not None) == (bank.runner.static is not None)
 
         async def ask(together: bool):
             async with httpx.AsyncClient(timeout=120) as client:

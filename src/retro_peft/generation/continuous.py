@@ -21,14 +21,22 @@ owner supplies (the bank's MixedLoRA pass), entered around every forward, since 
 set changes between steps. Greedy answers are those of the row decoded alone: padding is
 masked and each row's positions count its real tokens only.
 
+With `static` (a `StaticDecode`; compiled on CUDA) the running rows live in fixed slots of a static
+cache instead (`_SlotCache`; vLLM's fixed slots): every step writes the same column for all slots,
+a new row's states are copied in so that they end at that column, a finished row's slot is freed
+and reused, and the cache is repacked (copied into one of a larger size, the columns no running
+row uses dropped) only when rows or columns run out. Its batch sizes and widths come in buckets,
+so each step replays one of a few CUDA graphs.
+
 What it does not do, the pass path (`BatchRunner.run`) does: answer choices, JSON grammar
-constraints, answerability heads, log-probabilities and the static (compiled) decode;
-`decodes(row, sampling)` says whether a row is one of its own.
+constraints, answerability heads and log-probabilities; `decodes(row, sampling)` says whether a
+row is one of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,11 +44,11 @@ import torch
 
 from retro_peft import tracing
 from retro_peft.generation.answers import Answer
-from retro_peft.generation.decode import Generated, left_pad
+from retro_peft.generation.decode import Generated, GraphFailed, StaticDecode, left_pad
 from retro_peft.generation.prompt import check_fits, model_context
 from retro_peft.generation.runner import BatchRunner, Row, make_answer
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import as_cache, cache_kwarg, dynamic_cache, layer_states, cache_layers
+from retro_peft.hf_compat import as_cache, cache_kwarg, cache_layers, dynamic_cache, layer_states, static_cache
 
 # Prompts admitted together prefill as one padded batch while padding adds at most this share to their tokens
 # (more rows per prefill save launches on a GPU; less padding saves arithmetic everywhere).
@@ -66,6 +74,7 @@ class _Running:
     rng: torch.Generator | None
     position: int  # the position of the next token fed to the model
     next_token: int = -1  # chosen, not yet fed to the model
+    slot: int = -1  # its row of the static cache (static decoding)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
@@ -98,13 +107,16 @@ class ContinuousBatch:
     first adapter is loaded). adapters(tags) -> context manager: the adapter context of a forward over rows with
     these tags (None: the model as it is)."""
 
-    def __init__(self, runner: BatchRunner, adapters: Callable[[list], contextlib.AbstractContextManager] | None = None):
+    def __init__(self, runner: BatchRunner, adapters: Callable[[list], contextlib.AbstractContextManager] | None = None,
+                 static: StaticDecode | None = None):
         self.runner = runner
         self.adapters = adapters or (lambda tags: contextlib.nullcontext())
         self.rows: list[_Running] = []
         self._cache = None  # DynamicCache over self.rows, [rows, kv_heads, width, head_dim] per layer
         self._mask: torch.Tensor | None = None  # [rows, width]: 1 where a row has a real token
         self._prefill: _Prefill | None = None  # a long prompt being prefilled a chunk at a time
+        # static decoding: the rows in slots of a static cache (transformers' full-attention layers only)
+        self._slots = _SlotCache(static) if static is not None and _SlotCache.fits(static.model) else None
 
     @property
     def running(self) -> int:
@@ -207,6 +219,11 @@ class ContinuousBatch:
         return self._take(fresh, logits)
 
     def _merge(self, fresh: list[_Running], cache, mask: torch.Tensor) -> None:
+        if self._slots is not None:
+            self._slots.merge(self.rows, fresh, cache, mask)
+            self.rows = self.rows + fresh
+            self._cache = self._slots.cache
+            return
         if not self.rows:
             self.rows, self._cache, self._mask = fresh, cache, mask
             return
@@ -234,13 +251,16 @@ class ContinuousBatch:
         if not self.rows:
             return finished
         model = self.runner.model
-        device = self._mask.device
-        tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
-        positions = torch.tensor([[r.position] for r in self.rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-        with self.adapters([r.request.tag for r in self.rows]):
-            logits = model(input_ids=tokens, attention_mask=self._mask, position_ids=positions, use_cache=True,
-                           **{cache_kwarg(model): self._cache}).logits[:, -1, :]
+        if self._slots is not None:
+            logits = self._slots.step(self.rows, self.runner.pad_id, self.adapters)
+        else:
+            device = self._mask.device
+            tokens = torch.tensor([[r.next_token] for r in self.rows], device=device)
+            positions = torch.tensor([[r.position] for r in self.rows], device=device)
+            self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+            with self.adapters([r.request.tag for r in self.rows]):
+                logits = model(input_ids=tokens, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                               **{cache_kwarg(model): self._cache}).logits[:, -1, :]
         for r in self.rows:
             r.position += 1
         finished += self._take(self.rows, logits)
@@ -293,6 +313,11 @@ class ContinuousBatch:
         keep = [i for i, r in enumerate(self.rows) if r.reason is None]
         if len(keep) == len(self.rows):
             return
+        if self._slots is not None:
+            self._slots.free([r for r in self.rows if r.reason is not None])
+            self.rows = [self.rows[i] for i in keep]
+            self._cache = self._slots.cache
+            return
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self._cache, self._mask = None, None
@@ -306,6 +331,127 @@ class ContinuousBatch:
             keys.append(k.index_select(0, index)[:, :, start:])
             values.append(v.index_select(0, index)[:, :, start:])
         self._cache, self._mask = dynamic_cache(keys, values), mask[:, start:]
+
+
+class _SlotCache:
+    """The running rows' states in the fixed slots of a static cache (`ContinuousBatch` with `static`).
+
+    Every slot writes column `column` at each step (transformers' static layers share one write position),
+    so a row joins with its states copied into its slot's columns [column - width, column), masked where
+    they are padding; a row's positions count its own tokens, so where its states sit does not matter.
+    A freed slot keeps attending to its own newest column (its logits are not read), which keeps its
+    softmax finite. The cache is repacked into another one when slots or columns run out, and when a
+    joining row is wider than `column`: only the columns some running row uses are copied, ending at the
+    new column. Shapes are `StaticDecode`'s batch buckets by power-of-two widths (at least MIN_WIDTH), and
+    caches are kept per shape (`spares`), so that compiled steps replay over the same memory."""
+
+    MIN_WIDTH = 256
+    SPARES = 2  # caches of other shapes kept for reuse
+
+    def __init__(self, static: StaticDecode):
+        self.static = static
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [slots, width]
+        self.by_slot: list[_Running | None] = []  # each slot's row (None: free)
+        self.column = 0
+        self.spares: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def fits(model) -> bool:
+        """Whether every layer's static cache is a plain one (written at one shared column): not sliding-window
+        layers, which write round a ring (those models decode in the dynamic cache)."""
+        from transformers.cache_utils import StaticLayer
+
+        probe = static_cache(model.config, batch=1, length=64, device="cpu", dtype=torch.float32)
+        return all(type(layer) is StaticLayer for layer in getattr(probe, "layers", [None]))
+
+    def width_for(self, columns: int) -> int:
+        return max(self.MIN_WIDTH, 1 << (columns - 1).bit_length())
+
+    def merge(self, running: list[_Running], fresh: list[_Running], cache, mask: torch.Tensor) -> None:
+        """Copy `fresh` rows' states (`cache`, [rows, ..., width, ...], and `mask`) into free slots."""
+        width = mask.shape[1]
+        remaining = max(r.request.sampling.max_new_tokens - len(r.tokens) for r in running + fresh)
+        used = self.column - int(self.mask.any(dim=0).long().argmax()) if running else 0  # columns in use
+        end = max(self.column if running else 0, width)
+        slots = len(running) + len(fresh)
+        if (self.cache is None or slots > len(self.by_slot) or end > self.column
+                or end + remaining > self.mask.shape[1]):
+            end = max(used, width)
+            self._repack(self.static.batch_bucket(slots), self.width_for(end + remaining), end, used, cache)
+        free = (i for i, r in enumerate(self.by_slot) if r is None)
+        for i, r in enumerate(fresh):
+            r.slot = next(free)
+            self.by_slot[r.slot] = r
+            for layer in range(cache_layers(cache)):
+                keys, values = layer_states(cache, layer)
+                slot_keys, slot_values = layer_states(self.cache, layer)
+                slot_keys[r.slot, :, end - width:end] = keys[i]
+                slot_values[r.slot, :, end - width:end] = values[i]
+            self.mask[r.slot] = 0
+            self.mask[r.slot, end - width:end] = mask[i]
+
+    def _repack(self, slots: int, width: int, end: int, used: int, like) -> None:
+        """Move to a cache of `slots` x `width` whose write column is `end`, the last `used` columns of the
+        current one (every running row's states) copied to end there; slots keep their numbers."""
+        old, old_mask, old_column = self.cache, self.mask, self.column
+        cache = self.spares.pop((slots, width), None)
+        if cache is None:
+            keys, _ = layer_states(like, 0)
+            cache = static_cache(self.static.model.config, batch=slots, length=width, device=keys.device,
+                                 dtype=keys.dtype)
+        for layer in range(cache_layers(like)):
+            keys, values = layer_states(like, layer)
+            state = cache.layers[layer]
+            if not state.is_initialized:
+                state.lazy_initialization(keys.new_zeros((slots, *keys.shape[1:-2], 1, keys.shape[-1])),
+                                          values.new_zeros((slots, *values.shape[1:-2], 1, values.shape[-1])))
+            if old is not None and used:
+                src_keys, src_values = layer_states(old, layer)
+                state.keys[:len(self.by_slot), :, end - used:end] = src_keys[:, :, old_column - used:old_column]
+                state.values[:len(self.by_slot), :, end - used:end] = src_values[:, :, old_column - used:old_column]
+            state.cumulative_length.fill_(end)
+        mask = torch.zeros((slots, width), dtype=torch.long, device=layer_states(like, 0)[0].device)
+        if old is not None and used:
+            mask[:len(self.by_slot), end - used:end] = old_mask[:, old_column - used:old_column]
+        if old is not None:
+            self._keep((len(self.by_slot), old_mask.shape[1]), old)
+        self.cache, self.mask, self.column = cache, mask, end
+        self.by_slot = self.by_slot + [None] * (slots - len(self.by_slot))
+
+    def _keep(self, shape, cache) -> None:
+        self.spares[shape] = cache
+        while len(self.spares) > self.SPARES:
+            self.spares.popitem(last=False)
+
+    def step(self, running: list[_Running], pad_id: int, adapters) -> torch.Tensor:
+        """One forward of every slot; the running rows' last-position logits, in `running`'s order."""
+        model = self.static.model
+        tokens = torch.full((len(self.by_slot), 1), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(self.by_slot), 1), dtype=torch.long)
+        for r in running:
+            tokens[r.slot, 0], positions[r.slot, 0] = r.next_token, r.position
+        self.mask[:, self.column] = 1
+        inputs = dict(input_ids=tokens.to(self.mask.device), attention_mask=self.mask,
+                      position_ids=positions.to(self.mask.device), use_cache=True,
+                      **{cache_kwarg(model): self.cache})
+        with adapters([r.request.tag if r is not None else None for r in self.by_slot]):
+            try:
+                logits, _ = self.static.forward("step", **inputs)
+            except GraphFailed:  # warned once; this and later steps run eagerly, from the same write column
+                for layer in self.cache.layers:
+                    layer.cumulative_length.fill_(self.column)
+                logits, _ = self.static.forward("step", **inputs)
+        self.column += 1
+        return logits[[r.slot for r in running]]
+
+    def free(self, rows: list[_Running]) -> None:
+        for r in rows:
+            self.by_slot[r.slot] = None
+            self.mask[r.slot] = 0
+        if all(r is None for r in self.by_slot):  # empty: the cache waits for the next batch of its shape
+            self._keep((len(self.by_slot), self.mask.shape[1]), self.cache)
+            self.cache, self.mask, self.by_slot, self.column = None, None, [], 0
 
 
 def length_groups(lengths: list[int], slack: float = PADDING_SLACK) -> list[list[int]]:

@@ -16,7 +16,9 @@ same `Job`, `QueueFull` and `RequestTimeout`), a different worker. Its one threa
 
 A client that goes away (or whose time runs out) flags its job `cancelled`: its row leaves at
 the next step. Sampling settings and retrieval options are per row, so unlike a pass, any
-requests share the batch. The compiled static decode (`compile_decode`) is not used here.
+requests share the batch. With `compile_decode` (CUDA) the running batch sits in the slots of a
+static cache and every step replays a CUDA graph (`ContinuousBatch` with the bank's `StaticDecode`),
+from this one thread, which owns every replay.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ContinuousScheduler(JobQueue):
 
     def __init__(self, bank, config: BatchingConfig, metrics=None):
         super().__init__(bank, config, metrics)
-        self._engine = ContinuousBatch(bank.runner, bank.adapters_for)
+        self._engine = ContinuousBatch(bank.runner, bank.adapters_for, static=bank.runner.static)
         self._ready: list[tuple[Job, Request]] = []  # prepared, waiting to be admitted
         self._jobs: dict[int, tuple[Job, float]] = {}  # id(request) -> (its job, when admitted), the rows running
         self.finished = Counter()  # answers by finish reason ("stop", "length", "cancelled": the client went away)
@@ -81,7 +83,8 @@ class ContinuousScheduler(JobQueue):
                 for job, _ in self._jobs.values():
                     self._resolve(job, exception=e)
                 self._jobs.clear()
-                self._engine = ContinuousBatch(self.bank.runner, self.bank.adapters_for)
+                self._engine = ContinuousBatch(self.bank.runner, self.bank.adapters_for,
+                                               static=self.bank.runner.static)
 
     def _prepare(self, jobs: list[Job]) -> None:
         """Rows for the jobs taken: the engine's wait in `_ready`, the others run a pass now."""
