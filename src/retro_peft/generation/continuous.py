@@ -346,7 +346,7 @@ class _SlotCache:
     caches are kept per shape (`spares`), so that compiled steps replay over the same memory."""
 
     MIN_WIDTH = 256
-    SPARES = 2  # caches of other shapes kept for reuse
+    SPARES = 1  # caches of another shape kept for reuse (an 8B model's 32 x 4096 cache is 16 GiB)
 
     def __init__(self, static: StaticDecode):
         self.static = static
@@ -360,8 +360,10 @@ class _SlotCache:
     def fits(model) -> bool:
         """Whether every layer's static cache is a plain one (written at one shared column): not sliding-window
         layers, which write round a ring (those models decode in the dynamic cache)."""
-        from transformers.cache_utils import StaticLayer
-
+        try:
+            from transformers.cache_utils import StaticLayer
+        except ImportError:  # transformers 4.x keeps a static cache's states otherwise
+            return False
         probe = static_cache(model.config, batch=1, length=64, device="cpu", dtype=torch.float32)
         return all(type(layer) is StaticLayer for layer in getattr(probe, "layers", [None]))
 
