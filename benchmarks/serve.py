@@ -340,7 +340,7 @@ def mixed_section(root: Path, args) -> dict:
     from retro_peft.serving.app import create_app
     from retro_peft.serving.testing import serve_in_thread
 
-    bank = build_bank(root, args)
+    bank = build_bank(root, args, compile_decode=args.compile_decode)
     bodies = mixed_bodies(bank.tokenizer, args.requests, seed=0)
     out = {"requests": args.requests, "prompt_tokens": list(MIXED_PROMPT_TOKENS),
            "max_tokens": list(MIXED_MAX_TOKENS), "rows": []}
@@ -375,6 +375,8 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=50, help="batching: how long a batch waits (server default 50)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--dtype", help="the bank's dtype (the serve setting): float32 (CPU default) or bfloat16")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="--mixed: both modes with compile_decode (CUDA graphs; continuous mode in its slot cache)")
     parser.add_argument("--kv-cache", action="store_true",
                         help="run only the frozen KV cache section (RAG-sized prompts from the SQuAD data)")
     parser.add_argument("--batching-mode", choices=("passes", "continuous"), default="passes",
@@ -409,7 +411,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report = {"model": "tiny-random-llama" if args.quick else args.model, "device": args.device or "cpu",
               "cpus": machine_info()["cores"], "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
-              "batching_mode": args.batching_mode, "dtype": args.dtype}
+              "batching_mode": args.batching_mode, "dtype": args.dtype, "compile_decode": args.compile_decode}
     body = {"model": "docs", "prompt": "Who invented the piano?", "max_tokens": args.max_tokens, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
         if args.mixed:
