@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,8 +35,6 @@ def checkpointing_option(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"a fraction of the layers (0 to 1) or 'selective', got {text!r}") from None
 
 

@@ -382,26 +382,25 @@ class _SlotCache:
             end = max(used, width)
             self._repack(self.static.batch_bucket(slots), self.width_for(end + remaining), end, used, cache)
         free = (i for i, r in enumerate(self.by_slot) if r is None)
-        for i, r in enumerate(fresh):
+        for r in fresh:
             r.slot = next(free)
             self.by_slot[r.slot] = r
-            for layer in range(cache_layers(cache)):
-                keys, values = layer_states(cache, layer)
-                slot_keys, slot_values = layer_states(self.cache, layer)
-                slot_keys[r.slot, :, end - width:end] = keys[i]
-                slot_values[r.slot, :, end - width:end] = values[i]
-            self.mask[r.slot] = 0
-            self.mask[r.slot, end - width:end] = mask[i]
+        slots = torch.tensor([r.slot for r in fresh], device=self.mask.device)
+        for layer in range(cache_layers(cache)):  # each fresh row i into its slot, columns [end - width, end)
+            for new, held in zip(layer_states(cache, layer), layer_states(self.cache, layer)):
+                held[slots, :, end - width:end] = new
+        self.mask[slots] = 0
+        self.mask[slots, end - width:end] = mask.to(self.mask.dtype)
 
     def _repack(self, slots: int, width: int, end: int, used: int, like) -> None:
         """Move to a cache of `slots` x `width` whose write column is `end`, the last `used` columns of the
         current one (every running row's states) copied to end there; slots keep their numbers."""
         old, old_mask, old_column = self.cache, self.mask, self.column
+        sample = layer_states(like, 0)[0]  # the states' device and dtype
         cache = self.spares.pop((slots, width), None)
         if cache is None:
-            keys, _ = layer_states(like, 0)
-            cache = static_cache(self.static.model.config, batch=slots, length=width, device=keys.device,
-                                 dtype=keys.dtype)
+            cache = static_cache(self.static.model.config, batch=slots, length=width, device=sample.device,
+                                 dtype=sample.dtype)
         for layer in range(cache_layers(like)):
             keys, values = layer_states(like, layer)
             state = cache.layers[layer]
@@ -413,7 +412,7 @@ class _SlotCache:
                 state.keys[:len(self.by_slot), :, end - used:end] = src_keys[:, :, old_column - used:old_column]
                 state.values[:len(self.by_slot), :, end - used:end] = src_values[:, :, old_column - used:old_column]
             state.cumulative_length.fill_(end)
-        mask = torch.zeros((slots, width), dtype=torch.long, device=layer_states(like, 0)[0].device)
+        mask = torch.zeros((slots, width), dtype=torch.long, device=sample.device)
         if old is not None and used:
             mask[:len(self.by_slot), end - used:end] = old_mask[:, old_column - used:old_column]
         if old is not None:
