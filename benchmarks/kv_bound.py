@@ -15,8 +15,10 @@ requests after untimed warm-up runs (which compile the graphs: their time is rep
 - frozen KV cache, compiled: the same through `StaticDecode` (the question's prefill and every decode step
   one CUDA-graph replay; CUDA only);
 - batch-1 decoding after the prefill: eager, compiled with the host reading every token (sync_every 1),
-  compiled with the host reading once per `SYNC_EVERY` tokens (the default), and the same step with
-  transformers' SDPA over repeated key/value heads instead of grouped decode attention (`cached_compiled_before`).
+  compiled with the host reading once per `SYNC_EVERY` tokens (the default: grouped attention for the step and
+  the question's prefill, q/k/v and gate/up fused), the same without fused projections
+  (`cached_compiled_unfused`), and with neither: transformers' SDPA over repeated key/value heads and one matmul
+  per projection (`cached_compiled_before`, the step as transformers traces it).
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -243,8 +245,11 @@ def main(argv=None) -> int:
         measure("cached_compiled", static=static)
         if args.profile:  # the same shapes as measured: replays, no compile
             out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
-        # the step as transformers traces it (StaticDecode before grouped attention): the same run's baseline
-        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
+            out["profile_cached_compiled_first"] = profile_rows(lambda: request.first(rows[0], n, static=static),
+                                                                args.device, 30)
+        # the same run's baselines: one matmul per projection; and the step as transformers traces it
+        measure("cached_compiled_unfused", static=StaticDecode(model, fused_projections=False))
+        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False, fused_projections=False))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},

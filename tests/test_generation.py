@@ -180,24 +180,27 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
         StaticDecode(tiny_model, compile=False, sync_every=0)
 
 
-def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_path, tokenizer):
-    # StaticDecode's compiled steps attend through hf_compat.grouped_decode: a one-token query's heads grouped by
-    # key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two chunks), over a
-    # left-padded batch, eagerly and compiled; longer queries still go to SDPA; the implementation is restored.
+def test_grouped_decode_attention_gives_sdpas_logits_for_short_queries(tmp_path, tokenizer):
+    # StaticDecode's compiled steps and prefill graphs attend through hf_compat.grouped_decode: a short query's
+    # heads grouped by key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two
+    # chunks), over a left-padded batch, eagerly and compiled; a one-token step and a short prefill (its padding
+    # queries see no key: finite, never NaN); longer queries still go to SDPA; the implementation is restored.
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retro_peft.hf_compat import DECODE_KEY_CHUNK, grouped_decode
+    from retro_peft.hf_compat import DECODE_KEY_CHUNK, GROUPED_QUERY_TOKENS, grouped_decode
 
     folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1)  # 4 query heads over 2 key/value heads
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
     ids, mask = left_pad([list(range(5, 5 + 2 * DECODE_KEY_CHUNK - 1)), [11, 12, 13]], 0, "cpu")
+    long_ids = torch.arange(5, 5 + GROUPED_QUERY_TOKENS + 1)[None]
     with torch.no_grad():
         cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
         step = dict(input_ids=torch.tensor([[3], [4]]), attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
         expected = model(**step, past_key_values=copy.deepcopy(cache)).logits
+        expected_prefill = model(input_ids=ids, attention_mask=mask).logits
         sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
         spy = lambda q, k, v, **kw: seen.append(q.shape[2]) or sdpa(q, k, v, **kw)  # noqa: E731
         torch.nn.functional.scaled_dot_product_attention = spy
@@ -205,9 +208,10 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_p
             with grouped_decode(model):
                 assert model.config._attn_implementation != "sdpa"
                 eager = model(**step, past_key_values=copy.deepcopy(cache)).logits
+                prefill = model(input_ids=ids, attention_mask=mask).logits
                 assert seen == []
-                model(input_ids=ids, attention_mask=mask)
-                assert seen == [ids.shape[1]] * 2  # a prefill: SDPA, in both layers
+                model(input_ids=long_ids)
+                assert seen == [long_ids.shape[1]] * 2  # a long prefill: SDPA, in both layers
                 torch._dynamo.reset()
                 compiled = torch.compile(lambda c: model(**step, past_key_values=c).logits)(copy.deepcopy(cache))
         finally:
@@ -215,6 +219,54 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_one_token_queries(tmp_p
             torch._dynamo.reset()
     assert model.config._attn_implementation == "sdpa"
     assert torch.allclose(eager, expected, atol=1e-5) and torch.allclose(compiled, expected, atol=1e-5)
+    real = mask.bool()
+    assert torch.isfinite(prefill).all() and torch.allclose(prefill[real], expected_prefill[real], atol=1e-5)
+
+
+def test_fused_sibling_projections_give_the_same_logits_in_the_same_memory(tmp_path, tokenizer):
+    # StaticDecode's fused_projections: each layer's q/k/v and gate/up weights concatenated once, the layers' own
+    # weights views of its rows (the parameters' storage is unchanged), computed as one matmul per group inside
+    # hf_compat.fused_siblings, under a LoRA adapter on every projection too. A weight replaced by another tensor
+    # (not an in-place change) is fused again before the next call, never read stale.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from retro_peft.hf_compat import fused_siblings, sibling_groups
+
+    folder = tiny_llama_folder(tmp_path / "fused", tokenizer, seed=2, initializer_range=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"], init_lora_weights=False)
+    model = get_peft_model(model, config).eval()
+    ids, mask = left_pad([list(range(5, 40)), [11, 12, 13]], 0, "cpu")
+    storage = lambda: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                           for p in model.parameters()}.values())
+    products, linear = [], torch.nn.functional.linear
+    spy = lambda x, w, b=None: products.append(tuple(w.shape)) or linear(x, w, b)  # noqa: E731
+    with torch.no_grad():
+        expected, before = model(input_ids=ids, attention_mask=mask).logits, storage()
+        groups = sibling_groups(model)
+        assert len(groups) == 4 and sibling_groups(model) is groups  # 2 layers x (q/k/v, gate/up), fused once
+        assert storage() == before
+        torch.nn.functional.linear = spy
+        try:
+            with fused_siblings(groups):
+                fused = model(input_ids=ids, attention_mask=mask).logits
+            q = groups[0].linears[0]
+            q.weight = torch.nn.Parameter(q.weight * 2, requires_grad=False)  # replaced, not changed in place
+            products.clear()
+            with fused_siblings(groups):
+                changed = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            torch.nn.functional.linear = linear
+        unfused = model(input_ids=ids, attention_mask=mask).logits
+    # per layer: q/k/v as one (32 + 2 x 16 rows), o, gate/up as one (2 x 64), down; no lone q, k, v, gate or up
+    assert products.count((64, 32)) == 2 and products.count((128, 32)) == 2
+    assert products.count((32, 32)) == 2 and (16, 32) not in products
+    assert torch.allclose(fused, expected, atol=1e-5)
+    assert torch.allclose(changed, unfused, atol=1e-5) and not torch.allclose(changed, expected, atol=1e-3)
+    assert all(linear.__dict__.get("forward") is None for group in groups for linear in group.linears)
 
 
 def test_static_decoding_pads_a_batch_to_its_bucket_and_drops_the_padding_rows(tiny_model, tokenizer):

@@ -131,42 +131,51 @@ def write_context(cache: StaticCache, context) -> None:
 
 GROUPED_DECODE = "retro_peft_grouped_decode"  # the attention implementation `grouped_decode` switches a model to
 DECODE_KEY_CHUNK = 64  # keys per chunk of a decode step's weighted sum over values (one matmul per chunk, in parallel)
+GROUPED_QUERY_TOKENS = 128  # queries up to this long attend grouped (decode steps, a frozen cache's question)
 
 
 def _grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for a one-token query, as a compiled decode step needs it; other calls go to transformers' sdpa.
+    """Attention for a short query (a decode step's one token, a frozen KV cache's question: at most
+    `GROUPED_QUERY_TOKENS`), as a compiled step needs it; other calls go to transformers' sdpa.
 
     Measured on an H200 (8B shape, 2,300 cached tokens; BENCHMARKS.md), SDPA on a one-token query (cuDNN's flash
     kernel, even with the heads grouped) took 49 us a layer, against about 2 us to read that layer's keys and
-    values: it parallelises over heads and query tiles, of which a one-token query has few. Traced, transformers
-    also repeats every key/value head for each of its query heads first (a copy of the cache per layer). Here the
-    query's heads are grouped by key/value head ([batch, kv_heads, heads per kv head, dim]: each head's keys and
-    values are read once), the scores and softmax are computed in float32 over all keys, and the weighted sum
-    over values runs as one batched matmul per chunk of `DECODE_KEY_CHUNK` keys, summed after: work for every
-    chunk in parallel, as flash-decoding splits the keys. Batch-1 decoding went from 156 to 171 tokens/s."""
+    values, and 56 us on a 32-token question: it parallelises over heads and query tiles, of which a short query
+    has few. Traced, transformers also repeats every key/value head for each of its query heads first (a copy of
+    the cache per layer). Here the query's heads are grouped by key/value head ([batch, kv_heads, heads per kv
+    head x tokens, dim]: each head's keys and values are read once), the scores and softmax are computed in
+    float32 over all keys, and the weighted sum over values runs as one batched matmul per chunk of
+    `DECODE_KEY_CHUNK` keys, summed after: work for every chunk in parallel, as flash-decoding splits the keys.
+    Batch-1 decoding went from 156 to 171 tokens/s."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, tokens, dim = query.shape
     # anything beyond plain scaled attention with one mask for every head (biases, soft-capping, attention sinks,
-    # per-head masks) is left to sdpa, which implements or refuses it
+    # per-head masks) is left to sdpa, which implements or refuses it; so is a longer query (compute-bound: the
+    # flash kernels win) and one with no mask past the first token (sdpa's implicit causal mask)
     special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
     per_head = attention_mask is not None and attention_mask.shape[1] != 1
-    if query.shape[2] != 1 or dropout or special or per_head:
+    implicit_causal = attention_mask is None and tokens > 1
+    if tokens > GROUPED_QUERY_TOKENS or dropout or special or per_head or implicit_causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    batch, heads, _, dim = query.shape
-    keys = key.shape[-2]
-    grouped = query.reshape(batch, heads // groups, groups, dim)
+    keys, kv_heads = key.shape[-2], heads // groups
+    grouped = query.reshape(batch, kv_heads, groups * tokens, dim)  # head h reads key/value head h // groups
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
     if attention_mask is not None:
-        mask = attention_mask[:, :, :, :keys]  # [batch, 1, 1, keys]: the same for every head
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        mask = attention_mask[:, :, None, :, :keys]  # [batch, 1, 1, tokens, keys]: the same for every head
+        scores = scores.view(batch, kv_heads, groups, tokens, keys)
+        # a finite floor, not -inf: a padding query that sees no key gets finite (unused) states, never NaN that
+        # later queries would multiply by their zero weights
+        scores = (scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
+                  else scores + mask).view(batch, kv_heads, groups * tokens, keys)
     weights = scores.softmax(dim=-1).to(value.dtype)
     chunk = DECODE_KEY_CHUNK if keys % DECODE_KEY_CHUNK == 0 else keys
     parts = torch.matmul(weights.unflatten(-1, (keys // chunk, chunk)).transpose(2, 3),
-                         value.unflatten(2, (keys // chunk, chunk)))  # [batch, kv_heads, chunks, groups, dim]
+                         value.unflatten(2, (keys // chunk, chunk)))  # [batch, kv_heads, chunks, groups x tokens, dim]
     out = parts.sum(dim=2, dtype=torch.float32).to(value.dtype)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(batch, heads, tokens, dim).transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
@@ -174,7 +183,7 @@ def grouped_decode(model):
     """The model's sdpa attention replaced by `_grouped_decode_attention` inside the block (a model on another
     implementation is left as it is). Entered around each call of a compiled step, so that its guards see the
     same implementation at every replay. Another thread's forward meanwhile runs through it too, which changes
-    nothing it computes: one-token queries get the same attention, longer ones go to sdpa as before."""
+    nothing it computes: short queries get the same attention (to rounding), longer ones go to sdpa as before."""
     config = model.config
     if TRANSFORMERS_MAJOR < 5 or config._attn_implementation != "sdpa":
         yield
@@ -194,3 +203,109 @@ def _register_grouped_decode() -> None:
 
     AttentionInterface.register(GROUPED_DECODE, _grouped_decode_attention)
     AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+
+
+# Linear layers of one module that read the same input, in the order its forward calls them
+SIBLING_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Siblings:
+    """Sibling linear layers (a layer's q/k/v projections, its MLP's gate and up) as one matmul.
+
+    A batch-1 decode step reads every weight once per token, and a small matmul reads it slower than a large one:
+    measured on an H200 (8B shape), the 8 MiB k and v projections alone read at 1.35 TB/s and q at 3.1, against
+    3.57 TB/s for the three as one 48 MiB matrix (gate and up: 3.78-3.87 apart, 4.09 together). The weights are
+    concatenated once into one matrix and each layer's own weight becomes a view of its rows, so no memory is
+    added and every other path (training, eager decoding) reads the same numbers. Inside `fused_siblings`, the
+    first sibling called computes all of them and leaves the result for the others, which take their part of it
+    only when called with that same input tensor; any other call computes its own product. The hand-over is read
+    in one step, so another thread's forward at worst computes its own products, never takes another's."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.sizes = [linear.out_features for linear in linears]
+        self.stash = None  # (input, its products split per sibling), from the first sibling to the last
+        self.forwards = [functools.partial(_sibling_forward, self, i) for i in range(len(linears))]
+        self.fuse()
+
+    def fuse(self) -> None:
+        with torch.inference_mode(False), torch.no_grad():  # ordinary weights, even when first fused in inference
+            weight = torch.cat([linear.weight.detach() for linear in self.linears])
+            self.bias = (torch.cat([linear.bias.detach() for linear in self.linears])
+                         if self.linears[0].bias is not None else None)
+            for linear, rows in zip(self.linears, weight.split(self.sizes)):
+                linear.weight = torch.nn.Parameter(rows, requires_grad=linear.weight.requires_grad)
+        self.weight = weight
+
+    def intact(self) -> bool:
+        """Whether every sibling's weight is still its view of the fused matrix (an in-place change, as PEFT's
+        merge makes, is seen through the view; a weight replaced by another tensor is not)."""
+        offset = 0
+        for linear, size in zip(self.linears, self.sizes):
+            if linear.weight.data_ptr() != self.weight[offset:offset + size].data_ptr():
+                return False
+            offset += size
+        return True
+
+
+def _sibling_forward(group: _Siblings, index: int, x, *args, **kwargs):
+    linear = group.linears[index]
+    if index == 0:
+        parts = torch.nn.functional.linear(x, group.weight, group.bias).split(group.sizes, dim=-1)
+        group.stash = (x, parts)
+        return parts[0]
+    stash = group.stash  # read once: another thread's hand-over is seen whole or not at all
+    if stash is not None and stash[0] is x:
+        if index == len(group.sizes) - 1:
+            group.stash = None
+        return stash[1][index]
+    return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+
+def _plain_linear(module):
+    """The nn.Linear computing `module`'s base product (inside a PEFT layer, its base layer); None for anything
+    else (a quantized layer, one with hooks that move its weights, meta weights)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    if type(module) is not torch.nn.Linear or getattr(module, "_hf_hook", None) is not None:
+        return None
+    return None if module.weight.is_meta else module
+
+
+def sibling_groups(model) -> list[_Siblings]:
+    """The model's sibling linear layers (`SIBLING_LINEARS`), fused once (kept on the model: later calls return
+    the same groups). Siblings of different dtypes, devices or input sizes are left apart."""
+    groups = getattr(model, "_retro_siblings", None)
+    if groups is None:
+        groups = []
+        for module in model.modules():
+            for names in SIBLING_LINEARS:
+                linears = [_plain_linear(getattr(module, name, None)) for name in names]
+                if any(linear is None for linear in linears):
+                    continue
+                first = linears[0]
+                if all(linear.in_features == first.in_features and linear.weight.dtype == first.weight.dtype
+                       and linear.weight.device == first.weight.device
+                       and (linear.bias is None) == (first.bias is None) for linear in linears):
+                    groups.append(_Siblings(linears))
+        model.__dict__["_retro_siblings"] = groups  # not a submodule or parameter: invisible to state_dict
+    return groups
+
+
+@contextlib.contextmanager
+def fused_siblings(groups: list[_Siblings]):
+    """Inside the block, each group's siblings compute their products as one matmul (`_Siblings`). A group whose
+    weights were replaced since it was fused is fused again first. Entered around each call of a compiled step,
+    as `grouped_decode` is."""
+    for group in groups:
+        if not group.intact():
+            group.fuse()
+        for linear, forward in zip(group.linears, group.forwards):
+            linear.forward = forward
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.stash = None
+            for linear in group.linears:
+                linear.__dict__.pop("forward", None)

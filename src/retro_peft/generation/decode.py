@@ -22,7 +22,7 @@ from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
 from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache,
-                                  grouped_decode, static_cache, write_context)
+                                  fused_siblings, grouped_decode, sibling_groups, static_cache, write_context)
 from retro_peft.base_model import model_dtype
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,15 @@ class StaticDecode:
       KV cache's context) is left-padded to a bucket and prefilled by a graph too;
       a longer one is compute-bound and prefilled eagerly;
     - the host learns which rows finished once per `sync_every` tokens, not per
-      token, so it queues the next steps while the GPU runs (a row that stops
-      runs on for at most `sync_every - 1` steps; their tokens are dropped);
-    - with `grouped_attention` (the default), a step's one-token queries attend grouped by key/value head
-      (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated for each query head.
+      token, and reads it one step late, after queueing the next step, so the
+      GPU never waits for the host (a row that stops runs on for at most
+      `sync_every` steps; their tokens are dropped);
+    - with `grouped_attention` (the default), a step's one-token queries and a prefill graph's short prompt
+      attend grouped by key/value head (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated
+      for each query head;
+    - with `fused_projections` (the default), each layer's q/k/v projections and its MLP's gate and up
+      projections run as one matmul each (`hf_compat.fused_siblings`: their weights concatenated once, each
+      layer's own weight a view of its rows, so no memory is added).
     The first call per shape compiles (tens of seconds); later calls replay. A
     failure to compile or capture falls back to the eager path with one logged
     warning. `compile=False` runs the same static path eagerly (any device): the
@@ -96,7 +101,8 @@ class StaticDecode:
     # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
     RECOMPILE_LIMIT = 64
 
-    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True):
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True,
+                 fused_projections: bool = True):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
@@ -107,6 +113,7 @@ class StaticDecode:
         # graph, and dynamic=False keeps each shape's graph static instead of recompiling one with symbolic shapes
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
         self.grouped_attention = grouped_attention
+        self.siblings = sibling_groups(model) if fused_projections else []
         self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
                          "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
         if compile:
@@ -132,13 +139,13 @@ class StaticDecode:
         # (uncompiled too: the CPU tests check the static path's tokens with the attention the graphs replay)
         attention = grouped_decode(self.model) if self.grouped_attention else contextlib.nullcontext()
         if self.compiled is None:
-            with attention:
+            with attention, fused_siblings(self.siblings):
                 return self.eager(**inputs)
         try:
             # A new iteration: the previous replay's outputs are dead (used up), so the graphs replay over the
             # same memory instead of recording new ones that keep the old outputs alive.
             torch.compiler.cudagraph_mark_step_begin()
-            with attention:
+            with attention, fused_siblings(self.siblings):
                 return self.compiled[kind](**inputs)
         except Exception as error:  # noqa: BLE001 - any failure of the compiler or the capture: the eager path is right
             self.compiled = None
@@ -295,6 +302,7 @@ def _static_steps(model, static: StaticDecode, input_ids, attention_mask, past, 
     stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
     done = finished.to(device)
     next_pos = position_ids[:, -1:] + 1
+    pending = None  # the host's read of `done` started at the last sync step, in flight
     with tracing.span("decode", rows=batch, max_new_tokens=max_new_tokens):
         for step in range(max_new_tokens):
             if grammar is not None:
@@ -307,14 +315,41 @@ def _static_steps(model, static: StaticDecode, input_ids, attention_mask, past, 
                 grammar.advance(token.tolist(), done.tolist())
             yield token
             done = done | torch.isin(token, stop)
-            if static.syncs_at(step) or step == max_new_tokens - 1:
-                finished |= done.cpu()  # the host's one sync in `sync_every` steps
-                if bool(finished.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
+                finished |= done.cpu()
+                return
+            if pending is not None:
+                # Read one step late, after the next step was queued: the GPU runs that step while the host waits
+                # and then queues the one after, instead of idling while the host catches up after every sync.
+                finished |= pending.result()
+                pending = None
+                if bool(finished.all()):
                     return
-                done = finished.to(device)  # with the rows the caller marked (cancelled, stop strings)
+                done = done | finished.to(device)  # with the rows the caller marked (cancelled, stop strings)
+            if static.syncs_at(step):
+                pending = _HostRead(done)  # the host's one sync in `sync_every` steps
             logits, greedy = static.forward("step", input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                                             use_cache=True, **{cache_kw: cache})
             next_pos = next_pos + 1
+
+
+class _HostRead:
+    """A device tensor copied to the host without waiting: on CUDA into pinned memory behind an event, so the
+    host goes on queueing work and waits only in `result`; elsewhere at once."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.host, self.event = tensor.cpu(), None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
@@ -405,14 +440,17 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
             if track_text:
                 emit(row, final=reasons[row] is not None)
 
-    # The tokens are read back (one host sync) only when the decode loop reads its own: every step eagerly,
-    # once per `static.sync_every` steps with fixed shapes.
+    # The tokens are read back (one host sync) only when the decode loop reads its own: every step eagerly; with
+    # fixed shapes the first at once (time to first token), then once per `static.sync_every` steps, one step
+    # late as the loop does: read while the GPU runs the step queued after them.
     pending: list[torch.Tensor] = []
 
-    def take_pending(upto: int) -> None:
-        for offset, step_tokens in enumerate(torch.stack(pending)[:, :n].tolist()):
-            take(upto - len(pending) + 1 + offset, step_tokens)
-        pending.clear()
+    def take_pending(keep: int = 0) -> None:
+        """Take the pending tokens but the newest `keep` (pending holds the steps up to `step`)."""
+        ready, first = pending[:len(pending) - keep], step - len(pending) + 1
+        for offset, step_tokens in enumerate(torch.stack(ready)[:, :n].tolist() if ready else []):
+            take(first + offset, step_tokens)
+        del pending[:len(ready)]
 
     steps = decode_steps(model, input_ids, mask, max_new_tokens=sampling.max_new_tokens, stop_ids=stop_ids,
                          pad_id=pad_id, sampling=sampling, rng=rng, finished=finished, static=static, past=past,
@@ -420,10 +458,12 @@ def generate_batch(model, tokenizer, sequences: list[list[int]], *, stop_ids: se
     step = -1
     for step, step_tokens in enumerate(steps):
         pending.append(step_tokens)
-        if static is None or static.syncs_at(step):
-            take_pending(step)
+        if static is None or step == 0:
+            take_pending()
+        elif static.syncs_at(step - 1):
+            take_pending(keep=1)
     if pending:
-        take_pending(step)
+        take_pending()
     results = []
     for row in range(n):
         if not track_text:
