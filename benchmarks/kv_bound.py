@@ -16,9 +16,9 @@ requests after untimed warm-up runs (which compile the graphs: their time is rep
   one CUDA-graph replay; CUDA only);
 - batch-1 decoding after the prefill: eager, compiled with the host reading every token (sync_every 1),
   compiled with the host reading once per `SYNC_EVERY` tokens (the default: grouped attention for the step and
-  the question's prefill, q/k/v and gate/up fused), the same without fused projections
-  (`cached_compiled_unfused`), and with neither: transformers' SDPA over repeated key/value heads and one matmul
-  per projection (`cached_compiled_before`, the step as transformers traces it).
+  the question's prefill), the same with q/k/v and gate/up fused into one matmul each (`cached_compiled_fused`),
+  and with transformers' SDPA over repeated key/value heads (`cached_compiled_before`, the step as transformers
+  traces it).
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -247,9 +247,9 @@ def main(argv=None) -> int:
             out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
             out["profile_cached_compiled_first"] = profile_rows(lambda: request.first(rows[0], n, static=static),
                                                                 args.device, 30)
-        # the same run's baselines: one matmul per projection; and the step as transformers traces it
-        measure("cached_compiled_unfused", static=StaticDecode(model, fused_projections=False))
-        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False, fused_projections=False))
+        measure("cached_compiled_fused", static=StaticDecode(model, fused_projections=True))
+        # the same run's baseline: the step as transformers traces it
+        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},

@@ -261,6 +261,9 @@ def test_fused_sibling_projections_give_the_same_logits_in_the_same_memory(tmp_p
         finally:
             torch.nn.functional.linear = linear
         unfused = model(input_ids=ids, attention_mask=mask).logits
+    plain = decode(model, ids, mask, max_new_tokens=6, stop_ids=set(), pad_id=0)
+    assert decode(model, ids, mask, max_new_tokens=6, stop_ids=set(), pad_id=0,
+                  static=StaticDecode(model, compile=False, fused_projections=True)) == plain
     # per layer: q/k/v as one (32 + 2 x 16 rows), o, gate/up as one (2 x 64), down; no lone q, k, v, gate or up
     assert products.count((64, 32)) == 2 and products.count((128, 32)) == 2
     assert products.count((32, 32)) == 2 and (16, 32) not in products

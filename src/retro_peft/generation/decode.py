@@ -80,9 +80,12 @@ class StaticDecode:
     - with `grouped_attention` (the default), a step's one-token queries and a prefill graph's short prompt
       attend grouped by key/value head (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated
       for each query head;
-    - with `fused_projections` (the default), each layer's q/k/v projections and its MLP's gate and up
+    - with `fused_projections` (off by default), each layer's q/k/v projections and its MLP's gate and up
       projections run as one matmul each (`hf_compat.fused_siblings`: their weights concatenated once, each
-      layer's own weight a view of its rows, so no memory is added).
+      layer's own weight a view of its rows, so no memory is added). Measured on an H100 (8B shape, batch 1;
+      BENCHMARKS.md): 135.7 against 135.4 tokens/s, and a first token through the frozen cache in 20.5
+      against 17.8 ms, so it stays off until it shows a gain (the H200, where the small k/v products alone
+      read at a third of the bandwidth, is not measured yet).
     The first call per shape compiles (tens of seconds); later calls replay. A
     failure to compile or capture falls back to the eager path with one logged
     warning. `compile=False` runs the same static path eagerly (any device): the
@@ -102,7 +105,7 @@ class StaticDecode:
     RECOMPILE_LIMIT = 64
 
     def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True,
-                 fused_projections: bool = True):
+                 fused_projections: bool = False):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
