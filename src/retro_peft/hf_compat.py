@@ -236,20 +236,15 @@ class _Siblings:
             for linear, rows in zip(self.linears, weight.split(self.sizes)):
                 linear.weight = torch.nn.Parameter(rows, requires_grad=linear.weight.requires_grad)
         self.weight = weight
+        self.addresses = [linear.weight.data_ptr() for linear in self.linears]
 
     def intact(self) -> bool:
         """Whether every sibling's weight is still its view of the fused matrix (an in-place change, as PEFT's
         merge makes, is seen through the view; a weight replaced by another tensor is not)."""
-        offset = 0
-        for linear, size in zip(self.linears, self.sizes):
-            if linear.weight.data_ptr() != self.weight[offset:offset + size].data_ptr():
-                return False
-            offset += size
-        return True
+        return all(linear.weight.data_ptr() == address for linear, address in zip(self.linears, self.addresses))
 
 
 def _sibling_forward(group: _Siblings, index: int, x, *args, **kwargs):
-    linear = group.linears[index]
     if index == 0:
         parts = torch.nn.functional.linear(x, group.weight, group.bias).split(group.sizes, dim=-1)
         group.stash = (x, parts)
@@ -259,6 +254,7 @@ def _sibling_forward(group: _Siblings, index: int, x, *args, **kwargs):
         if index == len(group.sizes) - 1:
             group.stash = None
         return stash[1][index]
+    linear = group.linears[index]
     return torch.nn.functional.linear(x, linear.weight, linear.bias)
 
 
