@@ -18,7 +18,8 @@ requests after untimed warm-up runs (which compile the graphs: their time is rep
   compiled with the host reading once per `SYNC_EVERY` tokens (the default: grouped attention for the step and
   the question's prefill), the same with q/k/v and gate/up fused into one matmul each (`cached_compiled_fused`),
   and with transformers' SDPA over repeated key/value heads (`cached_compiled_before`, the step as transformers
-  traces it).
+  traces it); and the static cache refilled layer by layer through transformers' own `reset` and `update`
+  (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s three calls.
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -43,6 +44,8 @@ from common import machine_info, write_json
 from generation import load_model, sync, with_adapters
 
 
+ROWS = ("full_eager", "cached_eager", "cached_compiled_sync1", "cached_compiled", "cached_compiled_layerwise",
+        "cached_compiled_fused", "cached_compiled_before", "full_compiled")
 EAGER_DECODE_TOKENS = 16  # the eager rows decode fewer tokens: at tens of tokens/s more only costs time
 
 
@@ -155,8 +158,16 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16, help="the active LoRA adapter's rank (0: the bare model)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (they need CUDA)")
     p.add_argument("--profile", action="store_true", help="also record the top operators of one eager cached TTFT, and of a compiled request")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"the rows to measure, comma-separated (full_eager, the baseline, always): {', '.join(ROWS)}")
+    p.add_argument("--trace", type=Path,
+                   help="also write a Chrome trace (torch.profiler) of one compiled cached first token: where the "
+                        "host's time goes")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    wanted = {"full_eager", *args.rows.split(",")}
+    if wanted - set(ROWS):
+        p.error(f"unknown rows: {', '.join(sorted(wanted - set(ROWS)))}; known: {', '.join(ROWS)}")
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     torch.set_grad_enabled(False)
@@ -220,6 +231,8 @@ def main(argv=None) -> int:
             write_json(args.out, out)
 
     def measure(label: str, n: int = n, **kw) -> None:
+        if label not in wanted:
+            return
         for row in warm:  # untimed: compiles and records the graphs of this shape
             start = time.perf_counter()
             request.first(row, n, **kw)
@@ -243,13 +256,27 @@ def main(argv=None) -> int:
         measure("cached_compiled_sync1", static=static)
         static.sync_every = SYNC_EVERY  # the default; the same graphs
         measure("cached_compiled", static=static)
-        if args.profile:  # the same shapes as measured: replays, no compile
+        if args.profile and "cached_compiled" in wanted:  # the same shapes as measured: replays, no compile
             out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
             out["profile_cached_compiled_first"] = profile_rows(lambda: request.first(rows[0], n, static=static),
                                                                 args.device, 30)
-        measure("cached_compiled_fused", static=StaticDecode(model, fused_projections=True))
-        # the same run's baseline: the step as transformers traces it
-        measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
+        if args.trace and "cached_compiled" in wanted:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for row in rows[:2]:
+                    request.first(row, n, static=static)
+                    sync(args.device)
+            prof.export_chrome_trace(str(args.trace))
+        if "cached_compiled_layerwise" in wanted:  # the same graphs; only the refill before them differs
+            from unittest import mock
+
+            with mock.patch("retro_peft.hf_compat._plain_static_layers", lambda cache: None):
+                measure("cached_compiled_layerwise", static=static)
+        if "cached_compiled_fused" in wanted:
+            measure("cached_compiled_fused", static=StaticDecode(model, fused_projections=True))
+        if "cached_compiled_before" in wanted:  # the same run's baseline: the step as transformers traces it
+            measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},

@@ -366,3 +366,29 @@ def test_models_the_cache_cannot_move_keys_for_are_refused(tokenizer, index):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
     with pytest.raises(InputError, match="supports llama"):
         FrozenKVCache.build(gpt2, tokenizer, index, RetrievalConfig(k=1))
+
+
+def test_refilling_a_static_cache_at_once_matches_transformers_own_reset_and_update():
+    """`refill_static` empties every layer and writes a context in three calls; what it leaves is what
+    transformers' own reset and per-layer updates leave, stale slots of a longer context included."""
+    from transformers import LlamaConfig
+
+    from retro_peft.hf_compat import StackedStates, _plain_static_layers, refill_static, static_cache
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=50)
+    g = torch.Generator().manual_seed(0)
+
+    def states(width: int) -> StackedStates:
+        return StackedStates(*(torch.randn(3, 2, 2, width, 8, generator=g) for _ in range(2)))
+
+    ours, theirs = (static_cache(config, batch=2, length=16, device="cpu", dtype=torch.float32) for _ in range(2))
+    for context in (states(10), states(4), None, states(16)):
+        refill_static(ours, context)
+        theirs.reset()
+        for layer in range(3 if context is not None else 0):
+            theirs.update(context.keys[layer], context.values[layer], layer)
+        assert _plain_static_layers(ours) is not None  # initialized by the first fill: the fast path after it
+        for mine, reference in zip(ours.layers, theirs.layers):
+            assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+            assert int(mine.cumulative_length) == int(reference.cumulative_length)

@@ -118,6 +118,19 @@ def check_device(name: str | None) -> torch.device:
     return device
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the work already queued there.
+
+    A plain copy from pageable host memory to a GPU first waits for everything queued on the stream: built after a
+    request's first kernels (the frozen KV cache's assembly), its token ids would hold the host until they ran,
+    and the GPU then idles while the host prepares the rest. From pinned memory the copy is queued like a kernel
+    (torch's pinned-memory cache keeps the block until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}
 
 

@@ -115,7 +115,8 @@ def register(sub) -> None:
                         "about a third more compute (with --compile too); a FRACTION below 1 recomputes only that "
                         "share of the layers, keeping the others' activations (less memory saved, less compute); "
                         "'selective' keeps the outputs of the large matrix products and attention and recomputes "
-                        "only the cheap operations between them")
+                        "only the cheap operations between them (on a GPU, use it with --compile: eagerly its "
+                        "policy runs per operation in Python, and it was slower than recomputing every layer)")
     add_quantize_argument(p, "QLoRA: the adapter trains in full precision on it and loads on either base")
     add_progress_argument(p)
     p.set_defaults(func=run)

@@ -22,8 +22,8 @@ from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
 from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache,
-                                  fused_siblings, grouped_decode, sibling_groups, static_cache, write_context)
-from retro_peft.base_model import model_dtype
+                                  fused_siblings, grouped_decode, sibling_groups, static_cache, refill_static)
+from retro_peft.base_model import model_dtype, to_device
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     for row, seq in enumerate(sequences):
         input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, width - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    both = to_device(torch.stack([input_ids, attention_mask]), device)  # one copy, queued (not waited for)
+    return both[0], both[1]
 
 
 class GraphFailed(RuntimeError):
@@ -169,21 +170,18 @@ class StaticDecode:
     def cache(self, batch: int, length: int, device, dtype, context=None):
         """A StaticCache of `length` slots, emptied; `context` (a cache of precomputed states) is written into its
         first ones. Reused across calls of the same shape."""
+        if context is not None and TRANSFORMERS_MAJOR < 5:
+            # 4.x places the prompt at the count of non-zero slots in row 0, which context padding breaks
+            raise InputError("static decoding with a frozen KV cache's context needs transformers >= 5, "
+                             f"found {transformers.__version__}")
         key = (batch, length, str(device), dtype)
         cache = self._caches.pop(key, None)
         if cache is None:
             cache = static_cache(self.model.config, batch=batch, length=length, device=device, dtype=dtype)
             while len(self._caches) >= self.MAX_CACHES:
                 self._caches.popitem(last=False)
-        else:
-            cache.reset()
         self._caches[key] = cache
-        if context is not None:  # its slots come first: the prompt's tokens are written after them
-            if TRANSFORMERS_MAJOR < 5:
-                # 4.x places the prompt at the count of non-zero slots in row 0, which context padding breaks
-                raise InputError("static decoding with a frozen KV cache's context needs transformers >= 5, "
-                                 f"found {transformers.__version__}")
-            write_context(cache, context)
+        refill_static(cache, context)  # its slots come first: the prompt's tokens are written after them
         return cache
 
     def syncs_at(self, step: int) -> bool:

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import torch
 
+from retro_peft.base_model import to_device
 from retro_peft.errors import InputError
 from retro_peft.hf_compat import StackedStates
 from retro_peft.kvcache.rotation import rotate
@@ -42,10 +43,11 @@ def assemble(cache, rows: list[list[str]], device, dtype: torch.dtype | None = N
             index[1, r, pad + pos:pad + pos + length] = pos - computed_at  # computed at `computed_at`, now at `pos`
             pos += length
         mask[r, pad:] = 1
-    flat, shift = torch.from_numpy(index).reshape(2, -1).to(cache.keys.device)
+    flat, shift = to_device(torch.from_numpy(index).reshape(2, -1), cache.keys.device)
+    mask = to_device(mask, device)
     keys, values = gathered(cache.keys, cache.values, flat, shift, cache.inv_freq, len(rows), width)
     keys, values = (x.to(device=device, dtype=dtype or cache.keys.dtype) for x in (keys, values))
-    return StackedStates(keys, values), mask.to(device)
+    return StackedStates(keys, values), mask
 
 
 def _gathered(keys, values, flat, shift, inv_freq, rows: int, width: int):
