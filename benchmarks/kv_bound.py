@@ -8,7 +8,9 @@ A request is shaped like a retrieval-augmented prompt: a 40-token head, 8 stored
 (drawn from a pool of 32; random tokens), a 32-token question. Each row is timed through retro-peft's own
 code (`FrozenKVCache.assemble_rows`, `decode_steps`, `StaticDecode`), the median over `--requests`
 requests after untimed warm-up runs (which compile the graphs: their time is reported), with a LoRA adapter
-(rank 16 on all 7 projections) active, as a domain is served:
+(rank 16 on all 7 projections) active, as a domain is served. Decode tokens/s is timed within each request,
+from the host having its first token to having its last (until 2026-12-07: the difference of the median
+whole request and the median first token, which a CPU's spread of full-prefill times made unreliable):
 
 - full prefill: the whole prompt through the model (eager; the baseline);
 - frozen KV cache, eager: the context assembled from the store, only the question prefilled;
@@ -122,9 +124,16 @@ class Request:
         int(next(steps)[0])  # the host has the token
         steps.close()
 
-    def all(self, row, tokens: int, **kw) -> None:
-        out = list(self.steps(row, tokens, **kw))
+    def all(self, row, tokens: int, **kw) -> float:
+        """Decode `tokens` tokens; returns the seconds from the host having the first token to having the last
+        (the decode rate from one request, not the difference of two medians: a full prefill's spread on the CPU
+        is as large as the decoding after it)."""
+        steps = self.steps(row, tokens, **kw)
+        int(next(steps)[0])
+        start = time.perf_counter()
+        out = list(steps)
         int(out[-1][0])
+        return time.perf_counter() - start
 
 
 def profile_rows(run, device: str, top: int = 15) -> list[dict]:
@@ -239,8 +248,7 @@ def main(argv=None) -> int:
             request.all(row, n, **kw)
             first_run_s.setdefault(label, time.perf_counter() - start)
         ttft[label] = median_ms(lambda row: request.first(row, n, **kw), rows, args.device)
-        whole = median_ms(lambda row: request.all(row, n, **kw), rows, args.device)
-        decode_rate[label] = (n - 1) / ((whole - ttft[label]) / 1000)
+        decode_rate[label] = (n - 1) / statistics.median(request.all(row, n, **kw) for row in rows)
         print(f"{label}: first token {ttft[label]:.2f} ms, then {decode_rate[label]:.1f} tokens/s", flush=True)
         save()
 

@@ -22,7 +22,7 @@ from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
 from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache,
-                                  fused_siblings, grouped_decode, sibling_groups, static_cache, refill_static)
+                                  fused_siblings, grouped_decode, refill_static, sibling_groups, static_cache)
 from retro_peft.base_model import model_dtype, to_device
 
 log = logging.getLogger(__name__)
