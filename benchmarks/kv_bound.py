@@ -21,7 +21,7 @@ whole request and the median first token, which a CPU's spread of full-prefill t
   the question's prefill), the same with q/k/v and gate/up fused into one matmul each (`cached_compiled_fused`),
   and with transformers' SDPA over repeated key/value heads (`cached_compiled_before`, the step as transformers
   traces it); and the static cache refilled layer by layer through transformers' own `reset` and `update`
-  (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s three calls.
+  (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s few batched calls.
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
