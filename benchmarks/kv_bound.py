@@ -21,7 +21,10 @@ whole request and the median first token, which a CPU's spread of full-prefill t
   the question's prefill), the same with q/k/v and gate/up fused into one matmul each (`cached_compiled_fused`),
   and with transformers' SDPA over repeated key/value heads (`cached_compiled_before`, the step as transformers
   traces it); and the static cache refilled layer by layer through transformers' own `reset` and `update`
-  (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s few batched calls.
+  (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s few batched calls; and the default graphs
+  compiled with inductor's coordinate-descent tuning (`cached_compiled_tuned`), with max-autotune's timed choice of
+  each matmul's kernel too (`cached_compiled_autotune`), and that with fused projections
+  (`cached_compiled_fused_autotune`).
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -47,7 +50,13 @@ from generation import load_model, sync, with_adapters
 
 
 ROWS = ("full_eager", "cached_eager", "cached_compiled_sync1", "cached_compiled", "cached_compiled_layerwise",
-        "cached_compiled_fused", "cached_compiled_before", "full_compiled")
+        "cached_compiled_fused", "cached_compiled_before", "cached_compiled_tuned", "cached_compiled_autotune",
+        "cached_compiled_fused_autotune", "full_compiled")
+# inductor options of the tuned rows (StaticDecode(compile_options=...)): each non-matmul kernel's launch
+# configuration tuned by timing its neighbours; then also every matmul's kernel chosen by timing cuBLAS against
+# Triton's templates, which can fuse the product with what follows it
+TUNED = {"coordinate_descent_tuning": True}
+AUTOTUNE = {"coordinate_descent_tuning": True, "max_autotune": True}
 EAGER_DECODE_TOKENS = 16  # the eager rows decode fewer tokens: at tens of tokens/s more only costs time
 
 
@@ -285,6 +294,13 @@ def main(argv=None) -> int:
             measure("cached_compiled_fused", static=StaticDecode(model, fused_projections=True))
         if "cached_compiled_before" in wanted:  # the same run's baseline: the step as transformers traces it
             measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
+        if "cached_compiled_tuned" in wanted:
+            measure("cached_compiled_tuned", static=StaticDecode(model, compile_options=TUNED))
+        if "cached_compiled_autotune" in wanted:
+            measure("cached_compiled_autotune", static=StaticDecode(model, compile_options=AUTOTUNE))
+        if "cached_compiled_fused_autotune" in wanted:
+            measure("cached_compiled_fused_autotune",
+                    static=StaticDecode(model, fused_projections=True, compile_options=AUTOTUNE))
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},

@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
                         "with a run without it, same steps")
+    p.add_argument("--quantize-skip", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+                   help="with --quantize: linear layers kept unquantized (comma-separated, e.g. down_proj,v_proj)")
     p.add_argument("--out", default=str(SCRATCH / "quality"))
     return p.parse_args(argv)
 
@@ -96,7 +98,8 @@ def load_base(args):
     --quantize, the linear layers quantized (the adapter still trains in fp32)."""
     from retro_peft.base_model import load_base_model
 
-    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device, quantize=args.quantize)
+    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device=args.device, quantize=args.quantize,
+                                          quantize_skip=args.quantize_skip)
     return model, tokenizer, args.model
 
 
@@ -121,7 +124,8 @@ def train_variant(args, method, retrieval, train_items, index, base_factory):
     model.base_model_name = name
     examples = build_examples(train_items, index, tokenizer, retrieval, seed=args.seed)
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or config.default_lr,
-                               seed=args.seed, device=args.device, log_every=10, quantize=args.quantize)
+                               seed=args.seed, device=args.device, log_every=10, quantize=args.quantize,
+                               quantize_skip=args.quantize_skip)
     result = train(model, examples, train_config)
     trainable, total = model.trainable_parameters()
     stats = {"trainable_params": trainable, "total_params": total, "train_seconds": round(result.seconds, 2),
@@ -143,6 +147,7 @@ def continue_in_block_layout(args, model, block, train_items, index) -> dict:
     result = train(model, examples, TrainConfig(steps=steps, batch_size=args.batch_size,
                                                 lr=args.lr or model.config.default_lr, seed=args.seed,
                                                 device=args.device, log_every=10, quantize=args.quantize,
+                                                quantize_skip=args.quantize_skip,
                                                 distill=args.distill))
     return {"continued_steps": steps, "distill": args.distill, "train_seconds": round(result.seconds, 2),
             "tokens_per_s": round(result.tokens_per_s, 1), "first_loss": result.losses[0][1] if result.losses else None,
@@ -160,7 +165,8 @@ def train_soft_tokens(args, model, block, train_items, index) -> dict:
     steps = args.soft_steps or args.block_steps or max(1, args.steps // 2)
     result = train(model, examples, TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.soft_lr or SOFT_TOKENS_LR,
                                                 seed=args.seed, device=args.device, log_every=10,
-                                                quantize=args.quantize, soft_tokens=args.soft_tokens))
+                                                quantize=args.quantize, quantize_skip=args.quantize_skip,
+                                                soft_tokens=args.soft_tokens))
     return {"soft_tokens": args.soft_tokens, "soft_steps": steps, "train_seconds": round(result.seconds, 2),
             "tokens_per_s": round(result.tokens_per_s, 1),
             "first_loss": result.losses[0][1] if result.losses else None,  # the KL after the first log_every steps
@@ -195,6 +201,23 @@ def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
         record(args, report, f"{label}_kv_blend_{m}", row(blend=m))
     for r in [float(x) for x in args.kv_deviation.split(",")] if args.kv_deviation else []:
         record(args, report, f"{label}_kv_deviation_{r}", row(deviation=r))
+
+
+def on_full_precision_base(args, model, index, cfg, eval_items) -> dict:
+    """A QLoRA adapter saved and loaded onto the unquantized base (a saved adapter loads on either), then
+    evaluated there, its head refitted on that base's states: QLoRA's cheap training, served at full precision."""
+    import tempfile
+
+    from retro_peft.adapters import RetroPeftModel
+
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as folder:
+        model.save(Path(folder) / "adapter")
+        full = RetroPeftModel.load(Path(folder) / "adapter", base_model=args.model, dtype=torch.float32,
+                                   device=args.device)
+    scores = evaluate_variant(full.model, full.tokenizer, index, cfg, eval_items, closed_book=False,
+                              calibration=args.calibration)
+    del full
+    return scores
 
 
 def record(args, report, label, row) -> None:
@@ -263,6 +286,7 @@ def main(argv=None) -> int:
     closed = dataclasses.replace(retrieval, k=0, distractors=0)
     base_factory = lambda: load_base(args)  # noqa: E731  (each variant starts from fresh base weights)
     report = {"model": args.model, "device": args.device, "quantize": args.quantize,
+              "quantize_skip": list(args.quantize_skip),
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per-method default",
               "retrieval": dataclasses.asdict(retrieval), "n_train": len(train_items),
               "n_eval": len(eval_items), "index_chunks": len(index), "torch": torch.__version__,
@@ -293,6 +317,9 @@ def main(argv=None) -> int:
             record(args, report, label, stats)
             if key in cached_rows:  # the same adapter answering through the frozen KV cache
                 evaluate_cached(args, report, label, model, index, cfg, eval_items)
+            if args.quantize and key == "d":  # trained on the quantized base, served on the full-precision one
+                record(args, report, label + "_on_full_precision_base",
+                       on_full_precision_base(args, model, index, cfg, eval_items))
         if key == "d" and "i" in variants:  # the adapter frozen, soft tokens trained for the cache's layout
             soft_token_row(args, report, "i_retro_lora_soft_tokens_kv_cache", model, cfg, train_items, index,
                            eval_items)
@@ -328,7 +355,8 @@ def markdown(report: dict) -> str:
             return f"{100 * v:.1f}" if pct else f"{v:,.1f}"
         return f"{v:,}" if isinstance(v, int) else str(v)
 
-    base = f" ({report['quantize']} base)" if report.get("quantize") else ""
+    skip = f", {', '.join(report['quantize_skip'])} kept" if report.get("quantize_skip") else ""
+    base = f" ({report['quantize']} base{skip})" if report.get("quantize") else ""
     lines = [f"model {report['model']}{base} on {report['device']}, {report['steps']} steps x batch {report['batch_size']}, "
              f"train {report['n_train']} questions (articles 0-2), eval {report['n_eval']} (articles 3-4)", "",
              "| variant | EM | F1 | abstain unanswerable % | answer answerable % | retrieval recall % "

@@ -4,6 +4,7 @@ The adapter trained on a quantized base is a plain PEFT folder that loads on the
 quantized one; a killed quantized run resumes to the same adapter; the refusals come before any loading.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -199,3 +200,126 @@ def test_selective_checkpointing_keeps_the_4bit_products_and_gives_the_same_grad
     products = {d.name for op, d in decisions if op.startswith("bitsandbytes.gemm")}
     assert products == {"MUST_SAVE"}
     assert plain.keys() == selective.keys() and all(torch.allclose(plain[n], selective[n], atol=1e-6) for n in plain)
+
+
+# -- --quantize-skip: linear layers kept unquantized ("QLoRA with mixed precision") --------------------------------
+
+def _linears(model) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head"))}
+
+
+def test_quantize_skip_keeps_the_named_layers_in_the_load_dtype(tiny):
+    import bitsandbytes as bnb
+
+    from retro_peft.adapters.model import _prepare_quantized
+    from retro_peft.base_model import quantize_skipped, quantize_skipped_linears
+
+    model, _, _ = load_base_model(str(tiny), quantize="4bit", quantize_skip=("down_proj",), device="cpu",
+                                  dtype=torch.bfloat16)
+    layers = _linears(model)
+    kept = {n for n in layers if n.endswith(".down_proj")}
+    assert len(kept) == 2 and all(layers[n] is torch.nn.Linear for n in kept)
+    assert all(model.get_submodule(n).weight.dtype == torch.bfloat16 for n in kept)
+    assert all(layers[n] is bnb.nn.Linear4bit for n in layers if n not in kept and n != "lm_head")
+    assert layers["lm_head"] is torch.nn.Linear  # the output head stays unquantized, as without a skip list
+    assert quantized(model) == "4bit" and quantize_skipped(model) == ("down_proj",)
+    assert set(quantize_skipped_linears(model)) == kept
+    logits = _logits(model, {"input_ids": torch.tensor([[1, 400, 500, 600]])})
+    assert torch.isfinite(logits).all()
+    # training's preparation (peft's recipe casts half-precision weights to float32): the kept layers stay in bf16
+    # where asked (on CUDA, under bf16 autocast), upcast on the CPU (its loop computes in float32, no autocast)
+    _prepare_quantized(model, keep_skipped_dtype=True)
+    assert all(model.get_submodule(n).weight.dtype == torch.bfloat16 for n in kept)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert model.model.norm.weight.dtype == torch.float32  # the rest of the recipe as before
+    _prepare_quantized(model)
+    assert all(model.get_submodule(n).weight.dtype == torch.float32 for n in kept)
+    # 8-bit too, with a dotted suffix; whole components only ("self_attn.v_proj", not "_proj" or "attn.v_proj")
+    eight, _, _ = load_base_model(str(tiny), quantize="8bit", quantize_skip=("self_attn.v_proj",), device="cpu")
+    assert {n for n, t in _linears(eight).items() if t is torch.nn.Linear} == {
+        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "lm_head"}
+    for partial in ("_proj", "attn.v_proj"):
+        with pytest.raises(InputError, match="no linear layer"):
+            load_base_model(str(tiny), quantize="8bit", quantize_skip=(partial,), device="cpu")
+
+
+def test_quantize_skip_names_are_checked_before_the_weights_are_read(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(InputError, match=r"'nope_proj' names no linear layer") as e:
+        load_base_model(str(tiny), quantize="4bit", quantize_skip=("down_proj", "nope_proj"), device="cpu")
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in str(e.value)
+    with pytest.raises(InputError, match="--quantize-skip needs --quantize"):
+        load_base_model(str(tiny), quantize_skip=("down_proj",))
+    with pytest.raises(InputError, match="needs --quantize"):
+        RetroPeftModel.create(tiny, config_for_method("lora"), quantize_skip=("down_proj",))
+    with pytest.raises(InputError, match="needs --quantize"):
+        TrainConfig(quantize_skip=("down_proj",))
+    config = TrainConfig(quantize="4bit", quantize_skip=["down_proj", "v_proj", "down_proj"])
+    assert config.quantize_skip == ("down_proj", "v_proj")
+    config.quantize = None  # changed after construction: validate() checks again
+    with pytest.raises(InputError, match="needs --quantize"):
+        config.validate()
+    from retro_peft.serving.settings import load_settings
+
+    with pytest.raises(InputError, match="needs --quantize"):
+        load_settings(quantize_skip=["down_proj"])
+    assert load_settings(quantize="4bit", quantize_skip=["down_proj", " v_proj"]).quantize_skip == ["down_proj",
+                                                                                                    "v_proj"]
+
+
+def test_quantize_skip_on_the_command_line(index, qa_file, capsys):
+    from retro_peft.cli import build_parser
+
+    args = build_parser().parse_args(["ask", "what?", "--quantize", "4bit", "--quantize-skip", "down_proj, v_proj"])
+    assert args.quantize_skip == ("down_proj", "v_proj")
+    assert build_parser().parse_args(["ask", "what?"]).quantize_skip is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ask", "what?", "--quantize-skip", ","])
+    assert "down_proj,v_proj" in capsys.readouterr().err
+    assert main(["eval", "--index", str(index.path), "--qa", str(qa_file), "--quantize-skip", "down_proj"]) == 2
+    assert "--quantize-skip needs --quantize" in capsys.readouterr().err
+
+
+def test_adapter_trained_on_a_mixed_base_loads_on_the_full_and_the_mixed_base(tiny, index, qa_file, tokenizer,
+                                                                               tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from retro_peft.base_model import quantization_config
+    from retro_peft.domains.bank import AdapterBank
+
+    skip = ("down_proj",)
+    model = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=RETRIEVAL), quantize="4bit",
+                                  quantize_skip=skip, device="cpu")
+    examples = build_examples(load_qa(qa_file), index, model.tokenizer, RETRIEVAL, seed=0)
+    with pytest.raises(InputError, match="quantize_skip"):  # the trainer checks the config against the model
+        train(model, examples, TrainConfig(steps=1, quantize="4bit"), progress=False)
+    out = tmp_path / "adapter"
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-2, checkpoint_every=1, quantize="4bit", quantize_skip=skip)
+    train(model, examples, config, out_dir=out, index=index, progress=False)
+    assert json.loads((out / "retro_config.json").read_text())["training"]["config"]["quantize_skip"] == ["down_proj"]
+    batch = _inputs(tokenizer)
+    trained = _logits(model.model, batch)
+
+    full = RetroPeftModel.load(out, base_model=str(tiny))
+    assert quantized(full.model) is None
+    mixed = RetroPeftModel.load(out, base_model=str(tiny), quantize="4bit", quantize_skip=skip, device="cpu")
+    torch.testing.assert_close(_logits(mixed.model, batch), trained, rtol=1e-3, atol=1e-3)
+    # plain PEFT on the mixed base loaded by transformers itself, with this library's quantization config
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, device_map={"": "cpu"},
+                                                quantization_config=quantization_config("4bit", skip, config=tiny))
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(base, out), batch), trained, rtol=1e-3, atol=1e-3)
+
+    # the checkpoint records the skips: resuming on a base quantized without them is refused
+    four = RetroPeftModel.create(tiny, config_for_method("lora", retrieval=RETRIEVAL), quantize="4bit", device="cpu")
+    with pytest.raises(InputError, match=r"cannot resume .*kept unquantized"):
+        train(four, examples, dataclasses.replace(config, quantize_skip=()), out_dir=out, resume=True,
+              progress=False)
+    # a bank's answers cache keys tell a mixed base's answers from a fully quantized one's
+    versions = [AdapterBank(str(tiny), quantize="4bit", quantize_skip=s, device="cpu").load("d", index, out).version
+                for s in ((), skip)]
+    assert versions[0] != versions[1]

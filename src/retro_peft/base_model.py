@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Sequence
 
 import torch
 
-from retro_peft.choices import DTYPE_NAMES, check_quantize
+from retro_peft.choices import DTYPE_NAMES, check_quantize, check_quantize_skip
 from retro_peft.errors import AdapterMismatchError, InputError
 from retro_peft.models import resolve_generator
 
@@ -21,20 +23,25 @@ from retro_peft.models import resolve_generator
 # -- loading -------------------------------------------------------------------------------------
 
 def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    quantize: str | None = None):
+                    quantize: str | None = None, quantize_skip: Sequence[str] = ()):
     """(model, tokenizer, resolved path) for a packaged short name, a local folder or a Hugging Face id.
 
     quantize: "4bit" or "8bit" loads the linear layers quantized by bitsandbytes (`quantization_config`), on
-    `device` (a quantized model is placed when loaded, not moved afterwards); the other weights in `dtype`."""
+    `device` (a quantized model is placed when loaded, not moved afterwards); the other weights in `dtype`.
+    quantize_skip: with quantize, the linear layers to keep unquantized, in `dtype`: those whose qualified name
+    ends with one of these dotted suffixes (e.g. ("down_proj", "v_proj")); checked against the model's
+    architecture before its weights are read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantize(quantize)
+    skip = check_quantize_skip(quantize, quantize_skip)
     path = resolve_generator(name)
     extra = {}
     if quantize:
         device = check_device(None if device is None else str(device))
-        _check_quantizable(name, path)
-        extra = {"quantization_config": quantization_config(quantize), "device_map": {"": device}}
+        config = _check_quantizable(name, path)
+        extra = {"quantization_config": quantization_config(quantize, skip, config=config, name=name),
+                 "device_map": {"": device}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
@@ -44,6 +51,8 @@ def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str 
     if quantize and not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         raise InputError(f"--quantize {quantize}: bitsandbytes found no linear layer to quantize in {name!r} "
                          f"({type(model).__name__})")
+    if quantize:  # what `quantize_skipped` reports (the model's config holds only the qualified names)
+        model.retro_peft_quantize_skip = skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None and not quantize:
@@ -53,24 +62,107 @@ def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str 
 
 # -- quantization (bitsandbytes) -----------------------------------------------------------------
 
-def quantization_config(quantize: str):
+def quantization_config(quantize: str, skip: Sequence[str] = (), *, config=None, name: str | None = None):
     """The one BitsAndBytesConfig per mode. 4bit is QLoRA's: NF4 (the normal-float grid of normally distributed
     weights), double quantization (the block scales quantized too: ~0.4 bits a weight saved), bfloat16 compute.
 
     bfloat16 compute on the CPU as well: bitsandbytes 0.50's CPU path supports it, and on this project's CPU
     (Xeon, AMX-BF16) a 4-bit 2800x576 @ 576x1536 projection took 123 ms in bf16 against 183 ms in float32
     (forward and backward: 331 vs 406 ms), its error against the float32 weights the same (0.042 mean |diff|:
-    the 4-bit rounding dwarfs bf16's)."""
+    the 4-bit rounding dwarfs bf16's).
+
+    skip: suffixes of the linear layers to keep unquantized (--quantize-skip; "v_proj" matches
+    "model.layers.0.self_attn.v_proj", not "xv_proj"), which needs the model's `config` (a transformers config,
+    or a model name or folder; `name` only names it in errors). Given, bitsandbytes' `llm_int8_skip_modules` (4-bit
+    too) lists the modules transformers keeps unquantized by default (the output head), which it drops when the
+    list is given, and the qualified name of every linear layer `skip` matches; a name that matches none is
+    refused, before any weight is read. On SmolLM2-135M (8 Wikipedia leads), 4-bit moved the next-token
+    distribution by a KL of 0.37 nats from float32's, 0.25 with down_proj kept (of the seven projections, keeping
+    it helps most; docs/scale-out.md)."""
     from transformers import BitsAndBytesConfig
 
+    modules = {}
+    if skip:
+        if config is None:
+            raise InputError("quantization_config: quantize_skip needs the model's config (or name) to find the "
+                             "layers it names")
+        modules = {"llm_int8_skip_modules": _skip_modules(config, check_quantize_skip(quantize, skip), name)}
     if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **modules)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, **modules)
 
 
-def _check_quantizable(name: str, path: str) -> None:
-    """Refuse, before the weights are read, a model that is already quantized by another method."""
+def _matches(module_name: str, suffix: str) -> bool:
+    """Whether `suffix` ends `module_name` in whole dotted components."""
+    return module_name == suffix or module_name.endswith("." + suffix)
+
+
+def _skip_modules(config, skip: tuple[str, ...], name: str | None = None) -> list[str]:
+    """llm_int8_skip_modules for `skip`: transformers' default skips, then the qualified names of the linear
+    layers `skip` matches (exact names: transformers also matches a bare suffix inside a component, and regexes).
+
+    Found on the model built on the meta device from its config (no weights read, no memory taken)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, (str, os.PathLike)):
+        name = name or os.fspath(config)
+        try:
+            config = AutoConfig.from_pretrained(resolve_generator(os.fspath(config)))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load base model {name!r}: {e}") from None
+    name = name or getattr(config, "_name_or_path", "") or type(config).__name__
+    try:
+        with init_empty_weights():
+            meta = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise InputError(f"--quantize-skip: cannot build base model {name!r} to find its layers: {e}") from None
+    defaults = _default_skips(meta)
+    linears = _linear_names(meta)
+    unknown = [s for s in skip if not any(_matches(n, s) for n in linears)]
+    if unknown:
+        quantizable = dict.fromkeys(n.rsplit(".", 1)[-1] for n in linears
+                                    if not any(_matches(n, d) for d in defaults))
+        raise InputError(f"--quantize-skip: {', '.join(map(repr, unknown))} name{'' if len(unknown) > 1 else 's'} "
+                         f"no linear layer of base model {name!r} ({type(meta).__name__}); its quantized linear "
+                         f"layers end with: {', '.join(quantizable) or 'none'}")
+    kept = [n for n in linears if any(_matches(n, s) for s in skip)]
+    return list(dict.fromkeys([*defaults, *kept]))
+
+
+def _linear_names(model) -> list[str]:
+    """The qualified names of the layers bitsandbytes replaces (transformers' replace_with_bnb_linear: exactly
+    torch.nn.Linear, or GPT-2's Conv1D), in model order."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every transformers this supports has it
+        Conv1D = ()  # noqa: N806
+    return [n for n, m in model.named_modules() if n and (type(m) is torch.nn.Linear or isinstance(m, Conv1D))]
+
+
+def _default_skips(meta_model) -> list[str]:
+    """The modules transformers keeps unquantized when no llm_int8_skip_modules is given (the output head, tied
+    weights), as transformers finds them; the output embedding's name where that function has moved."""
+    find = None
+    try:  # transformers 5
+        from transformers.quantizers.base import get_keys_to_not_convert as find
+    except ImportError:
+        try:  # transformers 4
+            from transformers.integrations import get_keys_to_not_convert as find
+        except ImportError:
+            pass
+    if find is not None:
+        try:
+            return sorted(find(meta_model))
+        except (AttributeError, TypeError, IndexError):  # another signature: the output head below
+            pass
+    head = meta_model.get_output_embeddings()
+    return [n for n, m in meta_model.named_modules() if head is not None and m is head]
+
+
+def _check_quantizable(name: str, path: str):
+    """The model's config; refused, before the weights are read, if the model is already quantized."""
     from transformers import AutoConfig
 
     try:
@@ -82,6 +174,7 @@ def _check_quantizable(name: str, path: str) -> None:
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
         raise InputError(f"--quantize: base model {name!r} is already quantized ({method}); bitsandbytes quantizes "
                          "only full-precision weights: drop --quantize or use the unquantized model")
+    return config
 
 
 def quantized(model) -> str | None:
@@ -94,6 +187,29 @@ def quantized(model) -> str | None:
     if get("quant_method") != "bitsandbytes":
         return None
     return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else None
+
+
+def quantize_skipped(model) -> tuple[str, ...] | None:
+    """The quantize_skip names `load_base_model` kept unquantized in `model` (or the base of a PEFT model): () for
+    none; None where it cannot tell (not quantized, or quantized by transformers itself with skips of its own)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not quantized(inner):
+        return None
+    recorded = getattr(inner, "retro_peft_quantize_skip", None)
+    if recorded is not None:
+        return tuple(recorded)
+    config = inner.config.quantization_config
+    skips = config.get("llm_int8_skip_modules") if isinstance(config, dict) else config.llm_int8_skip_modules
+    return () if skips is None else None
+
+
+def quantize_skipped_linears(model) -> dict[str, torch.nn.Module]:
+    """The plain linear layers of `model`'s base that its quantize_skip kept unquantized, by qualified name (an
+    adapter's wrapped layer by its base layer's)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    skip = quantize_skipped(inner) or ()
+    return {n: m for n, m in inner.named_modules()
+            if type(m) is torch.nn.Linear and any(_matches(n.removesuffix(".base_layer"), s) for s in skip)}
 
 
 def check_device(name: str | None) -> torch.device:

@@ -66,6 +66,21 @@ def check_quantize(quantize: str | None) -> str | None:
     return quantize
 
 
+def check_quantize_skip(quantize: str | None, skip) -> tuple[str, ...]:
+    """`skip` (--quantize-skip: suffixes of the linear layers to keep unquantized) as a tuple of names, each once;
+    refused without `quantize`. Whether the model has such layers is checked when it is loaded
+    (`base_model.quantization_config`)."""
+    if isinstance(skip, str):  # a lone name would otherwise become its letters
+        raise InputError(f"quantize_skip is a list of layer names, got the string {skip!r}")
+    names = tuple(dict.fromkeys(str(name).strip().strip(".") for name in skip or ()))
+    if any(not name for name in names):
+        raise InputError(f"--quantize-skip: an empty layer name in {list(skip)!r}")
+    if names and not quantize:
+        raise InputError(f"--quantize-skip needs --quantize: it names the linear layers to keep unquantized "
+                         f"({', '.join(names)})")
+    return names
+
+
 # What a QA item's answer is: a span copied from a passage (SQuAD), free text of its own, or one of given choices.
 AnswerKind = Literal["span", "free", "choice"]
 ANSWER_KINDS: tuple[str, ...] = get_args(AnswerKind)

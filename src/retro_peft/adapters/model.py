@@ -18,13 +18,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from retro_peft.adapters.config import RetroAdapterConfig, RetroAdaLoraConfig
-from retro_peft.base_model import base_fingerprint, check_fingerprint, load_base_model, quantized
+from retro_peft.base_model import (base_fingerprint, check_fingerprint, load_base_model, quantize_skipped,
+                                   quantize_skipped_linears, quantized)
+from retro_peft.choices import check_quantize_skip
 from retro_peft.errors import AdapterMismatchError, EncoderMismatchError, InputError
 from retro_peft.generation.answerability import ANSWERABILITY_FILE, AnswerabilityHead
 from retro_peft.generation.generator import Generator
@@ -69,13 +71,15 @@ class RetroPeftModel:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, base_model, config: RetroAdapterConfig, *, tokenizer=None, dtype=None, device=None,
-               seed: int | None = 0, quantize: str | None = None) -> RetroPeftModel:
+               seed: int | None = 0, quantize: str | None = None,
+               quantize_skip: Sequence[str] = ()) -> RetroPeftModel:
         """Wrap `base_model` (a name, or a loaded model with `tokenizer`) with a fresh adapter.
 
-        quantize: "4bit"/"8bit" loads the base quantized (QLoRA: the adapter trains in full precision on it)."""
+        quantize: "4bit"/"8bit" loads the base quantized (QLoRA: the adapter trains in full precision on it).
+        quantize_skip: with quantize, suffixes of the linear layers kept unquantized (`load_base_model`)."""
         from peft import get_peft_model
 
-        base, tokenizer, name = cls._base(base_model, tokenizer, dtype, device, quantize)
+        base, tokenizer, name = cls._base(base_model, tokenizer, dtype, device, quantize, quantize_skip)
         check_target_modules(base, config)
         _prepare_quantized(base)
         if seed is not None:  # adapter initialisation is random: make it repeatable
@@ -87,15 +91,20 @@ class RetroPeftModel:
         return cls(peft_model, tokenizer, config, name, {"base_model": {"name": name, **base_fingerprint(base)}})
 
     @staticmethod
-    def _base(base_model, tokenizer, dtype, device, quantize=None):
+    def _base(base_model, tokenizer, dtype, device, quantize=None, quantize_skip=()):
         if isinstance(base_model, (str, os.PathLike)):
-            model, tok, _path = load_base_model(os.fspath(base_model), dtype=dtype, device=device, quantize=quantize)
+            model, tok, _path = load_base_model(os.fspath(base_model), dtype=dtype, device=device, quantize=quantize,
+                                                quantize_skip=quantize_skip)
             return model, tokenizer or tok, os.fspath(base_model)
         if tokenizer is None:
             raise InputError("a loaded base model needs its tokenizer")
-        if quantize and quantized(base_model) != quantize:  # bitsandbytes quantizes while loading, not after
-            raise InputError(f"quantize={quantize!r} applies when the base model is loaded: give its name or folder, "
-                             "or load it with load_base_model(..., quantize=...)")
+        skip = check_quantize_skip(quantize, quantize_skip)
+        kept = quantize_skipped(base_model)
+        # bitsandbytes quantizes while loading, not after
+        if quantize and (quantized(base_model) != quantize or (kept is not None and set(kept) != set(skip))):
+            raise InputError(f"quantize={quantize!r}{f', quantize_skip={list(skip)!r}' if skip else ''} applies when "
+                             "the base model is loaded: give its name or folder, or load it with "
+                             "load_base_model(..., quantize=..., quantize_skip=...)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if device is not None:
@@ -104,9 +113,11 @@ class RetroPeftModel:
 
     @classmethod
     def load(cls, adapter_dir, *, base_model=None, tokenizer=None, dtype=None, device=None,
-             is_trainable: bool = False, quantize: str | None = None) -> RetroPeftModel:
+             is_trainable: bool = False, quantize: str | None = None,
+             quantize_skip: Sequence[str] = ()) -> RetroPeftModel:
         """Load a saved adapter onto its base model (by default the one named in retro_config.json), quantized
-        if `quantize` says so (an adapter trained on either loads on either)."""
+        if `quantize` says so, but for the linear layers `quantize_skip` names (an adapter trained on any of
+        these bases loads on any)."""
         from peft import PeftModel
 
         adapter_dir = Path(adapter_dir)
@@ -114,7 +125,7 @@ class RetroPeftModel:
         config = RetroAdapterConfig.from_dict(info["adapter"])
         recorded = info["base_model"]
         base, tokenizer, name = cls._base(base_model if base_model is not None else recorded["name"],
-                                          tokenizer, dtype, device, quantize)
+                                          tokenizer, dtype, device, quantize, quantize_skip)
         check_fingerprint(recorded, base_fingerprint(base), what=f"adapter {adapter_dir}", found_name=name)
         if is_trainable:
             _prepare_quantized(base)
@@ -208,14 +219,35 @@ class RetroPeftModel:
                          answerability=head, **kwargs)
 
 
-def _prepare_quantized(base) -> None:
+def _prepare_quantized(base, keep_skipped_dtype: bool | None = None) -> None:
     """A quantized base made ready to train an adapter on (peft's QLoRA recipe: every base weight frozen, its
-    norms and embeddings in float32); a full-precision base is left as it is."""
-    if quantized(base):
-        from peft import prepare_model_for_kbit_training
+    norms and embeddings in float32); a full-precision base is left as it is.
 
+    The recipe casts every other half-precision weight to float32, the linear layers quantize_skip kept too.
+    keep_skipped_dtype (None: where the base is on CUDA) keeps those in their load dtype: the training loop computes
+    under bfloat16 autocast there, so float32 copies would double their memory for nothing (for an 8B Llama's
+    down_proj and v_proj, 4 GB); on the CPU it computes in float32 without autocast, which needs them upcast."""
+    if not quantized(base):
+        return
+    from peft import prepare_model_for_kbit_training
+
+    kept = quantize_skipped_linears(base)
+    if keep_skipped_dtype is None:
+        keep_skipped_dtype = any(p.device.type == "cuda" for m in kept.values() for p in m.parameters())
+    held = kept if keep_skipped_dtype else {}
+
+    def put(name: str, module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, module)
+
+    for name in held:  # out of the model while peft casts its parameters
+        put(name, torch.nn.Identity())
+    try:
         # checkpointing is the trainer's own switch (TrainConfig.gradient_checkpointing), not peft's
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    finally:
+        for name, module in held.items():
+            put(name, module.requires_grad_(False))
 
 
 def _index_info(index) -> dict:

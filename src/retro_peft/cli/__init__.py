@@ -97,11 +97,24 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_argument(p: argparse.ArgumentParser, what: str) -> None:
-    """--quantize 4bit|8bit, for the commands that load a base model (train, eval, ask)."""
+    """--quantize 4bit|8bit and --quantize-skip NAMES, for the commands that load a base model (train, eval, ask)."""
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help=f"load the base model's linear layers quantized by bitsandbytes ({what}): 4bit (NF4, double "
                         "quantization, bfloat16 compute) or 8bit (LLM.int8()); needs pip install "
                         "'retro-peft[quantize]'")
+    p.add_argument("--quantize-skip", type=parse_quantize_skip, metavar="NAMES",
+                   help="with --quantize: comma-separated linear layers kept unquantized, in the load dtype, by the "
+                        "end of their name, e.g. down_proj (measured on SmolLM2-135M: 4-bit's KL from the float32 "
+                        "next-token distribution 0.37 -> 0.25 nats with it kept, for more memory)")
+
+
+def parse_quantize_skip(text: str) -> tuple[str, ...]:
+    """--quantize-skip's comma-separated names, as a tuple (checked against the model when it is loaded)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"give the linear layers to keep unquantized, e.g. down_proj,v_proj; "
+                                         f"got {text!r}")
+    return names
 
 
 def add_answer_arguments(p: argparse.ArgumentParser, choices_default: str, abstain_default: str) -> None:

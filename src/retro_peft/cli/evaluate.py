@@ -46,7 +46,7 @@ def run(args) -> int:
     from retro_peft.adapters import RetrievalConfig, RetroPeftModel
     from retro_peft.adapters.model import check_index, read_retro_config
     from retro_peft.base_model import check_device, inference_dtype, load_base_model
-    from retro_peft.choices import check_quantize
+    from retro_peft.choices import check_quantize, check_quantize_skip
     from retro_peft.cli.train import parse_articles
     from retro_peft.generation import Generator
     from retro_peft.index import open_index
@@ -56,6 +56,7 @@ def run(args) -> int:
 
     device = str(check_device(args.device))
     check_quantize(args.quantize)  # bitsandbytes missing: the pip command before anything is read
+    quantize_skip = check_quantize_skip(args.quantize, args.quantize_skip or ())
     if args.predictions:  # else a bad path fails only after the whole evaluation
         check_output_file(args.predictions, "--predictions")
     if args.kv_cache and not os.path.exists(args.kv_cache):  # it will be built and written there
@@ -77,7 +78,7 @@ def run(args) -> int:
     dtype = inference_dtype(device, args.dtype)
     if args.adapter:
         model = RetroPeftModel.load(args.adapter, base_model=args.model, dtype=dtype, device=device,
-                                    quantize=args.quantize)
+                                    quantize=args.quantize, quantize_skip=quantize_skip)
         lm, tokenizer, retrieval = model.model, model.tokenizer, model.retrieval
         if answer_rate and model.answerability is None:
             raise InputError(f"adapter {args.adapter} has no calibrated answerability head (train it with "
@@ -88,7 +89,8 @@ def run(args) -> int:
         if answer_rate:
             raise InputError("--abstain-at uses an adapter's calibrated answerability head: give --adapter")
         head = None
-        lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
+        lm, tokenizer, _ = load_base_model(args.model, dtype=dtype, device=device, quantize=args.quantize,
+                                           quantize_skip=quantize_skip)
         retrieval, soft = RetrievalConfig(), None
     overrides = {k: v for k, v in (("k", args.k), ("context_tokens", args.context_tokens)) if v is not None}
     retrieval = dataclasses.replace(retrieval, **overrides)

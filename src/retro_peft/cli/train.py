@@ -162,7 +162,7 @@ def run(args) -> int:
                          "the passages' KV caches, which checkpointing turns off): drop one of the two")
     answer_rate = abstain_at(args)
     train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device",
-                                       "quantize", "log_every", "distill", "soft_tokens"),
+                                       "quantize", "quantize_skip", "log_every", "distill", "soft_tokens"),
                                checkpoint_every=args.checkpoint_every, compile=args.compile,
                                gradient_checkpointing=args.gradient_checkpointing)
     if start is not None and args.method not in (None, start["method"]):
@@ -201,10 +201,12 @@ def run(args) -> int:
     device = str(distributed.local_device(check_device(train_config.device))) if train_config.quantize else None
     if start is None:
         model = RetroPeftModel.create(args.model or DEFAULT_GENERATOR, config, seed=seed,
-                                      quantize=train_config.quantize, device=device)
+                                      quantize=train_config.quantize, quantize_skip=train_config.quantize_skip,
+                                      device=device)
     else:  # its weights, the new run's settings (saved with it); its answerability head fitted the old answers
         model = RetroPeftModel.load(args.from_adapter, base_model=args.model, is_trainable=True,
-                                    quantize=train_config.quantize, device=device)
+                                    quantize=train_config.quantize, quantize_skip=train_config.quantize_skip,
+                                    device=device)
         model.config, model.answerability = config, None
         model.info["trained_from"] = str(Path(args.from_adapter).absolute())
     if joint is not None and retriever is None:

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,7 +40,8 @@ import retro_peft
 
 from retro_peft.adapters.config import RetroAdapterConfig
 from retro_peft.adapters.model import CHECKSUM_KEYS, load_answerability, load_soft_tokens, read_retro_config
-from retro_peft.base_model import base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model
+from retro_peft.base_model import (base_fingerprint, check_device, check_fingerprint, inference_dtype, load_base_model,
+                                   quantize_skipped)
 from retro_peft.choices import check_kv_layout
 from retro_peft.domains.mixed_lora import MixedLoRA
 from retro_peft.domains.registry import AUTO, check_abstain_at, check_choices, check_history_strategy
@@ -81,21 +83,26 @@ class Domain:
 class AdapterBank:
     def __init__(self, base_model: str = "smollm2-135m", *, max_adapters: int = 8, device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_new_tokens: int = 64, batch_size: int = 32,
-                 quantize: str | None = None, compile_decode: bool = False):
+                 quantize: str | None = None, quantize_skip: Sequence[str] = (), compile_decode: bool = False):
         if max_adapters < 1:
             raise InputError(f"max_adapters must be at least 1, got {max_adapters}")
         self.base_model_name = base_model
         device = str(check_device(device))
         # bf16 on a GPU, fp32 on a CPU unless asked (adapters keep their own dtype)
         dtype = inference_dtype(device, dtype)
-        # quantize: "4bit"/"8bit" (bitsandbytes); every adapter loads on the quantized base as on the full one
-        self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device, quantize=quantize)
+        # quantize: "4bit"/"8bit" (bitsandbytes); every adapter loads on the quantized base as on the full one.
+        # quantize_skip: the linear layers it keeps unquantized, by name suffix (load_base_model)
+        self.model, self.tokenizer, _ = load_base_model(base_model, dtype=dtype, device=device, quantize=quantize,
+                                                        quantize_skip=quantize_skip)
         self.model.eval()
         self.fingerprint = base_fingerprint(self.model)
         # what every domain's answers depend on (part of each `Domain.version`)
         self._answers_version = [self.fingerprint, str(dtype), retro_peft.__version__]
         if quantize:  # (appended only when set: the cache keys of full-precision banks stay as they were)
             self._answers_version.append(quantize)
+        kept = quantize_skipped(self.model)
+        if kept:  # (likewise: those of fully quantized banks stay as they were)
+            self._answers_version.append("skip:" + ",".join(sorted(kept)))
         self._auto_version: str | None = None  # `version(AUTO)`, recomputed after a load or unload
         self.max_adapters = max_adapters
         self.max_new_tokens = max_new_tokens

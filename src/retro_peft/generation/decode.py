@@ -106,7 +106,7 @@ class StaticDecode:
     RECOMPILE_LIMIT = 64
 
     def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True,
-                 fused_projections: bool = False):
+                 fused_projections: bool = False, compile_options: dict | None = None):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
@@ -118,8 +118,11 @@ class StaticDecode:
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
         self.grouped_attention = grouped_attention
         self.siblings = sibling_groups(model) if fused_projections else []
-        self.compiled = {"prefill": torch.compile(self._prefill, mode="reduce-overhead", dynamic=False),
-                         "step": torch.compile(self._step, mode="reduce-overhead", dynamic=False)} if compile else None
+        # mode="reduce-overhead" is these options; `compile_options` adds inductor's others (e.g.
+        # {"coordinate_descent_tuning": True}, or {"max_autotune": True}: kernels chosen by timing them)
+        options = {"triton.cudagraphs": True, **(compile_options or {})}
+        self.compiled = {"prefill": torch.compile(self._prefill, options=options, dynamic=False),
+                         "step": torch.compile(self._step, options=options, dynamic=False)} if compile else None
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
         self.sync_every = sync_every

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
                                YamlConfigSettingsSource)
 
-from retro_peft.choices import DType, HistoryStrategy, KVLayout, Quantize, check_quantize
+from retro_peft.choices import DType, HistoryStrategy, KVLayout, Quantize, check_quantize, check_quantize_skip
 from retro_peft.errors import InputError
 
 # uvicorn's event loop. Not uvloop: under 200 connections on 2 cores uvloop left some connections
@@ -157,6 +157,10 @@ class ServeSettings(BaseSettings):
     quantize: Quantize | None = Field(
         None, description="load the base model 4bit (NF4) or 8bit by bitsandbytes (pip install "
                           "'retro-peft[quantize]'); every domain's adapter answers on it")
+    quantize_skip: list[str] = Field(
+        default_factory=list, description="with quantize: the linear layers kept unquantized, by the end of their "
+                                          "name, e.g. [down_proj] (more memory, closer to the full model's "
+                                          "answers)")
     compile_decode: bool = Field(
         False, description="CUDA only: prefill short prompts (a frozen KV cache's question) and run every decode "
                            "step as CUDA graphs (the first request of each shape compiles; a graph that fails "
@@ -182,6 +186,7 @@ class ServeSettings(BaseSettings):
     def _quantize_needs_bitsandbytes(self):
         # at start-up, with the pip command, rather than as a failed model load once the server runs
         check_quantize(self.quantize)
+        self.quantize_skip = list(check_quantize_skip(self.quantize, self.quantize_skip))
         return self
 
 

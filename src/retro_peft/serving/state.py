@@ -70,6 +70,7 @@ class ServerState:
                 self.bank = AdapterBank(self.settings.model, max_adapters=self.settings.max_adapters,
                                         device=self.settings.device, dtype=self.settings.dtype,
                                         quantize=self.settings.quantize,
+                                        quantize_skip=self.settings.quantize_skip,
                                         compile_decode=self.settings.compile_decode)
                 for spec in specs:
                     self.descriptions[spec.name] = spec.description

@@ -45,8 +45,8 @@ from retro_peft.kvcache.layout import HEAD, is_chunk, marker_key
 from retro_peft.kvcache.rotation import rotary_embedding
 from retro_peft.kvcache.soft import SoftTokens, check_soft_count, separator_ids
 from retro_peft.kvcache.store import segment_states
-from retro_peft.base_model import check_device, quantized
-from retro_peft.choices import check_quantize
+from retro_peft.base_model import check_device, quantize_skipped, quantized
+from retro_peft.choices import check_quantize, check_quantize_skip
 from retro_peft.storage import check_parent_writable, replace_folder
 from retro_peft.training import distributed
 from retro_peft.training.data import IGNORE, TrainingExample, examples_sha256
@@ -82,6 +82,9 @@ class TrainConfig:
     # "4bit" / "8bit": the model's base was loaded quantized (RetroPeftModel.create(..., quantize=)): QLoRA.
     # Checked against the model and recorded with the checkpoints, so a resume runs on the same base.
     quantize: str | None = None
+    # with quantize: the linear layers the base kept unquantized (RetroPeftModel.create(..., quantize_skip=)), by
+    # name suffix, e.g. ("down_proj", "v_proj"); checked against the model and recorded with the checkpoints too.
+    quantize_skip: tuple[str, ...] = ()
     # Block-attention examples only: each also trains as its full-prefill copy (the same tokens, every passage in
     # view), and `distill` x KL(full || cached) over the answer tokens pulls the cached layout's answer
     # distribution to the full copy's (detached: the teacher is the same adapter in the same step). The
@@ -92,6 +95,9 @@ class TrainConfig:
     # Packet's trailer), the adapter frozen, on KL(the adapter's full prefill || the block layout with them) over
     # the answer tokens alone: the teacher is fixed, the student differs only by the soft tokens. 0: none.
     soft_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.quantize_skip = check_quantize_skip(self.quantize, self.quantize_skip)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "length_window"):
@@ -119,6 +125,7 @@ class TrainConfig:
                              "trains the adapter: one at a time (continue the distilled adapter with soft tokens)")
         check_device(self.device)
         check_quantize(self.quantize)
+        self.quantize_skip = check_quantize_skip(self.quantize, self.quantize_skip)
 
 
 @dataclass
@@ -347,6 +354,7 @@ def train(model, examples: list[TrainingExample], config: TrainConfig, *, out_di
                 "method": model.config.method, "base_model": model.info.get("base_model"),
                 "trained_from": model.info.get("trained_from"),  # a resume continues from the same start
                 "quantize": config.quantize,  # (older checkpoints lack the key: None, full precision, as they were)
+                "quantize_skip": sorted(config.quantize_skip) or None,  # (older checkpoints lack the key: None, none)
                 "world_size": world,  # a resume must split each global batch the same way
                 "soft_tokens": config.soft_tokens or None,  # (older checkpoints lack the key: None, none)
                 "retriever": retriever.identity() if retriever is not None else None}
@@ -507,6 +515,11 @@ def _placed(peft_model, config: TrainConfig, device: torch.device):
         raise InputError(f"TrainConfig.quantize is {config.quantize!r} but the model's base is "
                          f"{f'quantized to {found}' if found else 'not quantized'}: load it with "
                          f"RetroPeftModel.create(..., quantize={config.quantize!r}) or set the same quantize")
+    kept = quantize_skipped(peft_model)
+    if found and kept is not None and set(kept) != set(config.quantize_skip):
+        raise InputError(f"TrainConfig.quantize_skip is {list(config.quantize_skip)!r} but the model's base kept "
+                         f"{list(kept)!r} unquantized: load it with RetroPeftModel.create(..., "
+                         f"quantize_skip={list(config.quantize_skip)!r}) or set the same quantize_skip")
     if not found:
         return peft_model.to(device)
     on = {p.device for p in peft_model.parameters()}
@@ -702,6 +715,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, identity: dict, ada
         if saved.get(key) != identity[key]:
             what = {"data_sha256": "training data", "base_model": "base model",
                     "quantize": "base model's quantization",
+                    "quantize_skip": "base model's linear layers kept unquantized (quantize_skip)",
                     "world_size": "number of training processes (torchrun --nproc_per_node; resume on as many)",
                     }.get(key, key)
             raise InputError(f"cannot resume from {path}: the {what} differs from that run "
