@@ -1,0 +1,132 @@
+"""How far each way of quantizing the base's weights moves its next-token distribution (CPU, real weights).
+
+    .venv/bin/python benchmarks/quantize_error.py --out benchmarks/results/quantize-error-cpu-smollm2.json
+
+Why: a QLoRA adapter trains on, and answers from, the quantized base, so the base's own error is where its
+quality gap starts. This measures that error directly, before any training: for each variant, the weights of
+every decoder linear layer are replaced by their quantized-then-dequantized values (bitsandbytes' own
+`quantize_4bit` / `dequantize_4bit`, as `--quantize 4bit` stores them) and the model reads texts it was not
+tuned on: 8 Wikipedia leads (a fixed random draw) and 8 passages of SQuAD's training articles (0-2; the
+evaluation articles 3-4 are not read), 256 tokens each. Reported per variant: the mean KL(float32 || variant)
+of the next-token distributions, the mean negative log-likelihood of the text, and how often the most likely
+next token is the same as float32's.
+
+Variants: NF4 as `--quantize 4bit` (blocks of 64, double quantization), without double quantization, FP4,
+blocks of 32, 8-bit (per row absmax, as LLM.int8()'s weights apart from its outliers), LoftQ's initialisation at
+rank 16 and 64 (the adapter starting at the quantization residual's top singular vectors, as peft's
+`replace_lora_weights_loftq` sets it), and NF4 with one kind of projection kept in float32 (`--quantize-skip`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import DATA, SQUAD, machine_info, write_json
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def texts(n: int) -> dict[str, list[str]]:
+    leads = [json.loads(line)["text"] for line in open(DATA / "wikipedia-vital-10k-en.jsonl")]
+    random.Random(0).shuffle(leads)
+    squad = json.load(open(SQUAD))["data"][:3]  # the training articles only
+    passages = [p["context"] for article in squad for p in article["paragraphs"]]
+    random.Random(0).shuffle(passages)
+    return {"wikipedia": leads[:n], "squad_train": passages[:n]}
+
+
+def nf4(weight, blocksize=64, quant_type="nf4", double=True):
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight.contiguous(), blocksize=blocksize, quant_type=quant_type,
+                                    compress_statistics=double)
+    return F.dequantize_4bit(packed, state).float()
+
+
+def int8_rows(weight):
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(weight / scale) * scale
+
+
+def loftq(weight, rank):
+    """NF4 plus the rank-`rank` part of its residual (what the adapter starts from under LoftQ)."""
+    dequantized = nf4(weight)
+    u, s, vh = torch.linalg.svd(weight - dequantized, full_matrices=False)
+    return dequantized + (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def variants() -> dict:
+    every = lambda name: True  # noqa: E731
+    table = {"nf4 (--quantize 4bit)": (nf4, every),
+             "nf4, no double quantization": (lambda w: nf4(w, double=False), every),
+             "fp4": (lambda w: nf4(w, quant_type="fp4"), every),
+             "nf4, blocks of 32": (lambda w: nf4(w, blocksize=32), every),
+             "int8 per row": (int8_rows, every),
+             "nf4 + LoftQ rank 16": (lambda w: loftq(w, 16), every),
+             "nf4 + LoftQ rank 64": (lambda w: loftq(w, 64), every)}
+    for kept in PROJECTIONS:
+        table[f"nf4, {kept} kept"] = (nf4, lambda name, kept=kept: not name.endswith("." + kept))
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--texts", type=int, default=8, help="texts of each set")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    from retro_peft.base_model import load_base_model
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device="cpu")
+    model.eval()
+    sets = {name: [tokenizer(t, return_tensors="pt").input_ids[:, :args.tokens] for t in items]
+            for name, items in texts(args.texts).items()}
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+    @torch.no_grad()
+    def log_probs(m):
+        return {name: [torch.log_softmax(m(input_ids=ids).logits.float(), -1) for ids in batch]
+                for name, batch in sets.items()}
+
+    reference = log_probs(model)
+    out = {"model": args.model, **machine_info(), "texts": args.texts, "tokens": args.tokens, "variants": {}}
+    print("| weights | set | KL(float32 \\|\\| variant) | NLL | top-1 agreement |\n| --- | --- | ---: | ---: | ---: |")
+    for label, (quantize, applies) in {"float32": (None, None), **variants()}.items():
+        start = time.perf_counter()
+        variant = model
+        if quantize is not None:
+            variant = copy.deepcopy(model)
+            for name, module in variant.named_modules():
+                if name in linears and applies(name):
+                    module.weight.data.copy_(quantize(module.weight.data.float()))
+        found = log_probs(variant)
+        row = {}
+        for name, batch in sets.items():
+            pairs = list(zip(reference[name], found[name], batch))
+            row[name] = {
+                "kl": sum((r.exp() * (r - f)).sum(-1).mean().item() for r, f, _ in pairs) / len(pairs),
+                "nll": sum(-f[0, :-1].gather(-1, ids[0, 1:, None]).mean().item() for _, f, ids in pairs) / len(pairs),
+                "top1_agreement": sum((f.argmax(-1) == r.argmax(-1)).float().mean().item()
+                                      for r, f, _ in pairs) / len(pairs)}
+            print(f"| {label} | {name} | {row[name]['kl']:.3f} | {row[name]['nll']:.3f} | "
+                  f"{row[name]['top1_agreement']:.1%} |", flush=True)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        out["variants"][label] = row
+        if args.out:
+            write_json(args.out, out)
+        del variant
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
