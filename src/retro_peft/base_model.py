@@ -17,6 +17,7 @@ import torch
 
 from retro_peft.choices import DTYPE_NAMES, check_quantize, check_quantize_skip
 from retro_peft.errors import AdapterMismatchError, InputError
+from retro_peft.hf_compat import unwrapped
 from retro_peft.models import resolve_generator
 
 
@@ -179,36 +180,34 @@ def _check_quantizable(name: str, path: str):
 
 def quantized(model) -> str | None:
     """How bitsandbytes quantized `model` (or the base of a PEFT model) when loading it: "4bit", "8bit" or None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(getattr(inner, "config", None), "quantization_config", None)
-    if config is None:
+    if _quantization_setting(model, "quant_method") != "bitsandbytes":
         return None
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    if get("quant_method") != "bitsandbytes":
-        return None
-    return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else None
+    return ("4bit" if _quantization_setting(model, "load_in_4bit") else
+            "8bit" if _quantization_setting(model, "load_in_8bit") else None)
+
+
+def _quantization_setting(model, key: str):
+    """`key` of the quantization config `model` (or the base of a PEFT model) was loaded with; None if none."""
+    config = getattr(getattr(unwrapped(model), "config", None), "quantization_config", None)
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 def quantize_skipped(model) -> tuple[str, ...] | None:
     """The quantize_skip names `load_base_model` kept unquantized in `model` (or the base of a PEFT model): () for
     none; None where it cannot tell (not quantized, or quantized by transformers itself with skips of its own)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not quantized(inner):
+    if not quantized(model):
         return None
-    recorded = getattr(inner, "retro_peft_quantize_skip", None)
+    recorded = getattr(unwrapped(model), "retro_peft_quantize_skip", None)
     if recorded is not None:
         return tuple(recorded)
-    config = inner.config.quantization_config
-    skips = config.get("llm_int8_skip_modules") if isinstance(config, dict) else config.llm_int8_skip_modules
-    return () if skips is None else None
+    return () if _quantization_setting(model, "llm_int8_skip_modules") is None else None
 
 
 def quantize_skipped_linears(model) -> dict[str, torch.nn.Module]:
     """The plain linear layers of `model`'s base that its quantize_skip kept unquantized, by qualified name (an
     adapter's wrapped layer by its base layer's)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    skip = quantize_skipped(inner) or ()
-    return {n: m for n, m in inner.named_modules()
+    skip = quantize_skipped(model) or ()
+    return {n: m for n, m in unwrapped(model).named_modules()
             if type(m) is torch.nn.Linear and any(_matches(n.removesuffix(".base_layer"), s) for s in skip)}
 
 
@@ -299,8 +298,7 @@ def weights_fingerprint(model) -> str:
     from peft import get_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    h = hashlib.sha256(json.dumps(base_fingerprint(inner), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(base_fingerprint(unwrapped(model)), sort_keys=True).encode())
     if any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules()):
         # the adapter's weights, not its name: a bank may load it under another name
         for name, tensor in sorted(get_peft_model_state_dict(model, adapter_name=model.active_adapter).items()):

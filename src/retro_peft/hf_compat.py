@@ -19,10 +19,14 @@ from transformers import DynamicCache, StaticCache
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
+def unwrapped(model):
+    """The transformers model inside a PEFT model (any other model as it is)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_kwarg(model) -> str:
     """transformers 5.x names the KV cache argument `cache`; older versions `past_key_values`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrapped(model).forward).parameters else "past_key_values"
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from retro_peft.errors import InputError
-from retro_peft.hf_compat import cache_kwarg, layer_states
+from retro_peft.hf_compat import cache_kwarg, layer_states, unwrapped
 from retro_peft.kvcache.layout import HEAD
 
 # Per later passage: EPIC's order of magnitude (a few initial tokens). Not tuned: the sweep in BENCHMARKS.md
@@ -78,8 +78,7 @@ def context_ids(rows: list[tuple[object | None, list[str]]], width: int, device)
 def first_layers(model, n: int):
     """Within the context the model runs its first `n` decoder layers only (then its final norm and head). The
     server's one decode thread is the model's only user while it runs."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = inner.get_decoder()
+    decoder = unwrapped(model).get_decoder()
     layers = decoder.layers
     decoder.layers = layers[:n]
     try:
