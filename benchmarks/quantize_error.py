@@ -14,7 +14,10 @@ next token is the same as float32's.
 Variants: NF4 as `--quantize 4bit` (blocks of 64, double quantization), without double quantization, FP4,
 blocks of 32, 8-bit (per row absmax, as LLM.int8()'s weights apart from its outliers), LoftQ's initialisation at
 rank 16 and 64 (the adapter starting at the quantization residual's top singular vectors, as peft's
-`replace_lora_weights_loftq` sets it), and NF4 with one kind of projection kept in float32 (`--quantize-skip`).
+`replace_lora_weights_loftq` sets it), NF4 with one kind of projection kept in float32 (`--quantize-skip`),
+with the cheap ones combined (k_proj and v_proj are small in a grouped-query model), and, with
+`--scan-layers`, NF4 with one whole decoder layer kept (which depths are sensitive). Each row also says what
+share of the decoder's linear weights it keeps unquantized: what it costs in memory.
 """
 
 from __future__ import annotations
@@ -63,8 +66,13 @@ def loftq(weight, rank):
     return dequantized + (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def variants() -> dict:
-    every = lambda name: True  # noqa: E731
+def keeping(*suffixes):
+    """Whether a linear layer is quantized when the layers ending in `suffixes` are kept (--quantize-skip)."""
+    return lambda name: not any(name.endswith("." + suffix) for suffix in suffixes)
+
+
+def variants(layers: int, scan_layers: bool) -> dict:
+    every = keeping()  # every decoder linear layer quantized
     table = {"nf4 (--quantize 4bit)": (nf4, every),
              "nf4, no double quantization": (lambda w: nf4(w, double=False), every),
              "fp4": (lambda w: nf4(w, quant_type="fp4"), every),
@@ -73,7 +81,12 @@ def variants() -> dict:
              "nf4 + LoftQ rank 16": (lambda w: loftq(w, 16), every),
              "nf4 + LoftQ rank 64": (lambda w: loftq(w, 64), every)}
     for kept in PROJECTIONS:
-        table[f"nf4, {kept} kept"] = (nf4, lambda name, kept=kept: not name.endswith("." + kept))
+        table[f"nf4, {kept} kept"] = (nf4, keeping(kept))
+    for kept in (("k_proj", "v_proj"), ("down_proj", "v_proj"), ("down_proj", "k_proj", "v_proj")):
+        table[f"nf4, {' and '.join(kept)} kept"] = (nf4, keeping(*kept))
+    if scan_layers:
+        for i in range(layers):
+            table[f"nf4, layer {i} kept"] = (nf4, lambda name, i=i: f".layers.{i}." not in name)
     return table
 
 
@@ -82,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--texts", type=int, default=8, help="texts of each set")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--scan-layers", action="store_true", help="also one row per decoder layer kept whole")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     from retro_peft.base_model import load_base_model
@@ -98,10 +112,12 @@ def main(argv=None) -> int:
         return {name: [torch.log_softmax(m(input_ids=ids).logits.float(), -1) for ids in batch]
                 for name, batch in sets.items()}
 
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in linears}
     reference = log_probs(model)
     out = {"model": args.model, **machine_info(), "texts": args.texts, "tokens": args.tokens, "variants": {}}
     print("| weights | set | KL(float32 \\|\\| variant) | NLL | top-1 agreement |\n| --- | --- | ---: | ---: | ---: |")
-    for label, (quantize, applies) in {"float32": (None, None), **variants()}.items():
+    table = variants(model.config.num_hidden_layers, args.scan_layers)
+    for label, (quantize, applies) in {"float32": (None, None), **table}.items():
         start = time.perf_counter()
         variant = model
         if quantize is not None:
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
                                       for r, f, _ in pairs) / len(pairs)}
             print(f"| {label} | {name} | {row[name]['kl']:.3f} | {row[name]['nll']:.3f} | "
                   f"{row[name]['top1_agreement']:.1%} |", flush=True)
+        kept = 1.0 if quantize is None else sum(n for name, n in sizes.items() if not applies(name)) / sum(sizes.values())
+        row["kept_unquantized"] = round(kept, 4)  # share of the decoder's linear weights
         row["seconds"] = round(time.perf_counter() - start, 1)
         out["variants"][label] = row
         if args.out:
