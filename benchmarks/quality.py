@@ -46,6 +46,7 @@ import torch
 import plots
 from common import SCRATCH, SQUAD, write_json
 from retro_peft.choices import QUANTIZE_MODES
+from retro_peft.cli import parse_quantize_skip
 
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 3), slice(3, 5)
 
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "
                         "with a run without it, same steps")
-    p.add_argument("--quantize-skip", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+    p.add_argument("--quantize-skip", type=parse_quantize_skip, default=(),
                    help="with --quantize: linear layers kept unquantized (comma-separated, e.g. down_proj,v_proj)")
     p.add_argument("--out", default=str(SCRATCH / "quality"))
     return p.parse_args(argv)

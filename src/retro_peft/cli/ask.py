@@ -86,7 +86,7 @@ def run(args) -> int:
     if not args.chat and not args.text.strip():
         raise InputError("the question is empty")
     check_quantize(args.quantize)  # bitsandbytes missing: the pip command before anything is loaded
-    check_quantize_skip(args.quantize, args.quantize_skip or ())
+    args.quantize_skip = check_quantize_skip(args.quantize, args.quantize_skip or ())
     sampling = SamplingConfig(**given(args, "max_new_tokens", "temperature", "top_p", "seed"),
                               stop=tuple(args.stop or ()))
     if not args.chat:
@@ -121,7 +121,7 @@ def _open(args, question: str, sampling):
         name = route.domain
     chosen = {name: targets[name]} if name is not None else {}  # the routed domain's adapter names the base
     bank = AdapterBank(_base_model(args, chosen), max_new_tokens=sampling.max_new_tokens, dtype=args.dtype,
-                       quantize=args.quantize, quantize_skip=args.quantize_skip or ())
+                       quantize=args.quantize, quantize_skip=args.quantize_skip)
     if name is not None:
         spec = targets[name]
         bank.load(name, spec.index, spec.adapter, kv_cache=spec.kv_cache, kv_layout=spec.kv_layout,
