@@ -80,7 +80,8 @@ def parse_args(argv=None):
                    help="with --abstain-at: cached rows also answer with the head fitted in the full layout "
                         "(`_full_head` rows): what refitting it in the cache's layout (`retro-peft calibrate`) gains")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps / 2)")
+    p.add_argument("--block-steps", type=int, help="(h): steps of the continued block training (default: --steps, as many as (d)'s; "
+                   "measured: its cached F1 0.9 below (d)'s full prefill, 2.5 with half as many)")
     p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
     p.add_argument("--soft-tokens", type=int, default=8, help="(i), (j): soft tokens after each stored passage")
     p.add_argument("--soft-steps", type=int, help="(i), (j): steps of soft-token training (default: --block-steps')")
@@ -144,7 +145,7 @@ def continue_in_block_layout(args, model, block, train_items, index) -> dict:
 
     examples = build_examples(train_items, index, model.tokenizer, block, seed=args.seed)
     model.config = dataclasses.replace(model.config, retrieval=block)
-    steps = args.block_steps or max(1, args.steps // 2)
+    steps = args.block_steps or args.steps
     result = train(model, examples, TrainConfig(steps=steps, batch_size=args.batch_size,
                                                 lr=args.lr or model.config.default_lr, seed=args.seed,
                                                 device=args.device, log_every=10, quantize=args.quantize,

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -324,3 +327,14 @@ def test_markdown_chunks_carry_their_heading_path_for_contextual_chunks(tmp_path
     (tmp_path / "notes.txt").write_text("# not markdown\nplain text")
     txt = build_index(tmp_path / "txt", [tmp_path / "notes.txt"], IndexConfig(encoder=str(small_encoder_dir), chunk_tokens=48, overlap=0))
     assert HEADINGS not in txt.chunks()[0].metadata
+
+
+@pytest.mark.parametrize("user_value", [None, "true"])
+def test_importing_bm25_keeps_jax_from_preallocating_the_gpu(user_value):
+    # bm25s runs JAX at import when it is installed; JAX would then take 75% of a GPU in every process.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    if user_value:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_value
+    code = "import os, retro_peft.index.sparse; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (user_value or "false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import numpy as np
 
 # bm25s logs every index build at DEBUG through its own handler.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
+# bm25s imports JAX when it is installed and runs a top-k at import; on a GPU machine JAX then takes 75% of the
+# GPU's memory in every process that imports bm25s, and the model's own CUDA allocations fail (seen on an H100:
+# 12 training processes, each out of memory). retro-peft never runs JAX (top-k stays on numpy below), so JAX
+# allocates on demand unless the user has set this themselves.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @lru_cache(maxsize=1)
@@ -64,7 +70,8 @@ class SparseIndex:
         rows = np.full((n, k), -1, dtype=np.int64)
         if live:
             found, found_scores = self.retriever.retrieve([tokens[i] for i in live], k=k, show_progress=False,
-                                                          weight_mask=mask, n_threads=0)
+                                                          weight_mask=mask, n_threads=0,
+                                                          backend_selection="numpy")
             rows[live], scores[live] = found, found_scores
         rows[scores <= 0] = -1  # BM25 score 0 means no query term matched
         return scores, rows
