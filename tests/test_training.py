@@ -545,12 +545,15 @@ def test_train_and_eval_cli(tiny, index, qa_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 2
 
     # --from-adapter: the full-attention adapter continued in the cache's layout with distillation: it starts
-    # from that adapter's weights (a learning rate of ~0 leaves them) and keeps its retrieval settings (k 2)
+    # from that adapter's weights (a learning rate of ~0 leaves them), keeps its retrieval settings (k 2) and,
+    # without --steps, trains as many steps as it did
     continued = tmp_path / "continued"
     assert main(["train", "--index", str(index.path), "--qa", str(qa_file), "--from-adapter", str(out), "--out",
-                 str(continued), "--steps", "1", "--lr", "1e-12", "--block-attention", "--distill", "1",
+                 str(continued), "--lr", "1e-12", "--block-attention", "--distill", "1",
                  "--context-tokens", "220", "--checkpoint-every", "0", "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["method"] == "lora"
+    summary = json.loads(capsys.readouterr().out)
+    started_steps = json.loads((out / "retro_config.json").read_text())["training"]["config"]["steps"]
+    assert summary["method"] == "lora" and summary["steps"] == started_steps
     info = json.loads((continued / "retro_config.json").read_text())
     assert info["adapter"]["retrieval"]["k"] == 2 and info["adapter"]["retrieval"]["block_attention"] is True
     assert info["trained_from"] == str(out.absolute()) and info["training"]["config"]["distill"] == 1.0
