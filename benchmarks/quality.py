@@ -84,7 +84,7 @@ def parse_args(argv=None):
                    "measured: its cached F1 0.9 below (d)'s full prefill, 2.5 with half as many)")
     p.add_argument("--distill", type=float, default=1.0, help="(h): weight of the KL toward the full prefill")
     p.add_argument("--soft-tokens", type=int, default=8, help="(i), (j): soft tokens after each stored passage")
-    p.add_argument("--soft-steps", type=int, help="(i), (j): steps of soft-token training (default: --block-steps')")
+    p.add_argument("--soft-steps", type=int, help="(i), (j): steps of soft-token training (default: --block-steps, else --steps / 2)")
     p.add_argument("--soft-lr", type=float, help="(i), (j): their learning rate (default: SOFT_TOKENS_LR)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="every variant on a base quantized by bitsandbytes (QLoRA for the trained ones); compare "

@@ -58,7 +58,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: the adapter, and checkpoints/ while training")
     # Options without a default here take RetrievalConfig's and TrainConfig's (`retro_peft.cli.given`).
     p.add_argument("--steps", type=int, help="optimizer steps (default: TrainConfig.steps; with --block-attention "
-                   "--from-adapter, as many as that adapter trained)")
+                   "--from-adapter and no --soft-tokens, as many as that adapter trained)")
     p.add_argument("--k", type=int, help="retrieved passages per prompt (default: RetrievalConfig.k)")
     p.add_argument("--distractors", type=int, help="random passages from other documents per prompt")
     p.add_argument("--oracle-fraction", type=float, help="P: share of answerable examples that keep the gold passage")
@@ -162,12 +162,14 @@ def run(args) -> int:
         raise InputError("--gradient-checkpointing cannot train with --block-attention (that layout is built from "
                          "the passages' KV caches, which checkpointing turns off): drop one of the two")
     answer_rate = abstain_at(args)
-    if args.steps is None and args.block_attention and start is not None and args.soft_tokens is None:
-        # The block recipe continues the full-attention adapter for as many steps as it had: on SQuAD (three
-        # seeds) the cached layout then came within 0.9 F1 of the full prefill, against 2.5 with half as many.
-        args.steps = start.get("training", {}).get("config", {}).get("steps")
+    # The block recipe continues the full-attention adapter for as many steps as it had: on SQuAD (three seeds)
+    # the cached layout then came within 0.9 F1 of the full prefill, against 2.5 with half as many.
+    recorded_steps = (start.get("training", {}).get("config", {}).get("steps")
+                      if args.steps is None and args.block_attention and start is not None
+                      and args.soft_tokens is None else None)
     train_config = TrainConfig(**given(args, "steps", "batch_size", "grad_accum", "seed", "eval_every", "device",
                                        "quantize", "quantize_skip", "log_every", "distill", "soft_tokens"),
+                               **({"steps": recorded_steps} if recorded_steps else {}),
                                checkpoint_every=args.checkpoint_every, compile=args.compile,
                                gradient_checkpointing=args.gradient_checkpointing)
     if start is not None and args.method not in (None, start["method"]):
