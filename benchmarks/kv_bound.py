@@ -24,7 +24,11 @@ whole request and the median first token, which a CPU's spread of full-prefill t
   (`cached_compiled_layerwise`) instead of `hf_compat.refill_static`'s few batched calls; and the default graphs
   compiled with inductor's coordinate-descent tuning (`cached_compiled_tuned`), with max-autotune's timed choice of
   each matmul's kernel too (`cached_compiled_autotune`), and that with fused projections
-  (`cached_compiled_fused_autotune`).
+  (`cached_compiled_fused_autotune`); and short queries through PyTorch's flex_attention (`cached_compiled_flex`:
+  its flash-decoding kernel, the mask built outside the graph). Each compiled row's greedy tokens are compared with the eager cached
+  path's (`tokens_as_eager`: the first token equal, and how many of the first tokens agree; random weights
+  give flat logits, so rounding alone can flip a later one); with `--profile`, each compiled row's request
+  is profiled too.
 
 Every row is printed beside its bound from the same run's measured rates: the larger of its FLOPs / the
 measured matmul rate and its bytes / the measured read bandwidth (all weights once, plus the context's
@@ -49,14 +53,20 @@ from common import machine_info, write_json
 from generation import load_model, sync, with_adapters
 
 
-ROWS = ("full_eager", "cached_eager", "cached_compiled_sync1", "cached_compiled", "cached_compiled_layerwise",
-        "cached_compiled_fused", "cached_compiled_before", "cached_compiled_tuned", "cached_compiled_autotune",
-        "cached_compiled_fused_autotune", "full_compiled")
 # inductor options of the tuned rows (StaticDecode(compile_options=...)): each non-matmul kernel's launch
 # configuration tuned by timing its neighbours; then also every matmul's kernel chosen by timing cuBLAS against
 # Triton's templates, which can fuse the product with what follows it
 TUNED = {"coordinate_descent_tuning": True}
 AUTOTUNE = {"coordinate_descent_tuning": True, "max_autotune": True}
+# the compiled rows with their own graphs: StaticDecode's options beyond the default's
+VARIANTS = {"cached_compiled_fused": {"fused_projections": True},
+            "cached_compiled_before": {"decode_attention": None},  # the step as transformers traces it
+            "cached_compiled_flex": {"decode_attention": "flex"},
+            "cached_compiled_tuned": {"compile_options": TUNED},
+            "cached_compiled_autotune": {"compile_options": AUTOTUNE},
+            "cached_compiled_fused_autotune": {"fused_projections": True, "compile_options": AUTOTUNE}}
+ROWS = ("full_eager", "cached_eager", "cached_compiled_sync1", "cached_compiled", "cached_compiled_layerwise",
+        *VARIANTS, "full_compiled")
 EAGER_DECODE_TOKENS = 16  # the eager rows decode fewer tokens: at tens of tokens/s more only costs time
 
 
@@ -132,6 +142,9 @@ class Request:
         steps = self.steps(row, tokens, **kw)
         int(next(steps)[0])  # the host has the token
         steps.close()
+
+    def tokens(self, row, tokens: int, **kw) -> list[int]:
+        return [int(token[0]) for token in self.steps(row, tokens, **kw)]
 
     def all(self, row, tokens: int, **kw) -> float:
         """Decode `tokens` tokens; returns the seconds from the host having the first token to having the last
@@ -240,11 +253,12 @@ def main(argv=None) -> int:
            "compiled_assembly_max_abs_diff": assembly_diff if cuda else None,
            "cache": {"build_s": build_s, "segments": len(segments), "stored_tokens": cache.keys.shape[2],
                      "bytes_per_token": per_token_kv}}
-    ttft, decode_rate, first_run_s = {}, {}, {}
+    ttft, decode_rate, first_run_s, agreement = {}, {}, {}, {}
     n = args.decode_tokens
+    eager_tokens = min(n, EAGER_DECODE_TOKENS)
 
     def save() -> None:
-        out.update(ttft_ms=ttft, decode_tok_s=decode_rate, first_run_s=first_run_s)
+        out.update(ttft_ms=ttft, decode_tok_s=decode_rate, first_run_s=first_run_s, tokens_as_eager=agreement)
         if args.out:  # after every row: a run cut short keeps what it measured
             write_json(args.out, out)
 
@@ -258,10 +272,17 @@ def main(argv=None) -> int:
             first_run_s.setdefault(label, time.perf_counter() - start)
         ttft[label] = median_ms(lambda row: request.first(row, n, **kw), rows, args.device)
         decode_rate[label] = (n - 1) / statistics.median(request.all(row, n, **kw) for row in rows)
+        if label == "cached_eager":
+            agreement["reference"] = request.tokens(rows[0], eager_tokens)
+        elif label.startswith("cached_compiled") and "reference" in agreement:
+            got = request.tokens(rows[0], n, **kw)[:eager_tokens]  # n: the graphs' cache length, no new compile
+            same = next((i for i, (a, b) in enumerate(zip(got, agreement["reference"])) if a != b), len(got))
+            agreement[label] = {"first_equal": same > 0, "agreeing_prefix": same, "of": len(got)}
+        if args.profile and label.startswith("cached_compiled"):  # the same shapes as measured: replays
+            out[f"profile_{label}"] = profile_rows(lambda: request.all(rows[0], n, **kw), args.device, 30)
         print(f"{label}: first token {ttft[label]:.2f} ms, then {decode_rate[label]:.1f} tokens/s", flush=True)
         save()
 
-    eager_tokens = min(n, EAGER_DECODE_TOKENS)
     measure("full_eager", eager_tokens, full=True)
     measure("cached_eager", eager_tokens)
     out["assembly_ms"] = median_ms(lambda row: cache.assemble_rows([(cache, row[0])], model), rows, args.device)
@@ -274,7 +295,6 @@ def main(argv=None) -> int:
         static.sync_every = SYNC_EVERY  # the default; the same graphs
         measure("cached_compiled", static=static)
         if args.profile and "cached_compiled" in wanted:  # the same shapes as measured: replays, no compile
-            out["profile_cached_compiled"] = profile_rows(lambda: request.all(rows[0], n, static=static), args.device, 30)
             out["profile_cached_compiled_first"] = profile_rows(lambda: request.first(rows[0], n, static=static),
                                                                 args.device, 30)
         if args.trace and "cached_compiled" in wanted:
@@ -290,17 +310,10 @@ def main(argv=None) -> int:
 
             with mock.patch("retro_peft.hf_compat._plain_static_layers", lambda cache: None):
                 measure("cached_compiled_layerwise", static=static)
-        if "cached_compiled_fused" in wanted:
-            measure("cached_compiled_fused", static=StaticDecode(model, fused_projections=True))
-        if "cached_compiled_before" in wanted:  # the same run's baseline: the step as transformers traces it
-            measure("cached_compiled_before", static=StaticDecode(model, grouped_attention=False))
-        if "cached_compiled_tuned" in wanted:
-            measure("cached_compiled_tuned", static=StaticDecode(model, compile_options=TUNED))
-        if "cached_compiled_autotune" in wanted:
-            measure("cached_compiled_autotune", static=StaticDecode(model, compile_options=AUTOTUNE))
-        if "cached_compiled_fused_autotune" in wanted:
-            measure("cached_compiled_fused_autotune",
-                    static=StaticDecode(model, fused_projections=True, compile_options=AUTOTUNE))
+        for label, options in VARIANTS.items():
+            if label in wanted:  # each its own graphs, dropped before the next
+                measure(label, static=StaticDecode(model, **options))
+                torch.cuda.empty_cache()
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]
     out["ratios"] = {"ttft_full_vs": {k: ttft["full_eager"] / v for k, v in ttft.items()},

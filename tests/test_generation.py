@@ -223,6 +223,57 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_short_queries(tmp_path,
     assert torch.isfinite(prefill).all() and torch.allclose(prefill[real], expected_prefill[real], atol=1e-5)
 
 
+def test_flex_decode_attention_gives_the_same_tokens_with_its_mask_built_outside_the_graph(tmp_path, tokenizer):
+    # StaticDecode(decode_attention="flex"): short queries through flex_attention, whose compiled lowering takes
+    # only a mask that is a graph input, so StaticDecode builds the 4D mask (padding and causality over the
+    # static cache's slots) itself. Its static path gives the ordinary path's tokens (left-padded batch, a
+    # frozen-cache-like context, eagerly); compiled (inductor on the CPU), a forward's logits equal SDPA's,
+    # for a left-padded short prefill and a one-token step over a cache.
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from retro_peft.hf_compat import grouped_decode
+
+    folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1, initializer_range=0.5)  # 4 query heads, 2 kv heads
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    ids, mask = left_pad([list(range(5, 40)), [11, 12, 13]], 0, "cpu")
+    plain = decode(model, ids, mask, max_new_tokens=8, stop_ids=set(), pad_id=0)
+    flex = StaticDecode(model, compile=False, decode_attention="flex")
+    assert decode(model, ids, mask, max_new_tokens=8, stop_ids=set(), pad_id=0, static=flex) == plain
+    assert len({tuple(row) for row in plain}) > 1
+    built = flex.attention_mask(mask, 0, ids.shape[1])
+    assert built.shape == (2, 1, ids.shape[1], ids.shape[1]) and built.dtype == torch.bool
+    assert not built[1, 0, -1, :-3].any() and built[1, 0, -1, -3:].all() and not built[0, 0, 0, 1:].any()
+    assert StaticDecode(model, compile=False).attention_mask(mask, 0, 3) is mask
+    with pytest.raises(InputError, match="decode_attention"):
+        StaticDecode(model, compile=False, decode_attention="paged")
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        expected_prefill = model(input_ids=ids, attention_mask=mask).logits
+        step_mask = torch.cat([mask, torch.ones(2, 1).long()], 1)
+        step = dict(input_ids=torch.tensor([[3], [4]]))
+        expected = model(**step, attention_mask=step_mask, past_key_values=copy.deepcopy(cache)).logits
+        width = ids.shape[1]
+        causal = torch.arange(width)[None, :] <= torch.arange(width)[:, None]
+        prefill_mask = mask.bool()[:, None, None, :] & causal[None, None]
+        step_mask4 = step_mask.bool()[:, None, None, :]
+        torch._dynamo.reset()
+        try:
+            with grouped_decode(model, "flex"):
+                forward = torch.compile(lambda i, m, c=None: model(input_ids=i, attention_mask=m,
+                                                                  past_key_values=c).logits, dynamic=False)
+                prefill = forward(ids, prefill_mask)
+                compiled = forward(step["input_ids"], step_mask4, copy.deepcopy(cache))
+        finally:
+            torch._dynamo.reset()
+    real = mask.bool()
+    # (logits up to 12 here: float32's rounding differs by kernel, 3e-5 seen)
+    assert torch.isfinite(prefill).all() and torch.allclose(prefill[real], expected_prefill[real], atol=1e-4)
+    assert torch.allclose(compiled, expected, atol=1e-4)
+
+
 def test_fused_sibling_projections_give_the_same_logits_in_the_same_memory(tmp_path, tokenizer):
     # StaticDecode's fused_projections: each layer's q/k/v and gate/up weights concatenated once, the layers' own
     # weights views of its rows (the parameters' storage is unchanged), computed as one matmul per group inside

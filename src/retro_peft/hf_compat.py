@@ -168,9 +168,47 @@ def refill_static(cache: StaticCache, context=None) -> None:
     torch._foreach_add_(lengths, width)
 
 
-GROUPED_DECODE = "retro_peft_grouped_decode"  # the attention implementation `grouped_decode` switches a model to
+# The attention implementations `grouped_decode` switches a model to, by the `kind` it is given
+DECODE_ATTENTION = {"grouped": "retro_peft_grouped_decode", "flex": "retro_peft_flex_decode"}
 DECODE_KEY_CHUNK = 64  # keys per chunk of a decode step's weighted sum over values (one matmul per chunk, in parallel)
 GROUPED_QUERY_TOKENS = 128  # queries up to this long attend grouped (decode steps, a frozen cache's question)
+
+
+def _short_query(query, attention_mask, dropout, kwargs) -> bool:
+    """Whether a short-query attention takes this call: at most `GROUPED_QUERY_TOKENS` queries, one mask for every
+    head and nothing beyond plain scaled attention. Biases, soft-capping, attention sinks and per-head masks are
+    left to sdpa, which implements or refuses them; so is a longer query (compute-bound: the flash kernels win)
+    and one with no mask past the first token (sdpa's implicit causal mask)."""
+    tokens = query.shape[2]
+    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+    per_head = attention_mask is not None and attention_mask.shape[1] != 1
+    implicit_causal = attention_mask is None and tokens > 1
+    return not (tokens > GROUPED_QUERY_TOKENS or dropout or special or per_head or implicit_causal)
+
+
+def _flex_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A short query's attention through PyTorch's `flex_attention`: compiled, its flash-decoding kernel splits the
+    keys over thread blocks, reads each key/value head once for its group of query heads and reduces the parts
+    in a second kernel (two kernels a layer where `_grouped_decode_attention` runs five). The mask enters as a
+    score modification with the same finite floor; it must be a graph input (`StaticDecode.attention_mask`
+    builds it outside the graph): inductor's flex_attention lowering refuses a mask computed inside the graph, as
+    transformers' mask functions compute it. Other calls, and a mask that is not boolean, go to sdpa."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    boolean = attention_mask is not None and attention_mask.dtype == torch.bool
+    if not (boolean and _short_query(query, attention_mask, dropout, kwargs)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    mask = attention_mask[:, 0, :, : key.shape[-2]]  # [batch, tokens, keys]: the same for every head
+    floor = torch.finfo(torch.float32).min  # finite, as in the grouped attention: padding queries never get NaN
+
+    def score_mod(score, b, h, q, k):
+        return torch.where(mask[b, q, k], score, floor)
+
+    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -190,13 +228,7 @@ def _grouped_decode_attention(module, query, key, value, attention_mask, scaling
 
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, tokens, dim = query.shape
-    # anything beyond plain scaled attention with one mask for every head (biases, soft-capping, attention sinks,
-    # per-head masks) is left to sdpa, which implements or refuses it; so is a longer query (compute-bound: the
-    # flash kernels win) and one with no mask past the first token (sdpa's implicit causal mask)
-    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
-    per_head = attention_mask is not None and attention_mask.shape[1] != 1
-    implicit_causal = attention_mask is None and tokens > 1
-    if tokens > GROUPED_QUERY_TOKENS or dropout or special or per_head or implicit_causal:
+    if not _short_query(query, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     keys, kv_heads = key.shape[-2], heads // groups
@@ -218,17 +250,20 @@ def _grouped_decode_attention(module, query, key, value, attention_mask, scaling
 
 
 @contextlib.contextmanager
-def grouped_decode(model):
-    """The model's sdpa attention replaced by `_grouped_decode_attention` inside the block (a model on another
-    implementation is left as it is). Entered around each call of a compiled step, so that its guards see the
-    same implementation at every replay. Another thread's forward meanwhile runs through it too, which changes
-    nothing it computes: short queries get the same attention (to rounding), longer ones go to sdpa as before."""
+def grouped_decode(model, kind: str = "grouped"):
+    """The model's sdpa attention replaced inside the block by a short-query attention (`kind`: "grouped",
+    `_grouped_decode_attention`; "flex", `_flex_decode_attention`); a model on another implementation is left as
+    it is. Entered around each call of a compiled step, so that its guards see the same implementation at every
+    replay. Another thread's forward meanwhile runs through it too, which changes nothing it computes: short
+    queries get the same attention (to rounding), longer ones go to sdpa as before."""
+    if kind not in DECODE_ATTENTION:
+        raise ValueError(f"unknown decode attention {kind!r}; known: {', '.join(DECODE_ATTENTION)}")
     config = model.config
     if TRANSFORMERS_MAJOR < 5 or config._attn_implementation != "sdpa":
         yield
         return
-    _register_grouped_decode()
-    config._attn_implementation = GROUPED_DECODE
+    _register_decode_attention()
+    config._attn_implementation = DECODE_ATTENTION[kind]
     try:
         yield
     finally:
@@ -236,12 +271,13 @@ def grouped_decode(model):
 
 
 @functools.cache
-def _register_grouped_decode() -> None:
+def _register_decode_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(GROUPED_DECODE, _grouped_decode_attention)
-    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+    for kind, function in (("grouped", _grouped_decode_attention), ("flex", _flex_decode_attention)):
+        AttentionInterface.register(DECODE_ATTENTION[kind], function)
+        AttentionMaskInterface.register(DECODE_ATTENTION[kind], sdpa_mask)
 
 
 # Linear layers of one module that read the same input, in the order its forward calls them

@@ -21,8 +21,9 @@ import transformers
 from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
-from retro_peft.hf_compat import (TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg, dynamic_cache,
-                                  fused_siblings, grouped_decode, refill_static, sibling_groups, static_cache)
+from retro_peft.hf_compat import (DECODE_ATTENTION, TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg,
+                                  dynamic_cache, fused_siblings, grouped_decode, refill_static, sibling_groups,
+                                  static_cache)
 from retro_peft.base_model import model_dtype, to_device
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,11 @@ class StaticDecode:
       token, and reads it one step late, after queueing the next step, so the
       GPU never waits for the host (a row that stops runs on for at most
       `sync_every` steps; their tokens are dropped);
-    - with `grouped_attention` (the default), a step's one-token queries and a prefill graph's short prompt
-      attend grouped by key/value head (`hf_compat.grouped_decode`) instead of over a copy of the cache repeated
-      for each query head;
+    - a step's one-token queries and a prefill graph's short prompt attend through `decode_attention`
+      (`hf_compat.grouped_decode`): "grouped" (the default) groups the query heads by key/value head instead of
+      attending over a copy of the cache repeated for each query head; "flex" runs PyTorch's flex_attention (its
+      flash-decoding kernel; the 4D mask built outside the graph, `attention_mask`); None keeps sdpa as
+      transformers traces it;
     - with `fused_projections` (off by default), each layer's q/k/v projections and its MLP's gate and up
       projections run as one matmul each (`hf_compat.fused_siblings`: their weights concatenated once, each
       layer's own weight a view of its rows, so no memory is added). Measured on an H100 (8B shape, batch 1;
@@ -105,8 +108,9 @@ class StaticDecode:
     # torch.compile records one graph per shape; its default limit (8 per function) would send the rest eager
     RECOMPILE_LIMIT = 64
 
-    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY, grouped_attention: bool = True,
-                 fused_projections: bool = False, compile_options: dict | None = None):
+    def __init__(self, model, compile: bool = True, sync_every: int = SYNC_EVERY,
+                 decode_attention: str | None = "grouped", fused_projections: bool = False,
+                 compile_options: dict | None = None):
         self.model = model
         device = next(model.parameters()).device
         if compile and device.type != "cuda":
@@ -116,7 +120,10 @@ class StaticDecode:
         # Two compiled functions (two code objects, so two caches of graphs): prefills and steps never share a
         # graph, and dynamic=False keeps each shape's graph static instead of recompiling one with symbolic shapes
         # when a second shape appears (slower kernels, and minutes of compiling for an 8B model).
-        self.grouped_attention = grouped_attention
+        if decode_attention is not None and decode_attention not in DECODE_ATTENTION:
+            raise InputError(f"unknown decode_attention {decode_attention!r}; known: None, "
+                             f"{', '.join(DECODE_ATTENTION)}")
+        self.decode_attention = decode_attention
         self.siblings = sibling_groups(model) if fused_projections else []
         # mode="reduce-overhead" is these options; `compile_options` adds inductor's others (e.g.
         # {"coordinate_descent_tuning": True}, or {"max_autotune": True}: kernels chosen by timing them)
@@ -144,7 +151,8 @@ class StaticDecode:
         warning, and from then on runs eagerly) when compiling or capturing fails. A replay overwrites its
         outputs: use them up first."""
         # (uncompiled too: the CPU tests check the static path's tokens with the attention the graphs replay)
-        attention = grouped_decode(self.model) if self.grouped_attention else contextlib.nullcontext()
+        attention = (grouped_decode(self.model, self.decode_attention) if self.decode_attention
+                     else contextlib.nullcontext())
         if self.compiled is None:
             with attention, fused_siblings(self.siblings):
                 return self.eager(**inputs)
@@ -159,6 +167,18 @@ class StaticDecode:
             log.warning("compiled decoding failed (%s: %s); decoding eagerly from now on",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             raise GraphFailed(str(error)) from error
+
+    def attention_mask(self, mask: torch.Tensor, first_slot: int, tokens: int) -> torch.Tensor:
+        """The mask a call takes for `tokens` queries written at static-cache slots `first_slot`...: the
+        [batch, slots] padding mask as it is (the model builds the causal one inside the graph), or for "flex"
+        attention the [batch, 1, tokens, slots] boolean mask of padding and causality, built here, outside the
+        graph: inductor's flex_attention lowering takes a mask that is a graph input and refuses one computed
+        inside the graph. (transformers passes a 4D mask through as it is.)"""
+        if self.decode_attention != "flex":
+            return mask
+        slots = torch.arange(mask.shape[1], device=mask.device)
+        queries = torch.arange(first_slot, first_slot + tokens, device=mask.device)
+        return mask.bool()[:, None, None, :] & (slots[None, :] <= queries[:, None])[None, None]
 
     def cache_length(self, tokens: int) -> int:
         return -(-tokens // self.LENGTH_STEP) * self.LENGTH_STEP
@@ -300,9 +320,12 @@ def _static_steps(model, static: StaticDecode, input_ids, attention_mask, past, 
     mask = torch.cat([attention_mask, attention_mask.new_ones((batch, length - attention_mask.shape[1]))], dim=1)
     cache_kw = cache_kwarg(model)
     prefill = partial(static.forward, "prefill") if bucket is not None else static.eager
+    first_slot = attention_mask.shape[1] - input_ids.shape[1]  # the prompt's slots follow the context's
     with tracing.span("prefill", rows=batch, tokens=int(input_ids.numel())):
-        logits, greedy = prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                                 logits_to_keep=1, **{cache_kw: cache})
+        logits, greedy = prefill(input_ids=input_ids, attention_mask=static.attention_mask(mask, first_slot,
+                                                                                            input_ids.shape[1]),
+                                 position_ids=position_ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    slot = attention_mask.shape[1]  # the first generated token's
     stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
     done = finished.to(device)
     next_pos = position_ids[:, -1:] + 1
@@ -332,9 +355,9 @@ def _static_steps(model, static: StaticDecode, input_ids, attention_mask, past, 
                 done = done | finished.to(device)  # with the rows the caller marked (cancelled, stop strings)
             if static.syncs_at(step):
                 pending = _HostRead(done)  # the host's one sync in `sync_every` steps
-            logits, greedy = static.forward("step", input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                                            use_cache=True, **{cache_kw: cache})
-            next_pos = next_pos + 1
+            logits, greedy = static.forward("step", input_ids=token[:, None], attention_mask=static.attention_mask(
+                mask, slot, 1), position_ids=next_pos, use_cache=True, **{cache_kw: cache})
+            next_pos, slot = next_pos + 1, slot + 1
 
 
 class _HostRead:
