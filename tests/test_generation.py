@@ -181,8 +181,8 @@ def test_static_decoding_gives_the_same_tokens_and_compiling_it_needs_cuda(tiny_
 
 
 def test_grouped_decode_attention_gives_sdpas_logits_for_short_queries(tmp_path, tokenizer):
-    # StaticDecode's compiled steps and prefill graphs attend through hf_compat.grouped_decode: a short query's
-    # heads grouped by key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two
+    # StaticDecode's compiled steps and prefill graphs attend through hf_compat.short_query_attention: a short
+    # query's heads grouped by key/value head, the values summed in chunks of DECODE_KEY_CHUNK keys (128 keys here: two
     # chunks), over a left-padded batch, eagerly and compiled; a one-token step and a short prefill (its padding
     # queries see no key: finite, never NaN); longer queries still go to SDPA; the implementation is restored.
     import copy
@@ -190,7 +190,7 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_short_queries(tmp_path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retro_peft.hf_compat import DECODE_KEY_CHUNK, GROUPED_QUERY_TOKENS, grouped_decode
+    from retro_peft.hf_compat import DECODE_KEY_CHUNK, GROUPED_QUERY_TOKENS, short_query_attention
 
     folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1)  # 4 query heads over 2 key/value heads
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
@@ -205,7 +205,7 @@ def test_grouped_decode_attention_gives_sdpas_logits_for_short_queries(tmp_path,
         spy = lambda q, k, v, **kw: seen.append(q.shape[2]) or sdpa(q, k, v, **kw)  # noqa: E731
         torch.nn.functional.scaled_dot_product_attention = spy
         try:
-            with grouped_decode(model):
+            with short_query_attention(model):
                 assert model.config._attn_implementation != "sdpa"
                 eager = model(**step, past_key_values=copy.deepcopy(cache)).logits
                 prefill = model(input_ids=ids, attention_mask=mask).logits
@@ -234,7 +234,7 @@ def test_flex_decode_attention_gives_the_same_tokens_with_its_mask_built_outside
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retro_peft.hf_compat import grouped_decode
+    from retro_peft.hf_compat import short_query_attention
 
     folder = tiny_llama_folder(tmp_path / "gqa", tokenizer, seed=1, initializer_range=0.5)  # 4 query heads, 2 kv heads
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
@@ -255,13 +255,10 @@ def test_flex_decode_attention_gives_the_same_tokens_with_its_mask_built_outside
         step_mask = torch.cat([mask, torch.ones(2, 1).long()], 1)
         step = dict(input_ids=torch.tensor([[3], [4]]))
         expected = model(**step, attention_mask=step_mask, past_key_values=copy.deepcopy(cache)).logits
-        width = ids.shape[1]
-        causal = torch.arange(width)[None, :] <= torch.arange(width)[:, None]
-        prefill_mask = mask.bool()[:, None, None, :] & causal[None, None]
-        step_mask4 = step_mask.bool()[:, None, None, :]
+        prefill_mask, step_mask4 = built, flex.attention_mask(step_mask, ids.shape[1], 1)  # as StaticDecode passes
         torch._dynamo.reset()
         try:
-            with grouped_decode(model, "flex"):
+            with short_query_attention(model, "flex"):
                 forward = torch.compile(lambda i, m, c=None: model(input_ids=i, attention_mask=m,
                                                                   past_key_values=c).logits, dynamic=False)
                 prefill = forward(ids, prefill_mask)

@@ -168,7 +168,7 @@ def refill_static(cache: StaticCache, context=None) -> None:
     torch._foreach_add_(lengths, width)
 
 
-# The attention implementations `grouped_decode` switches a model to, by the `kind` it is given
+# The attention implementations `short_query_attention` switches a model to, by the `kind` it is given
 DECODE_ATTENTION = {"grouped": "retro_peft_grouped_decode", "flex": "retro_peft_flex_decode"}
 DECODE_KEY_CHUNK = 64  # keys per chunk of a decode step's weighted sum over values (one matmul per chunk, in parallel)
 GROUPED_QUERY_TOKENS = 128  # queries up to this long attend grouped (decode steps, a frozen cache's question)
@@ -250,14 +250,13 @@ def _grouped_decode_attention(module, query, key, value, attention_mask, scaling
 
 
 @contextlib.contextmanager
-def grouped_decode(model, kind: str = "grouped"):
+def short_query_attention(model, kind: str = "grouped"):
     """The model's sdpa attention replaced inside the block by a short-query attention (`kind`: "grouped",
     `_grouped_decode_attention`; "flex", `_flex_decode_attention`); a model on another implementation is left as
     it is. Entered around each call of a compiled step, so that its guards see the same implementation at every
     replay. Another thread's forward meanwhile runs through it too, which changes nothing it computes: short
-    queries get the same attention (to rounding), longer ones go to sdpa as before."""
-    if kind not in DECODE_ATTENTION:
-        raise ValueError(f"unknown decode attention {kind!r}; known: {', '.join(DECODE_ATTENTION)}")
+    queries get the same attention (to rounding), longer ones go to sdpa as before. (`StaticDecode` checks
+    `kind` when it is built.)"""
     config = model.config
     if TRANSFORMERS_MAJOR < 5 or config._attn_implementation != "sdpa":
         yield
@@ -367,7 +366,7 @@ def sibling_groups(model) -> list[_Siblings]:
 def fused_siblings(groups: list[_Siblings]):
     """Inside the block, each group's siblings compute their products as one matmul (`_Siblings`). A group whose
     weights were replaced since it was fused is fused again first. Entered around each call of a compiled step,
-    as `grouped_decode` is."""
+    as `short_query_attention` is."""
     for group in groups:
         if not group.intact():
             group.fuse()

@@ -22,7 +22,7 @@ from retro_peft import tracing
 from retro_peft.errors import InputError
 from retro_peft.generation.sampling import SamplingConfig, choose_tokens
 from retro_peft.hf_compat import (DECODE_ATTENTION, TRANSFORMERS_MAJOR, StackedStates, as_cache, cache_kwarg,
-                                  dynamic_cache, fused_siblings, grouped_decode, refill_static, sibling_groups,
+                                  dynamic_cache, fused_siblings, refill_static, short_query_attention, sibling_groups,
                                   static_cache)
 from retro_peft.base_model import model_dtype, to_device
 
@@ -80,10 +80,10 @@ class StaticDecode:
       GPU never waits for the host (a row that stops runs on for at most
       `sync_every` steps; their tokens are dropped);
     - a step's one-token queries and a prefill graph's short prompt attend through `decode_attention`
-      (`hf_compat.grouped_decode`): "grouped" (the default) groups the query heads by key/value head instead of
-      attending over a copy of the cache repeated for each query head; "flex" runs PyTorch's flex_attention (its
-      flash-decoding kernel; the 4D mask built outside the graph, `attention_mask`); None keeps sdpa as
-      transformers traces it;
+      (`hf_compat.short_query_attention`): "grouped" (the default) groups the query heads by key/value head
+      instead of attending over a copy of the cache repeated for each query head; "flex" runs PyTorch's
+      flex_attention (its flash-decoding kernel; the 4D mask built outside the graph, `attention_mask`); None
+      keeps sdpa as transformers traces it;
     - with `fused_projections` (off by default), each layer's q/k/v projections and its MLP's gate and up
       projections run as one matmul each (`hf_compat.fused_siblings`: their weights concatenated once, each
       layer's own weight a view of its rows, so no memory is added). Measured on an H100 (8B shape, batch 1;
@@ -151,7 +151,7 @@ class StaticDecode:
         warning, and from then on runs eagerly) when compiling or capturing fails. A replay overwrites its
         outputs: use them up first."""
         # (uncompiled too: the CPU tests check the static path's tokens with the attention the graphs replay)
-        attention = (grouped_decode(self.model, self.decode_attention) if self.decode_attention
+        attention = (short_query_attention(self.model, self.decode_attention) if self.decode_attention
                      else contextlib.nullcontext())
         if self.compiled is None:
             with attention, fused_siblings(self.siblings):
