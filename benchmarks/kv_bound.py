@@ -58,10 +58,15 @@ from generation import load_model, sync, with_adapters
 # Triton's templates, which can fuse the product with what follows it
 TUNED = {"coordinate_descent_tuning": True}
 AUTOTUNE = {"coordinate_descent_tuning": True, "max_autotune": True}
-# the compiled rows with their own graphs: StaticDecode's options beyond the default's
+# the compiled rows with their own graphs: StaticDecode's options beyond the default's; "blas" is not one of them
+# but torch's preferred BLAS library while the row compiles and runs (cuBLASLt chooses its batch-1 kernels by
+# other heuristics than cuBLAS, whose split-K reduce kernels take a share of the decode step)
 VARIANTS = {"cached_compiled_fused": {"fused_projections": True},
-            "cached_compiled_before": {"decode_attention": None},  # the step as transformers traces it
             "cached_compiled_flex": {"decode_attention": "flex"},
+            "cached_compiled_cublaslt": {"blas": "cublaslt"},
+            "cached_compiled_flex_cublaslt": {"decode_attention": "flex", "blas": "cublaslt"},
+            "cached_compiled_flex_fused": {"decode_attention": "flex", "fused_projections": True},
+            "cached_compiled_before": {"decode_attention": None},  # the step as transformers traces it
             "cached_compiled_tuned": {"compile_options": TUNED},
             "cached_compiled_autotune": {"compile_options": AUTOTUNE},
             "cached_compiled_fused_autotune": {"fused_projections": True, "compile_options": AUTOTUNE}}
@@ -312,7 +317,14 @@ def main(argv=None) -> int:
                 measure("cached_compiled_layerwise", static=static)
         for label, options in VARIANTS.items():
             if label in wanted:  # each its own graphs, dropped before the next
-                measure(label, static=StaticDecode(model, **options))
+                options = dict(options)
+                blas, default_blas = options.pop("blas", None), torch.backends.cuda.preferred_blas_library()
+                try:
+                    if blas:
+                        torch.backends.cuda.preferred_blas_library(blas)
+                    measure(label, static=StaticDecode(model, **options))
+                finally:
+                    torch.backends.cuda.preferred_blas_library(default_blas)
                 torch.cuda.empty_cache()
         measure("full_compiled", static=static, full=True)  # the prompt is too long for a prefill graph: eager
     decode_bound = 1000 / bounds["decode_token_ms"]

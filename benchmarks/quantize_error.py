@@ -18,6 +18,16 @@ rank 16 and 64 (the adapter starting at the quantization residual's top singular
 with the cheap ones combined (k_proj and v_proj are small in a grouped-query model), and, with
 `--scan-layers`, NF4 with one whole decoder layer kept (which depths are sensitive). Each row also says what
 share of the decoder's linear weights it keeps unquantized: what it costs in memory.
+
+With `--gptq DIR`: two more rows loaded the way `--quantize 4bit` loads (bitsandbytes' Linear4bit, on the CPU):
+the base as it is, and the folder `retro-peft gptq` wrote at DIR (rounded by GPTQ on calibration texts), both
+with the folder's recorded `--quantize-skip`. `--calibration-out FILE` writes the calibration texts used for
+BENCHMARKS.md's folder: 500 Wikipedia leads of the same shuffle, none of them among the measured ones.
+
+    .venv/bin/python benchmarks/quantize_error.py --calibration-out .bench/calibration-leads.jsonl
+    .venv/bin/retro-peft gptq smollm2-135m --calibration .bench/calibration-leads.jsonl --samples 32 --tokens 256 \
+        --quantize-skip down_proj,k_proj,v_proj --out .bench/smollm2-gptq-dkv
+    .venv/bin/python benchmarks/quantize_error.py --gptq .bench/smollm2-gptq-dkv --only-loaded --out ...
 """
 
 from __future__ import annotations
@@ -37,9 +47,17 @@ from common import DATA, SQUAD, machine_info, write_json
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def texts(n: int) -> dict[str, list[str]]:
+CALIBRATION_LEADS = slice(100, 600)  # after the measured leads (at most the first 100) of the same shuffle
+
+
+def shuffled_leads() -> list[str]:
     leads = [json.loads(line)["text"] for line in open(DATA / "wikipedia-vital-10k-en.jsonl")]
     random.Random(0).shuffle(leads)
+    return leads
+
+
+def texts(n: int) -> dict[str, list[str]]:
+    leads = shuffled_leads()
     squad = json.load(open(SQUAD))["data"][:3]  # the training articles only
     passages = [p["context"] for article in squad for p in article["paragraphs"]]
     random.Random(0).shuffle(passages)
@@ -96,9 +114,19 @@ def main(argv=None) -> int:
     p.add_argument("--texts", type=int, default=8, help="texts of each set")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--scan-layers", action="store_true", help="also one row per decoder layer kept whole")
+    p.add_argument("--gptq", type=Path, metavar="DIR", help="also rows loaded as --quantize 4bit: the base, and the "
+                                                             "folder `retro-peft gptq` wrote at DIR")
+    p.add_argument("--only-loaded", action="store_true", help="with --gptq: only those two rows")
+    p.add_argument("--calibration-out", type=Path, metavar="FILE", help="write the calibration leads (jsonl) and exit")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from retro_peft.base_model import load_base_model
+    if args.texts > CALIBRATION_LEADS.start:
+        p.error(f"--texts at most {CALIBRATION_LEADS.start}: the calibration leads follow the measured ones")
+    if args.calibration_out:
+        args.calibration_out.parent.mkdir(parents=True, exist_ok=True)
+        args.calibration_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in shuffled_leads()[CALIBRATION_LEADS]))
+        return 0
+    from retro_peft.base_model import ROUNDING_RECORD, load_base_model
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_base_model(args.model, dtype=torch.float32, device="cpu")
@@ -116,11 +144,20 @@ def main(argv=None) -> int:
     reference = log_probs(model)
     out = {"model": args.model, **machine_info(), "texts": args.texts, "tokens": args.tokens, "variants": {}}
     print("| weights | set | KL(float32 \\|\\| variant) | NLL | top-1 agreement |\n| --- | --- | ---: | ---: | ---: |")
-    table = variants(model.config.num_hidden_layers, args.scan_layers)
-    for label, (quantize, applies) in {"float32": (None, None), **table}.items():
+    table = {} if args.only_loaded else variants(model.config.num_hidden_layers, args.scan_layers)
+    if args.gptq:
+        skip = tuple(json.loads((args.gptq / ROUNDING_RECORD).read_text())["quantize_skip"])
+        kept = f", {', '.join(skip)} kept" if skip else ""
+        table[f"loaded --quantize 4bit{kept}"] = ("loaded", args.model, skip)
+        table[f"loaded --quantize 4bit, rounded by retro-peft gptq{kept}"] = ("loaded", str(args.gptq), skip)
+    for label, (quantize, applies, *loaded) in {"float32": (None, None), **table}.items():
         start = time.perf_counter()
         variant = model
-        if quantize is not None:
+        if quantize == "loaded":  # bitsandbytes' own layers, as train / ask load them
+            variant = load_base_model(applies, dtype=torch.float32, device="cpu", quantize="4bit",
+                                      quantize_skip=loaded[0])[0].eval()
+            applies = keeping(*loaded[0])
+        elif quantize is not None:
             variant = copy.deepcopy(model)
             for name, module in variant.named_modules():
                 if name in linears and applies(name):

@@ -323,3 +323,72 @@ def test_adapter_trained_on_a_mixed_base_loads_on_the_full_and_the_mixed_base(ti
     versions = [AdapterBank(str(tiny), quantize="4bit", quantize_skip=s, device="cpu").load("d", index, out).version
                 for s in ((), skip)]
     assert versions[0] != versions[1]
+
+
+# -- retro-peft gptq: a base rounded onto the 4-bit grid by GPTQ, loaded with --quantize 4bit ---------------------
+
+def test_gptq_rounds_onto_the_grid_bitsandbytes_stores_with_less_output_error():
+    import bitsandbytes.functional as F
+
+    from retro_peft.gptq import gptq_nf4, nf4_levels, round_to_nearest
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 192)
+    inputs = torch.randn(2000, 192) @ torch.randn(192, 192) * 0.3 + torch.randn(192)  # correlated, off-centre
+    hessian = inputs.T @ inputs
+    levels = nf4_levels()
+    rounded = gptq_nf4(weight, hessian, levels)
+    packed, state = F.quantize_4bit(rounded, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(F.dequantize_4bit(packed, state), rounded)  # bitsandbytes stores exactly these values
+    nearest = round_to_nearest(weight, levels)
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.allclose(F.dequantize_4bit(packed, state), nearest, atol=1e-6)  # plain rounding is bitsandbytes'
+
+    def output_error(rounding):
+        return float((((weight - rounding) @ hessian) * (weight - rounding)).sum())
+    assert output_error(rounded) < 0.8 * output_error(nearest)  # the outputs on such inputs move less...
+    assert (weight - rounded).pow(2).sum() > (weight - nearest).pow(2).sum()  # ...though the weights move more
+
+
+def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(tiny, tmp_path, capsys, caplog):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from retro_peft.base_model import ROUNDING_RECORD
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(f"The Rhine flows {i} kilometres into the North Sea near Rotterdam."
+                                    for i in range(40)))
+    out = tmp_path / "rounded"
+    command = ["gptq", str(tiny), "--calibration", str(calibration), "--samples", "4", "--tokens", "32"]
+    assert main([*command, "--out", str(out), "--quantize-skip", "v_proj"]) == 0
+    record = json.loads((out / ROUNDING_RECORD).read_text())
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    assert record["rounded_layers"] == 2 * 6 and record["quantize_skip"] == ["v_proj"]
+    assert record["calibration"]["windows"] == 4 and record["nearest_rounding"] == []
+    assert set(record["error_vs_nearest"]) == {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(0 < ratio < 1 for ratio in record["error_vs_nearest"].values())
+
+    original = load_base_model(str(tiny))[0].state_dict()
+    caplog.clear()
+    rounded = load_base_model(str(out))[0].state_dict()
+    assert "rounded to NF4" in caplog.text  # loaded without --quantize 4bit: said once
+    assert all(torch.equal(rounded[k], original[k]) for k in original if not k.endswith("_proj.weight")
+               or ".v_proj." in k)  # only the rounded layers changed
+    model = load_base_model(str(out), quantize="4bit", quantize_skip=("v_proj",), device="cpu")[0]
+    quantized_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized_layers) == 12
+    for name, module in quantized_layers.items():
+        stored = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        saved = rounded[f"{name}.weight"]
+        # the same values, up to double quantization's rounding of the block scales (plain rounding moves ~10x more)
+        assert (stored - saved).abs().max() <= 0.01 * saved.abs().max()
+
+    assert main([*command, "--out", str(out)]) == 2  # refusals, each before a model loads, no folder left behind
+    assert "already exists" in capsys.readouterr().err
+    assert main([*command, "--out", str(tmp_path / "x"), "--quantize-skip", "nope_proj"]) == 2
+    assert "'nope_proj' names no linear layer" in capsys.readouterr().err
+    calibration.write_text("Too short.")
+    assert main([*command, "--out", str(tmp_path / "x")]) == 2
+    assert "fewer than one window of 32" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,8 @@ from retro_peft.errors import AdapterMismatchError, InputError
 from retro_peft.hf_compat import unwrapped
 from retro_peft.models import resolve_generator
 
+log = logging.getLogger(__name__)
+ROUNDING_RECORD = "retro_gptq.json"  # in a base folder written by `retro-peft gptq` (gptq.py): how it was rounded
 
 # -- loading -------------------------------------------------------------------------------------
 
@@ -37,6 +41,7 @@ def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str 
     check_quantize(quantize)
     skip = check_quantize_skip(quantize, quantize_skip)
     path = resolve_generator(name)
+    _check_rounding(name, path, quantize, skip)
     extra = {}
     if quantize:
         device = check_device(None if device is None else str(device))
@@ -59,6 +64,25 @@ def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str 
     if device is not None and not quantize:
         model.to(device)
     return model, tokenizer, path
+
+
+def _check_rounding(name: str, path: str, quantize: str | None, skip: tuple[str, ...]) -> None:
+    """A warning when a base rounded for `--quantize 4bit` (`retro-peft gptq`) is loaded otherwise: its weights
+    carry the rounding's error, which only the 4-bit setting it was rounded for pays back in memory."""
+    record = Path(path) / ROUNDING_RECORD
+    if not record.is_file():
+        return
+    try:
+        rounded_skip = tuple(json.loads(record.read_text()).get("quantize_skip", ()))
+    except (OSError, ValueError, AttributeError):
+        rounded_skip = None
+    if quantize != "4bit":
+        log.warning("base model %r was rounded to NF4 by `retro-peft gptq` for --quantize 4bit; loaded %s, it keeps "
+                    "that rounding's error", name, f"as {quantize}" if quantize else "in full precision")
+    elif rounded_skip is not None and set(rounded_skip) != set(skip):
+        log.warning("base model %r was rounded by `retro-peft gptq` with --quantize-skip %s, loaded with %s: the "
+                    "layers it did not round are quantized by plain rounding", name,
+                    ",".join(rounded_skip) or "(none)", ",".join(skip) or "(none)")
 
 
 # -- quantization (bitsandbytes) -----------------------------------------------------------------

@@ -168,6 +168,16 @@ def check_output_file(path, what: str = "output file") -> None:
     check_parent_writable(path, what)
 
 
+def check_output_folder(path, overwrite: bool, what: str) -> None:
+    """Refuse, before any work, a folder to write that exists (unless `overwrite`), is a file, or cannot be made."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; choose another --out or pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file; --out names a folder")
+    check_parent_writable(path, what)
+
+
 def check_parent_writable(path: Path, what: str) -> None:
     """The nearest existing folder above `path` (where missing folders would be created) must be writable."""
     parent = Path(os.path.abspath(path)).parent

@@ -25,7 +25,7 @@ import torch
 from retro_peft.adapters.model import CHECKSUM_KEYS, RetroPeftModel, read_retro_config
 from retro_peft.base_model import DTYPES
 from retro_peft.errors import InputError
-from retro_peft.storage import check_parent_writable, replace_folder
+from retro_peft.storage import check_output_folder, replace_folder
 
 EXPORT_RECORD = "retro_export.json"
 EXPORT_DTYPES = tuple(DTYPES)  # every dtype by name but "auto"
@@ -41,12 +41,7 @@ class ExportConfig:
     def validate(self) -> None:
         if self.dtype not in EXPORT_DTYPES:
             raise InputError(f"unknown export dtype {self.dtype!r}: use {', '.join(EXPORT_DTYPES)}")
-        out = Path(self.out)
-        if out.exists() and not self.overwrite:
-            raise InputError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out} is a file; --out names a folder")
-        check_parent_writable(out, "export folder")
+        check_output_folder(self.out, self.overwrite, "export folder")
 
 
 def export_merged(adapter_dir, config: ExportConfig) -> dict:

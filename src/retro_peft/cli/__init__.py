@@ -22,14 +22,15 @@ from retro_peft.errors import MissingPackageError, RetroPeftError
 def build_parser() -> argparse.ArgumentParser:
     # Each module keeps its heavy imports (torch, transformers, uvicorn) inside its
     # commands, so `retro-peft --help` stays fast.
-    from retro_peft.cli import ask, calibrate, demo, domain, evaluate, export, index, serve, train, train_retriever
+    from retro_peft.cli import (ask, calibrate, demo, domain, evaluate, export, gptq, index, serve, train,
+                                train_retriever)
 
     parser = argparse.ArgumentParser(prog="retro-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retro-peft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show other libraries' logs, progress bars and warnings (also: RETRO_PEFT_LOG=debug)")
-    for module in (index, train_retriever, train, calibrate, evaluate, export, ask, domain, demo, serve):
+    for module in (index, train_retriever, train, calibrate, evaluate, export, gptq, ask, domain, demo, serve):
         module.register(sub)
     for command in sub.choices.values():  # `retro-peft ask ... -v` as well as `retro-peft -v ask ...`
         for child in [command, *_subcommands(command)]:
