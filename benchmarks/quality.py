@@ -26,6 +26,9 @@ trainer's speed against a plain `transformers.Trainer` is `benchmarks/throughput
     python benchmarks/quality.py --steps 2 --limit 4                    # smoke run (CPU)
     python benchmarks/quality.py --device cuda --steps 300              # the real run
     python benchmarks/quality.py --variants d --quantize 4bit --out .bench/quality-4bit   # QLoRA: the 4-bit base
+    python benchmarks/quality.py --variants d --quantize 4bit --quantize-skip down_proj,k_proj,v_proj \
+        --model .bench/smollm2-gptq-dkv    # QLoRA on a base rounded by `retro-peft gptq` (its --quantize-skip);
+                                           # the full-precision row then serves on the base it was rounded from
     python benchmarks/quality.py --device cuda --variants d,h --oracle-fraction 1.0 --distill 1 --abstain-at 0.9
     python benchmarks/quality.py --device cuda --variants d,i --oracle-fraction 1.0 --soft-tokens 8 --cached-rows d
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -205,6 +209,15 @@ def evaluate_cached(args, report, label, model, index, cfg, eval_items) -> None:
         record(args, report, f"{label}_kv_deviation_{r}", row(deviation=r))
 
 
+def unrounded_base(name: str) -> str:
+    """The base a `retro-peft gptq` folder was rounded from (as its record names it), else `name` itself: the
+    full-precision row serves the adapter on the original weights, not on their 4-bit rounding."""
+    from retro_peft.base_model import ROUNDING_RECORD
+
+    record = Path(name) / ROUNDING_RECORD
+    return json.loads(record.read_text())["base_model"] if record.is_file() else name
+
+
 def on_full_precision_base(args, model, index, cfg, eval_items) -> dict:
     """A QLoRA adapter saved and loaded onto the unquantized base (a saved adapter loads on either), then
     evaluated there, its head refitted on that base's states: QLoRA's cheap training, served at full precision."""
@@ -214,8 +227,8 @@ def on_full_precision_base(args, model, index, cfg, eval_items) -> dict:
 
     with tempfile.TemporaryDirectory(dir=SCRATCH) as folder:
         model.save(Path(folder) / "adapter")
-        full = RetroPeftModel.load(Path(folder) / "adapter", base_model=args.model, dtype=torch.float32,
-                                   device=args.device)
+        full = RetroPeftModel.load(Path(folder) / "adapter", base_model=unrounded_base(args.model),
+                                   dtype=torch.float32, device=args.device)
     scores = evaluate_variant(full.model, full.tokenizer, index, cfg, eval_items, closed_book=False,
                               calibration=args.calibration)
     del full

@@ -350,7 +350,8 @@ def test_gptq_rounds_onto_the_grid_bitsandbytes_stores_with_less_output_error():
     assert (weight - rounded).pow(2).sum() > (weight - nearest).pow(2).sum()  # ...though the weights move more
 
 
-def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(tiny, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(dtype, tiny, tmp_path, capsys, caplog):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -360,7 +361,8 @@ def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(tiny, tmp_path, caps
     calibration.write_text(" ".join(f"The Rhine flows {i} kilometres into the North Sea near Rotterdam."
                                     for i in range(40)))
     out = tmp_path / "rounded"
-    command = ["gptq", str(tiny), "--calibration", str(calibration), "--samples", "4", "--tokens", "32"]
+    command = ["gptq", str(tiny), "--calibration", str(calibration), "--samples", "4", "--tokens", "32",
+               "--dtype", dtype]
     assert main([*command, "--out", str(out), "--quantize-skip", "v_proj"]) == 0
     record = json.loads((out / ROUNDING_RECORD).read_text())
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
@@ -373,8 +375,9 @@ def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(tiny, tmp_path, caps
     caplog.clear()
     rounded = load_base_model(str(out))[0].state_dict()
     assert "rounded to NF4" in caplog.text  # loaded without --quantize 4bit: said once
-    assert all(torch.equal(rounded[k], original[k]) for k in original if not k.endswith("_proj.weight")
-               or ".v_proj." in k)  # only the rounded layers changed
+    saved_as = getattr(torch, dtype)
+    assert all(torch.equal(rounded[k], original[k].to(saved_as).float()) for k in original
+               if not k.endswith("_proj.weight") or ".v_proj." in k)  # only the rounded layers changed
     model = load_base_model(str(out), quantize="4bit", quantize_skip=("v_proj",), device="cpu")[0]
     quantized_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(quantized_layers) == 12
@@ -392,3 +395,27 @@ def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(tiny, tmp_path, caps
     assert main([*command, "--out", str(tmp_path / "x")]) == 2
     assert "fewer than one window of 32" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_gptq_rounds_a_layer_group_by_group_in_the_order_it_runs(tiny):
+    from retro_peft.gptq import _decoder_layers, _input_groups
+
+    model = load_base_model(str(tiny))[0].eval()
+    layer = _decoder_layers(model)[0]
+    captured = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(module, args, kwargs):
+        captured.append((list(args), dict(kwargs)))
+        raise Captured
+    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    with pytest.raises(Captured):
+        model(input_ids=torch.tensor([[1, 400, 500, 600, 700]]), use_cache=False)
+    hook.remove()
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    groups = _input_groups(layer, linears, captured[0], lambda layer, args, kwargs: layer(*args, **kwargs))
+    # the layers reading one input are rounded together, after every group that computes that input
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

