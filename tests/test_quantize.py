@@ -389,6 +389,8 @@ def test_gptq_folder_loads_as_4bit_onto_its_rounded_weights(dtype, tiny, tmp_pat
 
     assert main([*command, "--out", str(out)]) == 2  # refusals, each before a model loads, no folder left behind
     assert "already exists" in capsys.readouterr().err
+    assert main([*command, "--out", str(tmp_path / "x"), "--device", "cuda:7"]) == 2
+    assert "device 'cuda:7'" in capsys.readouterr().err
     assert main([*command, "--out", str(tmp_path / "x"), "--quantize-skip", "nope_proj"]) == 2
     assert "'nope_proj' names no linear layer" in capsys.readouterr().err
     calibration.write_text("Too short.")

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from retro_peft.base_model import (DTYPES, ROUNDING_RECORD, _check_quantizable, _default_skips, _linear_names,
-                                   _matches, check_quantize_skip, load_base_model, quantization_config)
+                                   _matches, check_device, check_quantize_skip, load_base_model,
+                                   quantization_config)
 from retro_peft.errors import InputError
 from retro_peft.models import resolve_generator
 from retro_peft.storage import check_output_folder, replace_folder
@@ -64,6 +65,7 @@ class RoundingConfig:
                 raise InputError(f"gptq: {key} must be at least 1, got {getattr(self, key)}")
         if self.dtype not in DTYPES:
             raise InputError(f"gptq: unknown dtype {self.dtype!r}: use {', '.join(DTYPES)}")
+        check_device(self.device or "cpu")
         check_output_folder(self.out, self.overwrite, "rounded base folder")
 
 
