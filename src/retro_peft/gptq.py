@@ -190,10 +190,15 @@ def round_model(model, windows: torch.Tensor, skip: Sequence[str] = (), batch_si
     names = {m: n for n, m in model.named_modules()}
     quantized = set(_linear_names(model)) - {n for n in _linear_names(model)
                                              for s in (*_default_skips(model), *skip) if _matches(n, s)}
-    inputs = []  # the first decoder layer's (args, kwargs) per batch: hidden states, positions, masks
+    # the first decoder layer's (args, kwargs) per batch: hidden states first, then positions and masks. Every
+    # layer is run with these keyword arguments, as GPTQ's implementations do: a model that gives its layers
+    # different masks (sliding-window layers) is calibrated with the first layer's.
+    inputs = []
 
     def capture(module, args, kwargs):
-        inputs.append((list(args), dict(kwargs)))
+        kwargs = dict(kwargs)
+        hidden = [kwargs.pop("hidden_states")] if not args and "hidden_states" in kwargs else []
+        inputs.append(([*hidden, *args], kwargs))
         raise _Captured
 
     hook = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
@@ -218,7 +223,9 @@ def round_model(model, windows: torch.Tensor, skip: Sequence[str] = (), batch_si
             if m.weight.shape[1] % NF4_BLOCK:
                 unrounded.append(name)
                 del linears[name]
-        for group in _input_groups(layer, linears, inputs[0], run_layer):
+        groups = _input_groups(layer, linears, inputs[0], run_layer)
+        unrounded += [n for n in linears if not any(n in group for group in groups)]  # not called by the layer
+        for group in groups:
             # each group's inputs as the layer computes them with the groups before it already rounded
             hessians = {n: torch.zeros(linears[n].weight.shape[1], linears[n].weight.shape[1], device=device)
                         for n in group}
