@@ -116,7 +116,8 @@ def test_quantize_is_refused_before_loading_without_bitsandbytes(tiny, index, qa
     common = ["--index", str(index.path), "--qa", str(qa_file), "--quantize", "4bit"]
     missing_model = str(tmp_path / "no-such-model")  # loading it would fail with another message
     for argv in (["train", "--model", missing_model, "--out", str(tmp_path / "o"), *common],
-                 ["eval", "--model", missing_model, *common]):
+                 ["eval", "--model", missing_model, *common],
+                 ["gptq", missing_model, "--calibration", str(qa_file), "--out", str(tmp_path / "g")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "needs the bitsandbytes package" in err and "pip install 'retro-peft[quantize]'" in err, err

@@ -38,6 +38,7 @@ import torch
 from retro_peft.base_model import (DTYPES, ROUNDING_RECORD, _check_quantizable, _default_skips, _linear_names,
                                    _matches, check_device, check_quantize_skip, load_base_model,
                                    quantization_config)
+from retro_peft.choices import check_quantize
 from retro_peft.errors import InputError
 from retro_peft.models import resolve_generator
 from retro_peft.storage import check_output_folder, replace_folder
@@ -60,6 +61,7 @@ class RoundingConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
+        check_quantize("4bit")  # bitsandbytes' grid: refused here with the pip command if it is not installed
         for key in ("samples", "tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise InputError(f"gptq: {key} must be at least 1, got {getattr(self, key)}")
