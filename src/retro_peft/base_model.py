@@ -66,6 +66,13 @@ def load_base_model(name: str, *, dtype: torch.dtype | None = None, device: str 
     return model, tokenizer, path
 
 
+def save_model_folder(folder: Path, model, tokenizer, record_name: str, record: dict) -> None:
+    """A Hugging Face model folder (safetensors weights, tokenizer) with retro-peft's `record` of how it was made."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (Path(folder) / record_name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def _check_rounding(name: str, path: str, quantize: str | None, skip: tuple[str, ...]) -> None:
     """A warning when a base rounded for `--quantize 4bit` (`retro-peft gptq`) is loaded otherwise: its weights
     carry the rounding's error, which only the 4-bit setting it was rounded for pays back in memory."""

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from retro_peft.base_model import (DTYPES, ROUNDING_RECORD, _check_quantizable, _default_skips, _linear_names,
-                                   _matches, check_device, check_quantize_skip, load_base_model,
-                                   quantization_config)
+from retro_peft.base_model import (DTYPES, ROUNDING_RECORD, _check_quantizable, _linear_names, _skip_modules,
+                                   check_device, check_quantize_skip, load_base_model, quantization_config,
+                                   save_model_folder)
 from retro_peft.choices import check_quantize
 from retro_peft.errors import InputError
 from retro_peft.models import resolve_generator
-from retro_peft.storage import check_output_folder, replace_folder
+from retro_peft.storage import check_output_folder, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +188,8 @@ def round_model(model, windows: torch.Tensor, skip: Sequence[str] = (), batch_si
     levels = nf4_levels(device)
     layers = _decoder_layers(model)
     names = {m: n for n, m in model.named_modules()}
-    quantized = set(_linear_names(model)) - {n for n in _linear_names(model)
-                                             for s in (*_default_skips(model), *skip) if _matches(n, s)}
+    # what `--quantize 4bit` quantizes: the same names as bitsandbytes is told to skip (quantization_config)
+    quantized = set(_linear_names(model)) - set(_skip_modules(model.config, tuple(skip)))
     # the first decoder layer's (args, kwargs) per batch: hidden states first, then positions and masks. Every
     # layer is run with these keyword arguments, as GPTQ's implementations do: a model that gives its layers
     # different masks (sliding-window layers) is calibrated with the first layer's.
@@ -259,7 +257,7 @@ def write_rounded_base(base: str, texts: Sequence[str], config: RoundingConfig) 
     quantization_config("4bit", skip, config=_check_quantizable(base, resolve_generator(base)), name=base)
     out = Path(config.out)
     started = time.perf_counter()
-    model, tokenizer, path = load_base_model(base, dtype=DTYPES[config.dtype], device=config.device or "cpu")
+    model, tokenizer, _ = load_base_model(base, dtype=DTYPES[config.dtype], device=config.device or "cpu")
     model.eval()
     windows = calibration_windows(tokenizer, texts, config.samples, config.tokens)
     result = round_model(model, windows, skip, config.batch_size)
@@ -274,15 +272,7 @@ def write_rounded_base(base: str, texts: Sequence[str], config: RoundingConfig) 
               "rounded_layers": len(ratios), "nearest_rounding": result["nearest_rounding"],
               "error_vs_nearest": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
               "seconds": round(time.perf_counter() - started, 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / ROUNDING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(out, lambda tmp: save_model_folder(tmp, model, tokenizer, ROUNDING_RECORD, record))
     log.info("gptq: %d layers rounded in %.0f s, calibration error %s of plain rounding's", len(ratios),
              record["seconds"], record["error_vs_nearest"])
     return {"out": str(out), **record}

@@ -160,6 +160,19 @@ def replace_folder(new: Path, target: Path, *, carry_over: set[str] = frozenset(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_folder(path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary folder next to `path`, which then replaces `path` (`replace_folder`):
+    readers see no folder, the old one or the new one, never a part; a failure leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_output_file(path, what: str = "output file") -> None:
     """Refuse, before any work, a file path that cannot be written (a folder, or no writable folder above it)."""
     path = Path(path)

@@ -14,18 +14,15 @@ pre-tokenizer name that llama.cpp picks by hashing the tokenizer's output) lives
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from retro_peft.adapters.model import CHECKSUM_KEYS, RetroPeftModel, read_retro_config
-from retro_peft.base_model import DTYPES
+from retro_peft.base_model import DTYPES, save_model_folder
 from retro_peft.errors import InputError
-from retro_peft.storage import check_output_folder, replace_folder
+from retro_peft.storage import check_output_folder, write_folder
 
 EXPORT_RECORD = "retro_export.json"
 EXPORT_DTYPES = tuple(DTYPES)  # every dtype by name but "auto"
@@ -58,13 +55,5 @@ def export_merged(adapter_dir, config: ExportConfig) -> dict:
               "base_model": info["base_model"], "dtype": config.dtype,
               "retrieval": info["adapter"].get("retrieval"), "template": info.get("template"),
               **{key: info.get(key) for key in CHECKSUM_KEYS.values()}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        model.tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(out, lambda tmp: save_model_folder(tmp, merged, model.tokenizer, EXPORT_RECORD, record))
     return {"out": str(out), **record}
